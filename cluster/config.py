@@ -1,0 +1,115 @@
+"""The app's configuration: one typed object, read from the `args` of a Serve config YAML.
+
+A wrong key or value fails at start with the file, the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_MODEL_DIR = Path(os.environ.get("TANDEM_HOME", "~/.cache/tandem")).expanduser() / \
+    "models" / "tandem-tiny"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    path: str = Field(str(DEFAULT_MODEL_DIR), description="Hugging Face checkpoint folder")
+    name: str = Field("tandem-tiny", description="model id clients send")
+
+    @field_validator("path")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return str(Path(os.path.expandvars(v)).expanduser())
+
+
+class EngineConfig(Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = Field(None, ge=16, description="default: the model's")
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=16, description="token budget per step")
+    block_size: int = Field(16, ge=1, le=256)
+    num_kv_blocks: int | None = Field(None, ge=1, description="default: sized from memory")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    cpu_kv_cache_gib: float = Field(0.25, gt=0.0, description="KV cache size on the CPU")
+    enable_prefix_caching: bool = True
+    cuda_graphs: bool = True
+    torch_threads: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class PoolConfig(Strict):
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    label_selector: dict[str, str] = Field(default_factory=dict)
+
+
+def _tokenizer_pool() -> PoolConfig:
+    return PoolConfig(label_selector={"cpu-arch": "kunpeng"}, max_ongoing_requests=256)
+
+
+def _model_pool() -> PoolConfig:
+    return PoolConfig(label_selector={"node-role": "model"}, num_cpus=1)
+
+
+class RouterConfig(Strict):
+    policy: Literal["least_load"] = "least_load"
+    stats_period_s: float = Field(1.0, gt=0)
+
+
+class IngressConfig(Strict):
+    num_cpus: float = Field(0.25, ge=0)
+    max_ongoing_requests: int = Field(512, ge=1)
+
+
+class AppConfig(Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    tokenizer_pool: PoolConfig = Field(default_factory=_tokenizer_pool)
+    model_pool: PoolConfig = Field(default_factory=_model_pool)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def describe(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_app_config(args: dict, source: str = "app args") -> AppConfig:
+    try:
+        return AppConfig.model_validate(args or {})
+    except ValidationError as err:
+        raise ConfigError(describe(err, source)) from None
+
+
+def load_serve_config(path: str | Path) -> tuple[dict, AppConfig]:
+    """Reads a Serve config file and validates the tandem app's args in it."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: {err}") from None
+    apps = [a for a in (doc or {}).get("applications", [])
+            if a.get("import_path") == "deployments.app:app"]
+    if len(apps) != 1:
+        raise ConfigError(f"{path}: expected one application with "
+                          "import_path 'deployments.app:app' under 'applications'")
+    return doc, parse_app_config(apps[0].get("args") or {}, f"{path}: applications[0].args")

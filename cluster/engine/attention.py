@@ -1,0 +1,65 @@
+"""Paged attention: the plain PyTorch path (CPU engine, and the reference for the GPU kernels).
+
+KV cache layout, shared with the Triton kernels in `triton_attention.py`:
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+A token at position p of a sequence lives in slot block_table[p // block_size] * block_size
++ p % block_size. Queries of one step are flattened over sequences ([num_tokens, heads, dim]);
+`cu_seqlens_q` marks where each sequence's queries start, `context_lens` is each sequence's
+KV length after this step's tokens were written. Query i of a sequence with q_len queries sits
+at position context_len - q_len + i and attends causally to positions <= it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
+    context_lens: torch.Tensor  # [num_seqs] int32
+    cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32
+    # host copies, so the CPU path never syncs on device tensors
+    context_lens_host: list[int]
+    cu_seqlens_q_host: list[int]
+    max_query_len: int = 1
+    max_context_len: int = 1
+    is_decode: bool = False  # every sequence has exactly one query token
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Writes this step's K/V ([num_tokens, kv_heads, dim]) into their cache slots."""
+    _, _, kv_heads, dim = k_cache.shape
+    k_cache.view(-1, kv_heads, dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kv_heads, dim).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, cu_seqlens_q: list[int],
+                        context_lens: list[int], scale: float) -> torch.Tensor:
+    """Gathers each sequence's K/V through its block table and runs SDPA on it."""
+    block_size = k_cache.shape[1]
+    kv_heads, dim = k_cache.shape[2], k_cache.shape[3]
+    out = torch.empty_like(q)
+    for b, ctx in enumerate(context_lens):
+        qs, qe = cu_seqlens_q[b], cu_seqlens_q[b + 1]
+        q_len = qe - qs
+        blocks = block_tables[b, : (ctx + block_size - 1) // block_size]
+        k = k_cache[blocks].reshape(-1, kv_heads, dim)[:ctx]
+        v = v_cache[blocks].reshape(-1, kv_heads, dim)[:ctx]
+        qb = q[qs:qe].transpose(0, 1)  # [heads, q_len, dim]
+        if q_len == 1:
+            mask = None
+        else:
+            q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
+        o = F.scaled_dot_product_attention(
+            qb, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
+            enable_gqa=q.shape[1] != kv_heads)
+        out[qs:qe] = o.transpose(0, 1)
+    return out

@@ -1,0 +1,115 @@
+"""Paged KV cache bookkeeping: fixed-size blocks, reference counts and a prefix cache.
+
+A full block is identified by a hash chained with its predecessor's, so equal hashes mean
+equal token prefixes. Blocks whose reference count drops to zero keep their contents and
+stay findable until they are reused (least recently freed first).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from cluster.engine.sequence import Sequence
+
+
+def block_hash(prev: int, tokens: list[int]) -> int:
+    return hash((prev, tuple(tokens)))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_count = [0] * num_blocks
+        self.block_to_hash: dict[int, int] = {}
+        self.hash_to_block: dict[int, int] = {}
+        self.free_blocks: deque[int] = deque(range(num_blocks))  # never held a cached prefix
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; LRU first
+        self.prefix_queries = 0  # prompt blocks looked up
+        self.prefix_hits = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_blocks) + len(self.evictable)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    def match_prefix(self, seq: Sequence) -> None:
+        """Takes the cached blocks of the longest cached prefix of a new sequence's prompt."""
+        assert not seq.block_table
+        if not self.enable_prefix_caching:
+            return
+        bs, h = self.block_size, 0
+        # leave at least one prompt token to compute: its logits give the first output token
+        for i in range((seq.num_tokens - 1) // bs):
+            nh = block_hash(h, seq.token_ids[i * bs : (i + 1) * bs])
+            self.prefix_queries += 1
+            block = self.hash_to_block.get(nh)
+            if block is None:
+                break
+            h = nh
+            self.prefix_hits += 1
+            if self.ref_count[block] == 0:
+                del self.evictable[block]
+            self.ref_count[block] += 1
+            seq.block_table.append(block)
+        seq.num_hashed_blocks = len(seq.block_table)
+        seq.prefix_hash = h if seq.block_table else 0
+        seq.num_computed_tokens = len(seq.block_table) * bs
+        seq.num_cached_prompt_tokens = seq.num_computed_tokens
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grows seq's block table to hold num_tokens; False (and no change) if out of blocks."""
+        need = self.blocks_needed(seq, num_tokens)
+        if need > self.num_free:
+            return False
+        for _ in range(need):
+            seq.block_table.append(self._take_block())
+        return True
+
+    def _take_block(self) -> int:
+        if self.free_blocks:
+            block = self.free_blocks.popleft()
+        else:
+            block, _ = self.evictable.popitem(last=False)
+            del self.hash_to_block[self.block_to_hash.pop(block)]
+        self.ref_count[block] = 1
+        return block
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Publishes blocks that this step filled, so later prompts can share them."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        h = seq.prefix_hash
+        for i in range(seq.num_hashed_blocks, full):
+            h = block_hash(h, seq.token_ids[i * bs : (i + 1) * bs])
+            block = seq.block_table[i]
+            if h not in self.hash_to_block:
+                self.hash_to_block[h] = block
+                self.block_to_hash[block] = h
+            seq.prefix_hash = h
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
+
+    def free(self, seq: Sequence) -> None:
+        # reversed: a sequence's tail blocks are the least likely to be shared, so evict first
+        for block in reversed(seq.block_table):
+            self.ref_count[block] -= 1
+            if self.ref_count[block] == 0:
+                if block in self.block_to_hash:
+                    self.evictable[block] = None
+                else:
+                    self.free_blocks.append(block)
+        seq.block_table = []
+        seq.num_hashed_blocks = 0
+        seq.prefix_hash = 0
+
+    def cached_hashes(self) -> list[int]:
+        return list(self.hash_to_block)

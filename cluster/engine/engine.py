@@ -1,0 +1,175 @@
+"""The engine loop: admit requests, schedule a step, run it, hand out new tokens."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cluster.config import EngineConfig
+from cluster.engine.block_manager import BlockManager
+from cluster.engine.model import ModelArch
+from cluster.engine.model_runner import DTYPES, ModelRunner
+from cluster.engine.scheduler import Scheduler
+from cluster.engine.sequence import SamplingParams, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None  # stop | length | abort | error
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    waiting_tokens: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_queries: int
+    prefix_hits: int
+    preemptions: int
+    generated_tokens: int
+    steps: int
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / max(1, self.kv_blocks_total)
+
+
+def pick_device(cfg: EngineConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str, cfg: EngineConfig, random_weights: bool = False):
+        self.cfg = cfg
+        self.arch = ModelArch.from_hf(model_dir)
+        self.device = pick_device(cfg)
+        if self.device.type == "cpu":
+            log.warning("no GPU in this process: the engine runs on the CPU")
+            if cfg.torch_threads:
+                torch.set_num_threads(cfg.torch_threads)
+        dtype = cfg.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.max_model_len = min(cfg.max_model_len or self.arch.max_position_embeddings,
+                                 self.arch.max_position_embeddings)
+        torch.manual_seed(cfg.seed)
+        self.runner = ModelRunner(model_dir, self.arch, self.device, DTYPES[dtype],
+                                  self.max_model_len, cfg.block_size, random_weights)
+        num_blocks = cfg.num_kv_blocks or self._size_kv_cache()
+        if num_blocks * cfg.block_size < self.max_model_len:
+            raise ValueError(f"{num_blocks} KV blocks of {cfg.block_size} tokens cannot hold one "
+                             f"sequence of max_model_len={self.max_model_len}")
+        self.runner.allocate_kv_cache(num_blocks)
+        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.seqs: dict[str, Sequence] = {}
+        self.eos = set(self.arch.eos_token_ids)
+        self.generated_tokens = 0
+        self.steps = 0
+        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
+                 self.arch.architecture, self.device, dtype, num_blocks, cfg.block_size,
+                 self.max_model_len)
+
+    def _size_kv_cache(self) -> int:
+        per_block = self.runner.kv_bytes_per_block()
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            budget = free - total * (1 - self.cfg.gpu_memory_utilization)
+        else:
+            budget = self.cfg.cpu_kv_cache_gib * 2**30
+        needed = self.cfg.max_num_seqs * self.max_model_len // self.cfg.block_size + 1
+        return max(1, min(int(budget // per_block), needed))
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
+        if request_id in self.seqs:
+            raise ValueError(f"duplicate request id {request_id}")
+        if not prompt_token_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens "
+                             f"({params.max_tokens}) exceeds max_model_len {self.max_model_len}")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.arch.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of vocabulary: {bad[:5]}")
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        tokens = self.runner.run(batch)
+        self.steps += 1
+        outputs = []
+        now = time.monotonic()
+        for seq, n, tok in zip(batch.seqs, batch.num_new_tokens, tokens, strict=True):
+            seq.num_computed_tokens += n
+            self.blocks.register_full_blocks(seq)
+            if tok is None:
+                continue
+            seq.token_ids.append(tok)
+            seq.first_token_time = seq.first_token_time or now
+            self.generated_tokens += 1
+            reason = self._finish_reason(seq, tok)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                del self.seqs[seq.request_id]
+            outputs.append(RequestOutput(seq.request_id, [tok], reason, seq.num_prompt_tokens,
+                                         seq.num_cached_prompt_tokens))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            running=len(s.running), waiting=len(s.waiting), waiting_tokens=s.num_waiting_tokens,
+            kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
+            prefix_queries=self.blocks.prefix_queries, prefix_hits=self.blocks.prefix_hits,
+            preemptions=s.num_preemptions, generated_tokens=self.generated_tokens,
+            steps=self.steps)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """Offline helper: runs prompts to completion, returns the output token ids."""
+        ids = [f"offline-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+        for rid, p in zip(ids, prompts, strict=True):
+            self.add_request(rid, p, params)
+        out: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_work():
+            for o in self.step():
+                out[o.request_id].extend(o.new_token_ids)
+        return [out[rid] for rid in ids]

@@ -1,0 +1,56 @@
+"""Loads Hugging Face safetensors checkpoints into CausalLM, fusing q/k/v and gate/up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from cluster.engine.model import CausalLM
+
+# checkpoint name piece -> (our fused parameter, shard index among its parts)
+_FUSED = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+def load_weights(model: CausalLM, model_dir: str | Path) -> None:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors files")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    arch = model.arch
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    offsets = {"qkv_proj": [0, q, q + kv], "gate_up_proj": [0, arch.intermediate_size]}
+    loaded: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                if "rotary_emb" in name:
+                    continue
+                target = name.removeprefix("model.")
+                shard = None
+                for piece, (fused, idx) in _FUSED.items():
+                    if f".{piece}." in target:
+                        target, shard = target.replace(piece, fused), idx
+                        break
+                if target not in params:
+                    continue
+                tensor = st.get_tensor(name)
+                param = params[target]
+                with torch.no_grad():
+                    if shard is None:
+                        param.copy_(tensor)
+                    else:
+                        fused = target.split(".")[-2]
+                        start = offsets[fused][shard]
+                        param[start : start + tensor.shape[0]].copy_(tensor)
+                loaded.add(target if shard is None else f"{target}#{shard}")
+    missing = [n for n in params if n not in loaded and not any(
+        n + f"#{i}" in loaded for i in range(3))]
+    if arch.tie_word_embeddings:
+        missing = [n for n in missing if n != "lm_head.weight"]
+    if missing:
+        raise ValueError(f"{model_dir}: checkpoint lacks {missing[:5]}")

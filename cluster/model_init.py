@@ -1,0 +1,105 @@
+"""Builds the default model: a small Llama checkpoint with seeded random weights and a real
+byte-level BPE tokenizer trained on text generated here, in Hugging Face format.
+
+Its output text is noise (the weights are random); it exists so that the whole serving path
+runs anywhere without downloading weights, through the same loader as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import pydoc
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+BOS, EOS, IM_START, IM_END = "<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048)
+SEED = 1234
+# multi-byte text, so that some characters end up split across tokens
+UNICODE_LINES = ["héllo wörld, café, naïve, Ærøskøbing", "你好，世界。机器学习模型服务。",
+                 "Привет, мир! Καλημέρα κόσμε", "emoji: 🚀✨🙂 ∑∫≈ ≠ ∞", "日本語のテキスト、한국어 텍스트"]
+
+
+def corpus() -> list[str]:
+    """Deterministic English-ish text: the docs of the Python modules that ship with Python."""
+    lines: list[str] = []
+    for name in ("json", "random", "pathlib", "collections", "itertools", "functools", "string",
+                 "textwrap", "argparse", "logging", "re", "os", "typing", "dataclasses"):
+        try:
+            lines += pydoc.render_doc(name, renderer=pydoc.plaintext).splitlines()
+        except Exception:  # pragma: no cover - a trimmed Python may lack a module
+            continue
+    rng = random.Random(SEED)
+    lines += [rng.choice(UNICODE_LINES) for _ in range(2000)]
+    return [ln for ln in lines if ln.strip()]
+
+
+def train_tokenizer(vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [BOS, EOS, IM_START, IM_END]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    bos = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos)])
+    return tok
+
+
+def random_weights(cfg: dict) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(SEED)
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    dim = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * dim
+
+    def w(*shape, std=0.05):
+        return (torch.randn(*shape, generator=g) * std).contiguous()
+
+    t = {"model.embed_tokens.weight": w(cfg["vocab_size"], h, std=1.0),
+         "model.norm.weight": torch.ones(h), "lm_head.weight": w(cfg["vocab_size"], h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t |= {p + "self_attn.q_proj.weight": w(h, h), p + "self_attn.k_proj.weight": w(kv, h),
+              p + "self_attn.v_proj.weight": w(kv, h), p + "self_attn.o_proj.weight": w(h, h),
+              p + "mlp.gate_proj.weight": w(inter, h), p + "mlp.up_proj.weight": w(inter, h),
+              p + "mlp.down_proj.weight": w(h, inter),
+              p + "input_layernorm.weight": torch.ones(h),
+              p + "post_attention_layernorm.weight": torch.ones(h)}
+    return t
+
+
+def build(out: Path, force: bool = False) -> Path:
+    out = Path(out).expanduser()
+    if (out / "model.safetensors").exists() and not force:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(SHAPE["vocab_size"])
+    tok.save(str(out / "tokenizer.json"))
+    eos_ids = [tok.token_to_id(EOS), tok.token_to_id(IM_END)]
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **SHAPE,
+           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+           "tie_word_embeddings": False, "attention_bias": False, "torch_dtype": "float32",
+           "bos_token_id": tok.token_to_id(BOS), "eos_token_id": eos_ids}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": cfg["bos_token_id"], "eos_token_id": eos_ids}, indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+        "pad_token": EOS, "add_bos_token": True, "model_max_length": SHAPE[
+            "max_position_embeddings"], "chat_template": CHAT_TEMPLATE}, indent=2))
+    tmp = out / "model.safetensors.tmp"
+    save_file(random_weights(cfg), str(tmp), metadata={"format": "pt"})
+    tmp.rename(out / "model.safetensors")  # last: its presence marks a complete model
+    return out

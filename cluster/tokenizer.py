@@ -1,0 +1,123 @@
+"""Tokenization on the CPU pool: chat templates, encoding, incremental detokenization and
+stop strings. Model replicas only ever see token ids."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+
+def _token_text(v) -> str | None:
+    return v.get("content") if isinstance(v, dict) else v
+
+
+def _raise(msg: str):
+    raise TemplateError(msg)
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path):
+        d = Path(model_dir)
+        self.tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
+        cfg_path = d / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"),
+                            template[0]["template"])
+        if (d / "chat_template.jinja").exists():
+            template = (d / "chat_template.jinja").read_text()
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self.chat_template = env.from_string(template) if template else None
+        self.special_ids = {self.tok.token_to_id(t) for t in self.tok.get_vocab()
+                            if t in {a.content for a in self.tok.get_added_tokens_decoder()
+                                     .values() if a.special}}
+        self.vocab_size = self.tok.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **kwargs) -> str:
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template; use /v1/completions")
+        return self.chat_template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+    def encode_chat(self, messages: list[dict], **kwargs) -> list[int]:
+        # the template writes the special tokens itself
+        return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    A byte-level token may end inside a multi-byte UTF-8 character; such a tail decodes to
+    U+FFFD and is held back until the next tokens complete it. Decoding restarts from a few
+    tokens back, not from the start, so each step costs O(1) in the output length.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, new_ids: list[int]) -> str:
+        self.ids.extend(new_ids)
+        dec = self.tokenizer.decode
+        prefix = dec(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        full = dec(self.ids[self.prefix_offset :], self.skip)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (a genuinely broken character at the very end)."""
+        dec = self.tokenizer.decode
+        prefix = dec(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        full = dec(self.ids[self.prefix_offset :], self.skip)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix) :]
+
+
+class StopStrings:
+    """Finds stop strings in streamed text; holds back a tail that could start one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        if not self.stops:
+            return text, False
+        buf = self.pending + text
+        start = max(0, len(self.pending) - self.hold)
+        cut = min((i for s in self.stops if (i := buf.find(s, start)) >= 0), default=-1)
+        if cut >= 0:
+            self.pending = ""
+            return buf[:cut], True
+        keep = min(self.hold, len(buf))
+        self.pending = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
