@@ -52,6 +52,10 @@ def pick_device(cfg: EngineConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_max_model_len(arch: ModelArch, cfg: EngineConfig) -> int:
+    return min(cfg.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
+
+
 class LLMEngine:
     def __init__(self, model_dir: str, cfg: EngineConfig, random_weights: bool = False):
         self.cfg = cfg
@@ -64,8 +68,7 @@ class LLMEngine:
         dtype = cfg.dtype
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.max_model_len = min(cfg.max_model_len or self.arch.max_position_embeddings,
-                                 self.arch.max_position_embeddings)
+        self.max_model_len = resolve_max_model_len(self.arch, cfg)
         torch.manual_seed(cfg.seed)
         self.runner = ModelRunner(model_dir, self.arch, self.device, DTYPES[dtype],
                                   self.max_model_len, cfg.block_size, random_weights)

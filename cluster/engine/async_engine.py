@@ -1,0 +1,102 @@
+"""Runs LLMEngine on a background thread and streams its outputs to asyncio callers.
+
+The step loop never waits on the event loop: requests and aborts arrive through a queue,
+outputs leave through call_soon_threadsafe. A caller that stops listening aborts its request,
+which frees its KV blocks on the next loop turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from cluster.engine.engine import LLMEngine, RequestOutput
+from cluster.engine.sequence import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Yields outputs as steps produce them, merging whatever piled up since the last."""
+        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        self._post(("add", request_id, prompt_token_ids, params))
+        done = False
+        try:
+            while not done:
+                out = await q.get()
+                while not q.empty() and not out.finish_reason:
+                    nxt = q.get_nowait()
+                    out.new_token_ids += nxt.new_token_ids
+                    out.finish_reason, out.error = nxt.finish_reason, nxt.error
+                done = out.finish_reason is not None
+                if out.error:
+                    raise EngineError(out.error)
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if not done:
+                self._post(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._post(("abort", request_id))
+
+    def _post(self, msg: tuple) -> None:
+        self._inbox.put(msg)
+        self._wake.set()
+
+    def _emit(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is not None:
+            loop, q = stream
+            loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "add":
+                _, rid, ids, params = msg
+                try:
+                    self.engine.add_request(rid, ids, params)
+                except ValueError as err:
+                    self._emit(RequestOutput(rid, [], "error", error=str(err)))
+            else:
+                self.engine.abort(msg[1])
+
+    def _loop(self) -> None:
+        while True:
+            self._drain_inbox()
+            if not self.engine.has_work():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as err:  # a failed step fails its requests, not the replica
+                log.exception("engine step failed")
+                for rid in list(self.engine.seqs):
+                    self.engine.abort(rid)
+                    self._emit(RequestOutput(rid, [], "error", error=f"engine error: {err}"))
+                continue
+            for out in outputs:
+                self._emit(out)

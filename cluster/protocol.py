@@ -1,0 +1,156 @@
+"""The OpenAI API surface: request models, error bodies, and the messages between stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cluster.engine.sequence import SamplingParams
+
+
+class APIError(Exception):
+    """An error the client caused (or may retry); rendered as OpenAI's error body."""
+
+    def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.type, self.param, self.code = (
+            message, status, type, param, code)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    @classmethod
+    def from_body(cls, body: dict, status: int) -> APIError:
+        e = body["error"]
+        return cls(e["message"], status, e["type"], e.get("param"), e.get("code"))
+
+
+def validation_error(err: ValidationError) -> APIError:
+    first = err.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    msg = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+                    for e in err.errors()[:5])
+    return APIError(msg, 400, param=param)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="only n=1 is served")
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported")
+    logprobs: Any = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > 4096 or any(len(s) > 1024 for s in stops):
+            raise ValueError("stop: at most 4096 strings of at most 1024 characters")
+        if self.logprobs not in (None, False, 0):
+            raise ValueError("logprobs are not supported")
+        return self
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[int] | list[str] = Field(...)
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = Field(False, description="not supported")
+
+    @model_validator(mode="after")
+    def _prompt(self):
+        if isinstance(self.prompt, list):
+            if not self.prompt:
+                raise ValueError("prompt must not be empty")
+            if isinstance(self.prompt[0], str):
+                if len(self.prompt) != 1:
+                    raise ValueError("prompt: one prompt per request is served")
+                self.prompt = self.prompt[0]
+        if self.echo:
+            raise ValueError("echo is not supported")
+        return self
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+@dataclass
+class GenerateRequest:
+    """Ingress -> tokenizer pool: a validated request, not yet tokenized."""
+
+    request_id: str
+    kind: Literal["completion", "chat"]
+    prompt: str | list[int] | None
+    messages: list[dict] | None
+    params: SamplingParams
+    max_tokens: int | None  # None: up to the context length
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EngineRequest:
+    """Tokenizer pool -> model replica: token ids only."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class TextDelta:
+    """Tokenizer pool -> ingress: one streamed piece of a completion."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    error: dict | None = None  # an APIError body
+    status: int = 200

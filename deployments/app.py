@@ -1,0 +1,48 @@
+"""The Serve application: ingress -> tokenizer pool (Kunpeng) -> model replicas (GPU).
+
+`import_path: deployments.app:app` in a Serve config; the tandem settings are its `args`.
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from cluster.config import AppConfig, PoolConfig, parse_app_config
+from deployments.ingress import Ingress
+from deployments.model import ModelReplica
+from deployments.tokenizer import TokenizerPool
+
+
+def actor_options(pool: PoolConfig) -> dict:
+    opts: dict = {"num_cpus": pool.num_cpus}
+    if pool.num_gpus:
+        opts["num_gpus"] = pool.num_gpus
+    if pool.label_selector:
+        opts["label_selector"] = dict(pool.label_selector)
+    return opts
+
+
+def build(cfg: AppConfig) -> Application:
+    conf = cfg.model_dump()
+    model = ModelReplica.options(
+        num_replicas=cfg.model_pool.num_replicas,
+        max_ongoing_requests=cfg.model_pool.max_ongoing_requests,
+        ray_actor_options=actor_options(cfg.model_pool),
+        request_router_config=RequestRouterConfig(
+            request_router_class="cluster.router:LoadAwareRouter",
+            request_routing_stats_period_s=cfg.router.stats_period_s),
+    ).bind(conf)
+    tokenizer = TokenizerPool.options(
+        num_replicas=cfg.tokenizer_pool.num_replicas,
+        max_ongoing_requests=cfg.tokenizer_pool.max_ongoing_requests,
+        ray_actor_options=actor_options(cfg.tokenizer_pool),
+    ).bind(conf, model)
+    return Ingress.options(
+        max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
+    ).bind(conf, tokenizer)
+
+
+def app(args: dict) -> Application:
+    return build(parse_app_config(args))

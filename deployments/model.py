@@ -1,0 +1,44 @@
+"""Model replicas: the engine behind a Serve deployment, pinned to GPU (model) nodes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import ray
+from ray import serve
+
+from cluster.config import AppConfig
+from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.engine import LLMEngine
+from cluster.protocol import EngineRequest
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment(name="ModelReplica")
+class ModelReplica:
+    def __init__(self, config: dict):
+        cfg = AppConfig.model_validate(config)
+        self.node_labels = ray.get_runtime_context().get_node_labels()
+        self.engine = AsyncEngine(LLMEngine(cfg.model.path, cfg.engine))
+        log.info("model replica on node %s (labels %s), device %s",
+                 ray.get_runtime_context().get_node_id()[:8], self.node_labels,
+                 self.engine.engine.device)
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[dict]:
+        async for out in self.engine.generate(req.request_id, req.prompt_token_ids, req.params):
+            yield {"token_ids": out.new_token_ids, "finish_reason": out.finish_reason,
+                   "prompt_tokens": out.num_prompt_tokens, "cached_tokens": out.num_cached_tokens}
+
+    def record_routing_stats(self) -> dict[str, float]:
+        s = self.engine.engine.stats()
+        return {"running": s.running, "waiting": s.waiting, "waiting_tokens": s.waiting_tokens,
+                "kv_used": s.kv_blocks_used, "kv_total": s.kv_blocks_total,
+                "max_num_seqs": self.engine.engine.cfg.max_num_seqs}
+
+    def stats(self) -> dict:
+        s = self.engine.engine.stats()
+        return {**s.__dict__, "device": str(self.engine.engine.device),
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "node_labels": self.node_labels}

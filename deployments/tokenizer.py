@@ -1,0 +1,101 @@
+"""Tokenizer pool: runs on Kunpeng (CPU) nodes, between the ingress and the model replicas.
+
+It turns text into token ids, streams the model replica's ids back as text (incremental,
+UTF-8 safe), and ends a generation at a stop string by cancelling the model's stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import ray
+from jinja2.exceptions import TemplateError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from cluster.config import AppConfig
+from cluster.engine.engine import resolve_max_model_len
+from cluster.engine.model import ModelArch
+from cluster.protocol import APIError, EngineRequest, GenerateRequest, TextDelta
+from cluster.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment(name="TokenizerPool")
+class TokenizerPool:
+    def __init__(self, config: dict, model: DeploymentHandle):
+        cfg = AppConfig.model_validate(config)
+        self.tokenizer = Tokenizer(cfg.model.path)
+        arch = ModelArch.from_hf(cfg.model.path)
+        self.vocab_size = arch.vocab_size
+        self.max_model_len = resolve_max_model_len(arch, cfg.engine)
+        self.model = model.options(stream=True)
+        self.node_labels = ray.get_runtime_context().get_node_labels()
+
+    def tokenize(self, req: GenerateRequest) -> list[int]:
+        try:
+            if req.kind == "chat":
+                ids = self.tokenizer.encode_chat(req.messages)
+            elif isinstance(req.prompt, str):
+                ids = self.tokenizer.encode(req.prompt)
+            else:
+                ids = list(req.prompt)
+        except (TemplateError, ValueError) as err:
+            raise APIError(f"could not build the prompt: {err}", param="messages") from None
+        param = "messages" if req.kind == "chat" else "prompt"
+        if not ids:
+            raise APIError("the prompt is empty", param=param)
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise APIError(f"prompt token ids must be in [0, {self.vocab_size})", param=param)
+        if len(ids) >= self.max_model_len:
+            raise APIError(f"the prompt has {len(ids)} tokens; this model's context length is "
+                           f"{self.max_model_len}", param=param, code="context_length_exceeded")
+        room = self.max_model_len - len(ids)
+        if req.max_tokens is not None and req.max_tokens > room:
+            raise APIError(f"max_tokens={req.max_tokens} plus the prompt's {len(ids)} tokens "
+                           f"exceeds the context length {self.max_model_len}",
+                           param="max_tokens", code="context_length_exceeded")
+        return ids
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[TextDelta]:
+        """First yields a header delta (prompt_tokens, or an error), then the text."""
+        try:
+            ids = self.tokenize(req)
+        except APIError as err:
+            yield TextDelta(error=err.body(), status=err.status)
+            return
+        max_tokens = req.max_tokens or self.max_model_len - len(ids)
+        yield TextDelta(prompt_tokens=len(ids))
+
+        params = replace(req.params, max_tokens=max_tokens)
+        stream = self.model.generate.remote(EngineRequest(req.request_id, ids, params))
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stops = StopStrings(req.stop)
+        n_out, engine_done = 0, False
+        try:
+            async for out in stream:
+                n_out += len(out["token_ids"])
+                text, hit = stops.feed(detok.push(out["token_ids"]))
+                reason = "stop" if hit else out["finish_reason"]
+                if reason and not hit:
+                    text += stops.feed(detok.flush())[0] + stops.flush()
+                engine_done = out["finish_reason"] is not None
+                if text or reason:
+                    yield TextDelta(text, reason, len(ids), n_out, out["cached_tokens"])
+                if reason:
+                    return
+        except Exception as err:  # the replica failed this request; tell the client clearly
+            log.warning("request %s failed in the model replica: %s", req.request_id, err)
+            yield TextDelta(finish_reason="error", prompt_tokens=len(ids), completion_tokens=n_out,
+                            error=APIError(f"generation failed: {err}", 500, "server_error")
+                            .body(), status=500)
+            engine_done = True
+        finally:
+            if not engine_done:  # stop string hit, or our caller went away: free the KV blocks
+                stream.cancel()
+
+    def node(self) -> dict:
+        return {"node_id": ray.get_runtime_context().get_node_id(), "labels": self.node_labels}
