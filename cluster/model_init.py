@@ -26,7 +26,8 @@ SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden
 SEED = 1234
 # multi-byte text, so that some characters end up split across tokens
 UNICODE_LINES = ["héllo wörld, café, naïve, Ærøskøbing", "你好，世界。机器学习模型服务。",
-                 "Привет, мир! Καλημέρα κόσμε", "emoji: 🚀✨🙂 ∑∫≈ ≠ ∞", "日本語のテキスト、한국어 텍스트"]
+                 "Привет, мир! Καλημέρα κόσμε", "emoji: 🚀✨🙂 ∑∫≈ ≠ ∞",
+                 "日本語のテキスト、한국어 텍스트"]
 
 
 def corpus() -> list[str]:

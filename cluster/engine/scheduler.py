@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from cluster.engine.block_manager import BlockManager
-from cluster.engine.sequence import Sequence, SeqStatus
+from cluster.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass
