@@ -6,7 +6,10 @@ CONFIG  ?= deployments/local.yaml
 # torch is pinned to the CPU build on disk here; on a GPU host install the CUDA build first.
 TORCH   ?= torch==2.13.0
 
-.PHONY: install serve stop test lint bench clean
+.PHONY: install serve stop test lint clean
+
+# cluster-up / cluster-deploy / cluster-down (ray up on real hosts) live in infra/cluster.mk
+-include infra/cluster.mk
 
 $(BIN)/tandem:
 	$(PY) -m venv $(VENV)
