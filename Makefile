@@ -10,6 +10,7 @@ TORCH   ?= torch==2.13.0
 
 # cluster-up / cluster-deploy / cluster-down (ray up on real hosts) live in infra/cluster.mk
 -include infra/cluster.mk
+.DEFAULT_GOAL := install
 
 $(BIN)/tandem:
 	$(PY) -m venv $(VENV)
