@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cluster.engine.sequence import SamplingParams
 
@@ -61,14 +61,20 @@ class SamplingFields(BaseModel):
     logprobs: Any = None
     user: str | None = None
 
-    @model_validator(mode="after")
-    def _check(self):
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
         if len(stops) > 4096 or any(len(s) > 1024 for s in stops):
-            raise ValueError("stop: at most 4096 strings of at most 1024 characters")
-        if self.logprobs not in (None, False, 0):
+            raise ValueError("at most 4096 stop strings of at most 1024 characters")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v):
+        if v not in (None, False, 0):
             raise ValueError("logprobs are not supported")
-        return self
+        return v
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -82,18 +88,24 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = Field(False, description="not supported")
 
-    @model_validator(mode="after")
-    def _prompt(self):
-        if isinstance(self.prompt, list):
-            if not self.prompt:
-                raise ValueError("prompt must not be empty")
-            if isinstance(self.prompt[0], str):
-                if len(self.prompt) != 1:
-                    raise ValueError("prompt: one prompt per request is served")
-                self.prompt = self.prompt[0]
-        if self.echo:
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("the prompt must not be empty")
+            if isinstance(v[0], str):
+                if len(v) != 1:
+                    raise ValueError("one prompt per request is served")
+                return v[0]
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, v):
+        if v:
             raise ValueError("echo is not supported")
-        return self
+        return v
 
 
 class TextPart(BaseModel):

@@ -1,0 +1,33 @@
+"""Reads Serve replicas straight from Ray's state (not from what the app says of itself)."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+from ray.util.state import list_actors
+
+
+def replica_actors(deployment: str, app: str = "tandem") -> list:
+    return list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:{deployment}"),
+                                ("state", "=", "ALIVE")], detail=True)
+
+
+def node_labels() -> dict[str, dict]:
+    return {n["NodeID"]: n.get("Labels", {}) for n in ray.nodes() if n["Alive"]}
+
+
+def model_replica_stats() -> list[dict]:
+    """The routing stats every live model replica reports (KV blocks in use, queues)."""
+    handles = [ray.get_actor(a.name, namespace="serve") for a in replica_actors("ModelReplica")]
+    return ray.get([h.record_routing_stats.remote() for h in handles])
+
+
+def wait_kv_free(timeout_s: float = 20) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = model_replica_stats()
+        if all(s["kv_used"] == 0 and s["running"] == 0 for s in stats) \
+                or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.25)
