@@ -57,7 +57,8 @@ def resolve_max_model_len(arch: ModelArch, cfg: EngineConfig) -> int:
 
 
 class LLMEngine:
-    def __init__(self, model_dir: str, cfg: EngineConfig, random_weights: bool = False):
+    def __init__(self, model_dir: str, cfg: EngineConfig, weights=None):
+        """weights: None (the checkpoint in model_dir), "random", or (name, tensor) pairs."""
         self.cfg = cfg
         self.arch = ModelArch.from_hf(model_dir)
         self.device = pick_device(cfg)
@@ -71,12 +72,14 @@ class LLMEngine:
         self.max_model_len = resolve_max_model_len(self.arch, cfg)
         torch.manual_seed(cfg.seed)
         self.runner = ModelRunner(model_dir, self.arch, self.device, DTYPES[dtype],
-                                  self.max_model_len, cfg.block_size, random_weights)
+                                  self.max_model_len, cfg.block_size, weights)
         num_blocks = cfg.num_kv_blocks or self._size_kv_cache()
         if num_blocks * cfg.block_size < self.max_model_len:
             raise ValueError(f"{num_blocks} KV blocks of {cfg.block_size} tokens cannot hold one "
                              f"sequence of max_model_len={self.max_model_len}")
         self.runner.allocate_kv_cache(num_blocks)
+        if self.device.type == "cuda" and cfg.cuda_graphs:
+            self.runner.capture_decode_graphs(cfg.max_num_seqs)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
@@ -91,7 +94,12 @@ class LLMEngine:
         per_block = self.runner.kv_bytes_per_block()
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info()
-            budget = free - total * (1 - self.cfg.gpu_memory_utilization)
+            a, c = self.arch, self.cfg
+            # room for the largest step's activations and the decode graphs' logits
+            act = c.max_num_batched_tokens * (a.hidden_size * 6 + a.intermediate_size * 3 +
+                                             (a.num_heads + 2 * a.num_kv_heads) * a.head_dim)
+            reserve = act * 4 + 3 * min(c.max_num_seqs, 512) * a.vocab_size * 4 + 2**30
+            budget = free - total * (1 - c.gpu_memory_utilization) - reserve
         else:
             budget = self.cfg.cpu_kv_cache_gib * 2**30
         needed = self.cfg.max_num_seqs * self.max_model_len // self.cfg.block_size + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -16,41 +17,46 @@ _FUSED = {
 }
 
 
-def load_weights(model: CausalLM, model_dir: str | Path) -> None:
+def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors files")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name)
+
+
+def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]],
+                 source: str = "checkpoint") -> None:
+    """Copies Hugging Face-named tensors (from files or a live HF model) into our model."""
     params = dict(model.named_parameters(remove_duplicate=False))
     arch = model.arch
     q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     offsets = {"qkv_proj": [0, q, q + kv], "gate_up_proj": [0, arch.intermediate_size]}
     loaded: set[str] = set()
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                if "rotary_emb" in name:
-                    continue
-                target = name.removeprefix("model.")
-                shard = None
-                for piece, (fused, idx) in _FUSED.items():
-                    if f".{piece}." in target:
-                        target, shard = target.replace(piece, fused), idx
-                        break
-                if target not in params:
-                    continue
-                tensor = st.get_tensor(name)
-                param = params[target]
-                with torch.no_grad():
-                    if shard is None:
-                        param.copy_(tensor)
-                    else:
-                        fused = target.split(".")[-2]
-                        start = offsets[fused][shard]
-                        param[start : start + tensor.shape[0]].copy_(tensor)
-                loaded.add(target if shard is None else f"{target}#{shard}")
+    for name, tensor in weights:
+        if "rotary_emb" in name:
+            continue
+        target = name.removeprefix("model.")
+        shard = None
+        for piece, (fused, idx) in _FUSED.items():
+            if f".{piece}." in target:
+                target, shard = target.replace(piece, fused), idx
+                break
+        if target not in params:
+            continue
+        param = params[target]
+        with torch.no_grad():
+            if shard is None:
+                param.copy_(tensor)
+            else:
+                start = offsets[target.split(".")[-2]][shard]
+                param[start : start + tensor.shape[0]].copy_(tensor)
+        loaded.add(target if shard is None else f"{target}#{shard}")
     missing = [n for n in params if n not in loaded and not any(
         n + f"#{i}" in loaded for i in range(3))]
     if arch.tie_word_embeddings:
         missing = [n for n in missing if n != "lm_head.weight"]
     if missing:
-        raise ValueError(f"{model_dir}: checkpoint lacks {missing[:5]}")
+        raise ValueError(f"{source}: lacks {missing[:5]}")

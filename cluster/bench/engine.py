@@ -1,0 +1,259 @@
+"""Engine benchmark: our engine and Hugging Face transformers side by side, one process.
+
+    python -m cluster.bench.engine --preset qwen2.5-0.5b --num-prompts 256 \\
+        --input-len 100 1024 --output-len 100 1024 [--json]
+    python -m cluster.bench.engine --preset llama3.1-8b --batch1      # 128 in, 256 out
+    python -m cluster.bench.engine --device cpu --preset default       # CI-sized
+
+Presets are model shapes with seeded random weights (speed does not depend on the values);
+`default` is the built-in checkpoint; a folder path is any HF checkpoint. The same weights go
+to both engines, so greedy outputs are compared: the run exits non-zero when they disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cluster.config import DEFAULT_MODEL_DIR, EngineConfig
+from cluster.engine.engine import LLMEngine
+from cluster.engine.sequence import SamplingParams
+
+PRESETS = {
+    "qwen2.5-0.5b": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896,
+        "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+        "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+        "hidden_act": "silu", "torch_dtype": "bfloat16"},
+    "llama3.1-8b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
+        "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        "hidden_act": "silu", "torch_dtype": "bfloat16"},
+}
+
+
+def model_folder(preset: str) -> str:
+    if preset == "default":
+        from cluster.model_init import build
+
+        return str(build(DEFAULT_MODEL_DIR))
+    if preset in PRESETS:
+        d = Path(tempfile.mkdtemp(prefix=f"tandem-{preset}-"))
+        (d / "config.json").write_text(json.dumps(PRESETS[preset]))
+        return str(d)
+    return preset
+
+
+def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
+    rng = np.random.default_rng(args.seed)
+    if args.batch1:
+        return [rng.integers(0, vocab, 128).tolist()], [256]
+    ins = rng.integers(args.input_len[0], args.input_len[1] + 1, args.num_prompts)
+    outs = rng.integers(args.output_len[0], args.output_len[1] + 1, args.num_prompts)
+    return [rng.integers(0, vocab, int(n)).tolist() for n in ins], [int(n) for n in outs]
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) * 1000 if xs else float("nan")
+
+
+def run_engine(engine: LLMEngine, prompts, out_lens) -> dict:
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    # warm-up: Triton compiles its prefill variants once
+    engine.generate([prompts[0][:64]], SamplingParams(temperature=0, max_tokens=4,
+                                                      ignore_eos=True))
+    sync()
+    start = time.perf_counter()
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    itl: list[float] = []
+    for i, (p, n) in enumerate(zip(prompts, out_lens, strict=True)):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=n,
+                                                     ignore_eos=True))
+    produced = 0
+    idle = 0.0
+    step_times = []
+    while engine.has_work():
+        t0 = time.perf_counter()
+        outs = engine.step()
+        now = time.perf_counter()
+        step_times.append(now - t0)
+        for o in outs:
+            produced += len(o.new_token_ids)
+            if o.request_id in first:
+                itl.append(now - last[o.request_id])
+            else:
+                first[o.request_id] = now
+            last[o.request_id] = now
+    sync()
+    elapsed = time.perf_counter() - start
+    ttft = [first[k] - start for k in first]
+    total_in = sum(len(p) for p in prompts)
+    s = engine.stats()
+    return {"output_tok_s": produced / elapsed, "total_tok_s": (produced + total_in) / elapsed,
+            "elapsed_s": elapsed, "output_tokens": produced,
+            "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
+            "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99), "steps": s.steps,
+            "kv_blocks": s.kv_blocks_total, "preemptions": s.preemptions,
+            "gpu_idle_frac": idle}
+
+
+def gpu_idle_fraction(engine: LLMEngine, batch: int, steps: int = 50) -> float:
+    """GPU idle share of decode steps at a batch size: 1 - kernel time / wall time."""
+    if engine.device.type != "cuda":
+        return float("nan")
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(temperature=0, max_tokens=steps + 20, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"idle-{i}", [1 + i % 100] * 32, params)
+    while any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.waiting) \
+            or engine.scheduler.waiting:
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    busy = sum(e.device_time_total for e in prof.key_averages()) / 1e6
+    for i in range(batch):
+        engine.abort(f"idle-{i}")
+    return max(0.0, 1 - busy / wall)
+
+
+def run_hf(folder: str, device: str, dtype, prompts, out_lens, state) -> dict:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    hf = state["hf"]
+    gen = GenerationConfig(max_new_tokens=max(out_lens), do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    produced = 0
+    try:
+        res = hf.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
+        produced = sum(len(r.generated_tokens) for r in res.values())
+        mode = "generate_batch (paged|sdpa)"
+    except Exception as err:  # older transformers, or CPU: one generate per prompt
+        mode = f"generate per prompt ({type(err).__name__} in generate_batch)"
+        for p, n in zip(prompts, out_lens, strict=True):
+            ids = torch.tensor([p], device=device)
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, pad_token_id=0)
+            produced += out.shape[1] - len(p)
+    sync()
+    elapsed = time.perf_counter() - start
+    del AutoModelForCausalLM
+    return {"output_tok_s": produced / elapsed, "elapsed_s": elapsed,
+            "output_tokens": produced, "mode": mode, "num_prompts": len(prompts)}
+
+
+def hf_greedy(hf, device: str, prompts, n: int) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p], device=device)
+        g = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                        min_new_tokens=n, do_sample=False, pad_token_id=0)
+        out.append(g[0, len(p):].tolist())
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="qwen2.5-0.5b",
+                    help="qwen2.5-0.5b | llama3.1-8b | default | a checkpoint folder")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--input-len", type=int, nargs=2, default=[100, 1024])
+    ap.add_argument("--output-len", type=int, nargs=2, default=[100, 1024])
+    ap.add_argument("--batch1", action="store_true", help="one 128-token prompt, 256 out")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--baseline-prompts", type=int, default=64,
+                    help="prompts given to the transformers baseline (0: skip it)")
+    ap.add_argument("--check-prompts", type=int, default=4)
+    ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.device == "cpu" and args.preset != "default" and args.num_prompts == 256:
+        print("hint: on a CPU use --preset default", file=sys.stderr)
+
+    folder = model_folder(args.preset)
+    dtype_name = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(args.seed)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_cfg = AutoConfig.from_pretrained(folder)
+    if args.preset in PRESETS:
+        with torch.device(args.device):
+            hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device)
+    hf.eval()
+    prompts, out_lens = workload(args, hf_cfg.vocab_size)
+    result: dict = {"preset": args.preset, "device": args.device, "dtype": dtype_name,
+                    "num_prompts": len(prompts),
+                    "input_tokens": sum(map(len, prompts)), "output_len": args.output_len}
+    state = {"hf": hf}
+    if args.baseline_prompts:
+        k = min(args.baseline_prompts, len(prompts))
+        result["baseline"] = run_hf(folder, args.device, dtype, prompts[:k], out_lens[:k], state)
+    check = [p[:256] for p in prompts[: args.check_prompts]]
+    expected = hf_greedy(hf, args.device, check, 32)
+
+    cfg = EngineConfig(device=args.device, dtype=dtype_name, max_model_len=args.max_model_len,
+                       max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       cuda_graphs=not args.no_cuda_graphs, torch_threads=None)
+    weights = list(hf.state_dict().items())
+    engine = LLMEngine(folder, cfg, weights=weights)
+    del weights, hf, state
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    got = engine.generate(check, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    matched = [g == e for g, e in zip(got, expected, strict=True)]
+    prefix8 = [g[:8] == e[:8] for g, e in zip(got, expected, strict=True)]
+    # bf16 random weights give near-tied logits: a late flip is rounding, an early one a bug
+    correct = all(prefix8) and sum(matched) >= 0.75 * len(matched)
+    result["engine"] = run_engine(engine, prompts, out_lens)
+    result["engine"]["gpu_idle_frac"] = gpu_idle_fraction(engine, min(64, args.max_num_seqs))
+    result["check"] = {"prompts": len(check), "match_32": sum(matched),
+                       "match_first_8": sum(prefix8)}
+    result["correct"] = correct
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        e, b = result["engine"], result.get("baseline")
+        print(f"{args.preset} on {args.device} ({dtype_name}), {len(prompts)} prompts")
+        print(f"  tandem engine   {e['output_tok_s']:10.1f} output tok/s  "
+              f"{e['total_tok_s']:10.1f} total tok/s  TTFT p50 {e['ttft_ms_p50']:.1f} ms  "
+              f"ITL p50 {e['itl_ms_p50']:.2f} ms p99 {e['itl_ms_p99']:.2f} ms  "
+              f"KV blocks {e['kv_blocks']}  GPU idle {e['gpu_idle_frac']:.3f}")
+        if b:
+            print(f"  transformers    {b['output_tok_s']:10.1f} output tok/s  "
+                  f"({b['mode']}, {b['num_prompts']} prompts)")
+        print(f"  greedy check vs transformers: {result['check']} -> correct={correct}")
+    return 0 if correct else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The engine on a GPU (Triton attention, CUDA graphs) against transformers. Run on the device:
+    python -m pytest -m gpu tests/gpu
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.config import EngineConfig
+from cluster.engine.engine import LLMEngine
+from cluster.engine.sequence import SamplingParams
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def hf_and_prompts():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cluster.bench.engine import model_folder
+
+    folder = model_folder("qwen2.5-0.5b")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder),
+                                              dtype=torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 150000, (n,), generator=g).tolist() for n in (5, 77, 300, 1030)]
+    expected = []
+    for p in prompts:
+        ids = torch.tensor([p], device="cuda")
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
+                          min_new_tokens=32, do_sample=False, pad_token_id=0)
+        expected.append(out[0, len(p):].tolist())
+    weights = [(k, v) for k, v in hf.state_dict().items()]
+    return folder, weights, prompts, expected
+
+
+def engine(folder, weights, **kw) -> LLMEngine:
+    cfg = dict(device="cuda", dtype="bfloat16", max_model_len=2048, max_num_seqs=16,
+               max_num_batched_tokens=512)
+    return LLMEngine(folder, EngineConfig(**(cfg | kw)), weights=weights)
+
+
+def close(got: list[int], want: list[int]) -> bool:
+    # bf16 random weights leave near-ties; the first 8 tokens must match exactly
+    return got[:8] == want[:8]
+
+
+def test_greedy_bf16_matches_transformers(hf_and_prompts):
+    folder, weights, prompts, expected = hf_and_prompts
+    out = engine(folder, weights).generate(prompts, GREEDY)
+    assert all(close(g, e) for g, e in zip(out, expected, strict=True))
+    assert sum(g == e for g, e in zip(out, expected, strict=True)) >= 3
+
+
+def test_eager_equals_cuda_graphs(hf_and_prompts):
+    folder, weights, prompts, _ = hf_and_prompts
+    a = engine(folder, weights, cuda_graphs=False).generate(prompts, GREEDY)
+    b = engine(folder, weights).generate(prompts, GREEDY)
+    assert a == b
+
+
+def test_prefix_cache_hit_same_tokens(hf_and_prompts):
+    folder, weights, prompts, _ = hf_and_prompts
+    e = engine(folder, weights)
+    first = e.generate([prompts[3]], GREEDY)
+    hits = e.stats().prefix_hits
+    second = e.generate([prompts[3]], GREEDY)
+    assert e.stats().prefix_hits > hits and first == second
+
+
+def test_preemption_tiny_kv_finishes_all(hf_and_prompts):
+    folder, weights, prompts, _ = hf_and_prompts
+    ref = engine(folder, weights).generate(prompts[:3] * 4, GREEDY)
+    e = engine(folder, weights, num_kv_blocks=40, max_model_len=512,
+               enable_prefix_caching=False)
+    out = e.generate(prompts[:3] * 4, GREEDY)
+    assert e.scheduler.num_preemptions > 0 and out == ref
+    assert e.stats().kv_blocks_used == 0
