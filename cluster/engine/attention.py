@@ -63,3 +63,23 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             enable_gqa=q.shape[1] != kv_heads)
         out[qs:qe] = o.transpose(0, 1)
     return out
+
+
+def paged_decode_gather(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, context_lens: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """Decode attention without host syncs (CUDA-graph safe) in plain PyTorch: gathers every
+    block of the padded block table and masks past each context length. The fallback where
+    the Triton kernels are unavailable; it reads the whole padded table, so it is slower."""
+    batch, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    k = k_cache[block_tables].flatten(1, 2)  # [batch, blocks * block_size, kv_heads, dim]
+    v = v_cache[block_tables].flatten(1, 2)
+    group = heads // kv_heads
+    qg = q.view(batch, kv_heads, group, dim).float()
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k.float()) * scale
+    pos = torch.arange(k.shape[1], device=q.device)
+    scores.masked_fill_((pos[None, :] >= context_lens[:, None])[:, None, None, :], float("-inf"))
+    probs = scores.softmax(-1).nan_to_num_(0.0)  # padding rows have no keys at all
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v.float())
+    return out.reshape(batch, heads, dim).to(q.dtype)

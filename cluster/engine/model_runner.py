@@ -7,7 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.engine.attention import AttentionMetadata
+from cluster.engine.attention import (
+    AttentionMetadata,
+    paged_attention_ref,
+    paged_decode_gather,
+    store_kv,
+)
 from cluster.engine.loader import iter_checkpoint, load_weights
 from cluster.engine.model import CausalLM, ModelArch
 from cluster.engine.sampler import sample
@@ -18,8 +23,20 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class GatherBackend:
+    """GPU attention without Triton: PyTorch gather for decode, per-sequence SDPA otherwise."""
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode:
+            return paged_decode_gather(q, k_cache, v_cache, meta.block_tables,
+                                       meta.context_lens, scale)
+        return paged_attention_ref(q, k_cache, v_cache, meta.block_tables,
+                                   meta.cu_seqlens_q_host, meta.context_lens_host, scale)
+
+
 class TritonBackend:
-    """GPU attention: our Triton kernels (decode kernel is CUDA-graph safe)."""
+    """GPU attention: our Triton kernels (the decode kernel is CUDA-graph safe)."""
 
     def __init__(self):
         from cluster.engine import triton_attention
@@ -62,7 +79,11 @@ class ModelRunner:
             load_weights(self.model, weights or iter_checkpoint(model_dir), model_dir)
         self.model.eval()
         if device.type == "cuda":
-            self.model.backend = TritonBackend()
+            try:
+                self.model.backend = TritonBackend()
+            except ImportError as err:
+                log.warning("Triton attention unavailable (%s): using the gather fallback", err)
+                self.model.backend = GatherBackend()
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
 
@@ -73,7 +94,9 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         a = self.arch
-        shape = (a.num_layers, num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        # one extra block that no sequence owns: padded rows of a CUDA graph write there
+        self.pad_slot = num_blocks * self.block_size
+        shape = (a.num_layers, num_blocks + 1, self.block_size, a.num_kv_heads, a.head_dim)
         k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.layers):
@@ -147,14 +170,14 @@ class ModelRunner:
         dev = self.device
         self.g_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.g_pos = torch.zeros(max_bs, dtype=torch.int64, device=dev)
-        self.g_slots = torch.full((max_bs,), -1, dtype=torch.int64, device=dev)
+        self.g_slots = torch.full((max_bs,), self.pad_slot, dtype=torch.int64, device=dev)
         self.g_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev)
         self.g_ctx = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self.g_cu = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         # host staging buffers: pinned, so the copies to the GPU are asynchronous
         self.h_ids = torch.zeros(max_bs, dtype=torch.int64, pin_memory=True)
         self.h_pos = torch.zeros(max_bs, dtype=torch.int64, pin_memory=True)
-        self.h_slots = torch.full((max_bs,), -1, dtype=torch.int64, pin_memory=True)
+        self.h_slots = torch.full((max_bs,), self.pad_slot, dtype=torch.int64, pin_memory=True)
         self.h_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, pin_memory=True)
         self.h_ctx = torch.zeros(max_bs, dtype=torch.int32, pin_memory=True)
         pool = None
@@ -182,16 +205,24 @@ class ModelRunner:
         n = len(batch.seqs)
         bs = min(b for b in self.graphs if b >= n)
         block = self.block_size
-        self.h_slots[:bs].fill_(-1)
-        self.h_ctx[:bs].zero_()
-        for i, seq in enumerate(batch.seqs):
+        ids, pos, slots, ctx, tables = [], [], [], [], []
+        for seq in batch.seqs:
             p = seq.num_computed_tokens
-            self.h_ids[i] = seq.token_ids[p]
-            self.h_pos[i] = p
-            self.h_slots[i] = seq.block_table[p // block] * block + p % block
-            self.h_ctx[i] = p + 1
-            nb = len(seq.block_table)
-            self.h_tables[i, :nb] = torch.as_tensor(seq.block_table, dtype=torch.int32)
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.block_table[p // block] * block + p % block)
+            ctx.append(p + 1)
+            tables.append(seq.block_table)
+        width = max(map(len, tables))
+        # one tensor per field, not one write per element: this runs every decode step
+        self.h_ids[:n] = torch.tensor(ids)
+        self.h_pos[:n] = torch.tensor(pos)
+        self.h_slots[:n] = torch.tensor(slots)
+        self.h_slots[n:bs].fill_(self.pad_slot)
+        self.h_ctx[:n] = torch.tensor(ctx, dtype=torch.int32)
+        self.h_ctx[n:bs].zero_()
+        self.h_tables[:n, :width] = torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                                 dtype=torch.int32)
         for dst, src in ((self.g_ids, self.h_ids), (self.g_pos, self.h_pos),
                          (self.g_slots, self.h_slots), (self.g_ctx, self.h_ctx),
                          (self.g_tables, self.h_tables)):
