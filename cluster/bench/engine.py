@@ -214,7 +214,6 @@ def main(argv=None) -> int:
 
     hf_cfg = AutoConfig.from_pretrained(folder)
     if args.preset in PRESETS:
-        hf_cfg.initializer_range = 0.08  # peaked logits: see tests/gpu/test_engine_gpu.py
         with torch.device(args.device):
             hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     else:
@@ -243,7 +242,7 @@ def main(argv=None) -> int:
     got = engine.generate(check, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     matched = [g == e for g, e in zip(got, expected, strict=True)]
     prefix8 = [g[:8] == e[:8] for g, e in zip(got, expected, strict=True)]
-    # bf16 leaves a few near-ties even with peaked logits: a late flip is rounding
+    # bf16 random weights leave near-ties: a late flip is rounding (tests/gpu explains)
     correct = all(prefix8) and sum(matched) >= 0.75 * len(matched)
     result["engine"] = run_engine(engine, prompts, out_lens)
     result["engine"]["gpu_idle_frac"] = gpu_idle_fraction(engine, min(64, args.max_num_seqs))

@@ -14,7 +14,7 @@ from cluster.engine.attention import (
     store_kv,
 )
 from cluster.engine.loader import iter_checkpoint, load_weights
-from cluster.engine.model import CausalLM, ModelArch
+from cluster.engine.model import CausalLM, ModelArch, Ops
 from cluster.engine.sampler import sample
 from cluster.engine.scheduler import ScheduledBatch
 
@@ -79,6 +79,7 @@ class ModelRunner:
             load_weights(self.model, weights or iter_checkpoint(model_dir), model_dir)
         self.model.eval()
         if device.type == "cuda":
+            Ops.compile()
             try:
                 self.model.backend = TritonBackend()
             except ImportError as err:
