@@ -42,6 +42,7 @@ class EngineConfig(Strict):
     cpu_kv_cache_gib: float = Field(0.25, gt=0.0, description="KV cache size on the CPU")
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs (ranks) of one replica")
     torch_threads: int | None = Field(None, ge=1)
     seed: int = 0
 

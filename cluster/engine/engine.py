@@ -52,6 +52,24 @@ def pick_device(cfg: EngineConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_dtype(cfg: EngineConfig, device: torch.device) -> str:
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
+def build_runner(model_dir: str, cfg: EngineConfig, weights, init_group=None) -> ModelRunner:
+    """The model runner of one rank; init_group(device) -> TP joins the rank's TP group."""
+    arch = ModelArch.from_hf(model_dir)
+    device = pick_device(cfg)
+    if device.type == "cpu" and cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    tp = init_group(device) if init_group else None
+    torch.manual_seed(cfg.seed)
+    return ModelRunner(model_dir, arch, device, DTYPES[resolve_dtype(cfg, device)],
+                       resolve_max_model_len(arch, cfg), cfg.block_size, weights, tp)
+
+
 def resolve_max_model_len(arch: ModelArch, cfg: EngineConfig) -> int:
     return min(cfg.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
 
@@ -64,22 +82,31 @@ class LLMEngine:
         self.device = pick_device(cfg)
         if self.device.type == "cpu":
             log.warning("no GPU in this process: the engine runs on the CPU")
-            if cfg.torch_threads:
-                torch.set_num_threads(cfg.torch_threads)
-        dtype = cfg.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        dtype = resolve_dtype(cfg, self.device)
         self.max_model_len = resolve_max_model_len(self.arch, cfg)
-        torch.manual_seed(cfg.seed)
-        self.runner = ModelRunner(model_dir, self.arch, self.device, DTYPES[dtype],
-                                  self.max_model_len, cfg.block_size, weights)
+        peers, init_group = None, None
+        if cfg.tensor_parallel_size > 1:
+            from cluster.engine.tp_workers import Peers
+            from cluster.engine.tp_workers import init_group as join
+
+            peers, method = Peers.launch(model_dir, cfg, weights, cfg.tensor_parallel_size,
+                                         self.device.type == "cuda")
+
+            def init_group(device):
+                return join(method, 0, cfg.tensor_parallel_size, device)
+
+        self.runner = build_runner(model_dir, cfg, weights, init_group)
+        self.runner.peers = peers
+        if peers:
+            peers.wait_ready()
         num_blocks = cfg.num_kv_blocks or self._size_kv_cache()
         if num_blocks * cfg.block_size < self.max_model_len:
             raise ValueError(f"{num_blocks} KV blocks of {cfg.block_size} tokens cannot hold one "
                              f"sequence of max_model_len={self.max_model_len}")
-        self.runner.allocate_kv_cache(num_blocks)
+        self._on_all_ranks("allocate_kv_cache", num_blocks)
         if self.device.type == "cuda" and cfg.cuda_graphs:
-            self.runner.capture_decode_graphs(cfg.max_num_seqs)
+            # every rank captures together: the all-reduces are inside the graphs
+            self._on_all_ranks("capture_decode_graphs", cfg.max_num_seqs)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
@@ -89,6 +116,14 @@ class LLMEngine:
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                  self.arch.architecture, self.device, dtype, num_blocks, cfg.block_size,
                  self.max_model_len)
+
+    def _on_all_ranks(self, method: str, *args) -> None:
+        import ray
+
+        refs = self.runner.peers.run_all(method, *args) if self.runner.peers else []
+        getattr(self.runner, method)(*args)
+        if refs:
+            ray.get(refs)
 
     def _size_kv_cache(self) -> int:
         per_block = self.runner.kv_bytes_per_block()

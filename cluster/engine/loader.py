@@ -17,23 +17,25 @@ _FUSED = {
 }
 
 
-def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, object]]:
+    """Yields lazy slices: a rank reads only its shard of each tensor from disk."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors files")
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():
-                yield name, st.get_tensor(name)
+                yield name, st.get_slice(name)
 
 
-def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]],
+def load_weights(model: CausalLM, weights: Iterable[tuple[str, object]],
                  source: str = "checkpoint") -> None:
     """Copies Hugging Face-named tensors (from files or a live HF model) into our model."""
     params = dict(model.named_parameters(remove_duplicate=False))
     arch = model.arch
-    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-    offsets = {"qkv_proj": [0, q, q + kv], "gate_up_proj": [0, arch.intermediate_size]}
+    lay, tp = model.layout, model.tp
+    q, kv = lay.heads * arch.head_dim, lay.kv_heads * arch.head_dim
+    offsets = {"qkv_proj": [0, q, q + kv], "gate_up_proj": [0, lay.intermediate]}
     loaded: set[str] = set()
     for name, tensor in weights:
         if "rotary_emb" in name:
@@ -47,9 +49,16 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]],
         if target not in params:
             continue
         param = params[target]
+        cut = lay.shard(target, shard, arch, tp)
+        if cut is None:
+            tensor = tensor[:]
+        elif cut[0] == 0:
+            tensor = tensor[cut[1] : cut[1] + cut[2]]
+        else:
+            tensor = tensor[:, cut[1] : cut[1] + cut[2]]
         with torch.no_grad():
-            if shard is None:
-                param.copy_(tensor)
+            if shard is None:  # vocab shards of the last rank may be shorter than the param
+                param[: tensor.shape[0]].copy_(tensor)
             else:
                 start = offsets[target.split(".")[-2]][shard]
                 param[start : start + tensor.shape[0]].copy_(tensor)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.engine.attention import AttentionMetadata, paged_attention_ref, store_kv
+from cluster.engine.parallel import TP, Layout
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "MistralForCausalLM")
@@ -174,10 +175,13 @@ AttentionFn = Callable[..., torch.Tensor]
 
 
 class Attention(nn.Module):
-    def __init__(self, arch: ModelArch, rotary: Rotary):
+    """Column-parallel qkv (this rank's heads), row-parallel o_proj + one all-reduce."""
+
+    def __init__(self, arch: ModelArch, rotary: Rotary, tp: TP, layout: Layout):
         super().__init__()
+        self.tp = tp
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            arch.num_heads, arch.num_kv_heads, arch.head_dim)
+            layout.heads, layout.kv_heads, arch.head_dim)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
@@ -200,7 +204,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         o = backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return self.tp.all_reduce(self.o_proj(o.reshape(-1, self.q_size)))
 
 
 class AttentionBackend:
@@ -213,20 +217,21 @@ class AttentionBackend:
 
 
 class MLP(nn.Module):
-    def __init__(self, arch: ModelArch):
+    def __init__(self, arch: ModelArch, tp: TP, layout: Layout):
         super().__init__()
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.tp = tp
+        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * layout.intermediate, bias=False)
+        self.down_proj = nn.Linear(layout.intermediate, arch.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(Ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(Ops.silu_and_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, rotary: Rotary):
+    def __init__(self, arch: ModelArch, rotary: Rotary, tp: TP, layout: Layout):
         super().__init__()
-        self.self_attn = Attention(arch, rotary)
-        self.mlp = MLP(arch)
+        self.self_attn = Attention(arch, rotary, tp, layout)
+        self.mlp = MLP(arch, tp, layout)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
@@ -242,24 +247,37 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, arch: ModelArch, max_positions: int):
+    def __init__(self, arch: ModelArch, max_positions: int, tp: TP | None = None):
         super().__init__()
         self.arch = arch
+        self.tp = tp or TP()
+        self.layout = Layout.of(arch, self.tp)
         rotary = Rotary(arch, max_positions)
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch, rotary) for _ in range(arch.num_layers))
+        # vocab-parallel: this rank's rows of the embedding and LM head (zero-padded)
+        self.embed_tokens = nn.Embedding(self.layout.vocab, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch, rotary, self.tp, self.layout)
+                                    for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = nn.Linear(arch.hidden_size, self.layout.vocab, bias=False)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.backend = AttentionBackend()
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return self.embed_tokens(input_ids)
+        local = input_ids - self.tp.rank * self.layout.vocab
+        outside = (local < 0) | (local >= self.layout.vocab)
+        x = self.embed_tokens(local.clamp(0, self.layout.vocab - 1))
+        return self.tp.all_reduce(x.masked_fill(outside[:, None], 0.0))
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual = self.embed(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta, self.backend)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.tp.gather_last_dim(self.lm_head(hidden))
+        return logits[:, : self.arch.vocab_size].float()

@@ -15,6 +15,7 @@ from cluster.engine.attention import (
 )
 from cluster.engine.loader import iter_checkpoint, load_weights
 from cluster.engine.model import CausalLM, ModelArch, Ops
+from cluster.engine.parallel import TP
 from cluster.engine.sampler import sample
 from cluster.engine.scheduler import ScheduledBatch
 
@@ -54,6 +55,54 @@ class TritonBackend:
 
 
 @dataclass
+class StepInputs:
+    """Host-side inputs of one step; picklable, sent as-is to tensor-parallel peers."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    tables: list[list[int]]
+    cu_q: list[int]
+    ctx: list[int]
+    rows: list[int]  # sequences that emit a token (their prefill or decode is complete)
+    graph_bs: int | None = None  # the decode CUDA graph to replay
+
+
+def synthetic_weights(model: CausalLM, seed: int):
+    """HF-named random tensors (std 0.02, norms 1), generated on the model's device."""
+    arch = model.arch
+    dev = next(model.parameters()).device
+    h, d = arch.hidden_size, arch.head_dim
+    shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
+    if not arch.tie_word_embeddings:
+        shapes["lm_head.weight"] = (arch.vocab_size, h)
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (arch.num_heads * d, h),
+                   p + "self_attn.k_proj.weight": (arch.num_kv_heads * d, h),
+                   p + "self_attn.v_proj.weight": (arch.num_kv_heads * d, h),
+                   p + "self_attn.o_proj.weight": (h, arch.num_heads * d),
+                   p + "mlp.gate_proj.weight": (arch.intermediate_size, h),
+                   p + "mlp.up_proj.weight": (arch.intermediate_size, h),
+                   p + "mlp.down_proj.weight": (h, arch.intermediate_size),
+                   p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        if arch.attention_bias:
+            shapes |= {p + f"self_attn.{x}_proj.bias": (s[0],) for x, s in (
+                ("q", shapes[p + "self_attn.q_proj.weight"]),
+                ("k", shapes[p + "self_attn.k_proj.weight"]),
+                ("v", shapes[p + "self_attn.v_proj.weight"]))}
+        if arch.qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+    dtype = next(model.parameters()).dtype
+    for i, (name, shape) in enumerate(shapes.items()):
+        if len(shape) == 1 and "norm" in name:
+            yield name, torch.ones(shape, dtype=dtype, device=dev)
+            continue
+        g = torch.Generator(device=dev).manual_seed(seed * 100003 + i)
+        yield name, (torch.randn(shape, generator=g, device=dev) * 0.02).to(dtype)
+
+
+@dataclass
 class DecodeGraph:
     graph: torch.cuda.CUDAGraph
     logits: torch.Tensor
@@ -61,20 +110,23 @@ class DecodeGraph:
 
 class ModelRunner:
     def __init__(self, model_dir: str, arch: ModelArch, device: torch.device, dtype: torch.dtype,
-                 max_model_len: int, block_size: int, weights=None):
+                 max_model_len: int, block_size: int, weights=None, tp: TP | None = None):
         self.arch, self.device, self.dtype = arch, device, dtype
+        self.tp = tp or TP()
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.graphs: dict[int, DecodeGraph] = {}
         torch.set_default_dtype(dtype)
         try:
             with torch.device(device):
-                self.model = CausalLM(arch, max_model_len)
+                self.model = CausalLM(arch, max_model_len, self.tp)
         finally:
             torch.set_default_dtype(torch.float32)
-        if weights == "random":  # benchmarks of a model shape need no checkpoint
-            for p in self.model.parameters():
-                torch.nn.init.normal_(p, std=0.02)
+        if isinstance(weights, str) and weights.startswith("synthetic"):
+            # benchmarks of a model shape need no checkpoint; seeded per tensor name so that
+            # every rank (and a TP=1 run) derives the same full tensors, then keeps its slice
+            seed = int(weights.partition(":")[2] or 0)
+            load_weights(self.model, synthetic_weights(self.model, seed), weights)
         else:
             load_weights(self.model, weights or iter_checkpoint(model_dir), model_dir)
         self.model.eval()
@@ -85,73 +137,82 @@ class ModelRunner:
             except ImportError as err:
                 log.warning("Triton attention unavailable (%s): using the gather fallback", err)
                 self.model.backend = GatherBackend()
+        self.peers = None  # tensor-parallel ranks 1..N-1 (cluster.engine.tp_workers)
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
 
     def kv_bytes_per_block(self) -> int:
         a = self.arch
-        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * \
+        return 2 * a.num_layers * self.block_size * self.model.layout.kv_heads * a.head_dim * \
             torch.tensor([], dtype=self.dtype).element_size()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         a = self.arch
         # one extra block that no sequence owns: padded rows of a CUDA graph write there
         self.pad_slot = num_blocks * self.block_size
-        shape = (a.num_layers, num_blocks + 1, self.block_size, a.num_kv_heads, a.head_dim)
+        shape = (a.num_layers, num_blocks + 1, self.block_size, self.model.layout.kv_heads,
+                 a.head_dim)
         k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = k[i], v[i]
         self.k_caches, self.v_caches = list(k), list(v)
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor,
-                                                        AttentionMetadata]:
+    def make_inputs(self, batch: ScheduledBatch) -> StepInputs:
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu_q = [0]
-        ctx_lens: list[int] = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+        inp = StepInputs([], [], [], [], [0], [], [])
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            cu_q.append(cu_q[-1] + n)
-            ctx_lens.append(start + n)
-        max_blocks = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
+            inp.input_ids.extend(seq.token_ids[start : start + n])
+            inp.positions.extend(range(start, start + n))
+            inp.slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            inp.tables.append(table)
+            inp.cu_q.append(inp.cu_q[-1] + n)
+            inp.ctx.append(start + n)
+            if start + n == seq.num_tokens:
+                inp.rows.append(i)
+        n = len(batch.seqs)
+        if batch.is_decode and self.graphs and n <= max(self.graphs):
+            inp.graph_bs = min(b for b in self.graphs if b >= n)
+        return inp
 
+    def _tensors(self, inp: StepInputs):
         def t(x, dtype):
             return torch.tensor(x, dtype=dtype, device=self.device)
 
+        width = max(map(len, inp.tables))
+        tables = [tb + [0] * (width - len(tb)) for tb in inp.tables]
+        q_lens = [b - a for a, b in zip(inp.cu_q, inp.cu_q[1:], strict=False)]
         meta = AttentionMetadata(
-            slot_mapping=t(slots, torch.int64), block_tables=t(tables, torch.int32),
-            context_lens=t(ctx_lens, torch.int32), cu_seqlens_q=t(cu_q, torch.int32),
-            context_lens_host=ctx_lens, cu_seqlens_q_host=cu_q,
-            max_query_len=max(batch.num_new_tokens), max_context_len=max(ctx_lens),
-            is_decode=batch.is_decode)
-        return t(input_ids, torch.int64), t(positions, torch.int64), meta
+            slot_mapping=t(inp.slots, torch.int64), block_tables=t(tables, torch.int32),
+            context_lens=t(inp.ctx, torch.int32), cu_seqlens_q=t(inp.cu_q, torch.int32),
+            context_lens_host=inp.ctx, cu_seqlens_q_host=inp.cu_q,
+            max_query_len=max(q_lens), max_context_len=max(inp.ctx),
+            is_decode=max(q_lens) == 1)
+        return t(inp.input_ids, torch.int64), t(inp.positions, torch.int64), meta
 
     @torch.inference_mode()
+    def execute(self, inp: StepInputs) -> torch.Tensor | None:
+        """One forward pass on this rank; logits of the rows that emit a token."""
+        if inp.graph_bs is not None:
+            return self._replay(inp)
+        input_ids, positions, meta = self._tensors(inp)
+        hidden = self.model(input_ids, positions, meta)
+        if not inp.rows:
+            return None
+        return self.model.compute_logits(hidden[[inp.cu_q[i + 1] - 1 for i in inp.rows]])
+
     def run(self, batch: ScheduledBatch) -> list[int | None]:
         """Returns the sampled token per sequence, None where a prefill chunk is unfinished."""
-        n = len(batch.seqs)
-        if batch.is_decode and self.graphs and n <= max(self.graphs):
-            logits = self._replay(batch)
-            return list(sample(logits, batch.seqs))
-        input_ids, positions, meta = self.prepare(batch)
-        hidden = self.model(input_ids, positions, meta)
-        emits = [s.num_computed_tokens + k == s.num_tokens
-                 for s, k in zip(batch.seqs, batch.num_new_tokens, strict=True)]
-        rows = [i for i, e in enumerate(emits) if e]
-        out: list[int | None] = [None] * n
-        if rows:
-            last = [meta.cu_seqlens_q_host[i + 1] - 1 for i in rows]
-            logits = self.model.compute_logits(hidden[last])
-            tokens = sample(logits, [batch.seqs[i] for i in rows])
-            for i, tok in zip(rows, tokens, strict=True):
+        inp = self.make_inputs(batch)
+        if self.peers is not None:
+            self.peers.submit("execute", inp)
+        logits = self.execute(inp)
+        out: list[int | None] = [None] * len(batch.seqs)
+        if inp.rows:
+            tokens = sample(logits, [batch.seqs[i] for i in inp.rows])
+            for i, tok in zip(inp.rows, tokens, strict=True):
                 out[i] = tok
         return out
 
@@ -202,28 +263,18 @@ class ModelRunner:
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", sizes)
 
-    def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
-        n = len(batch.seqs)
-        bs = min(b for b in self.graphs if b >= n)
-        block = self.block_size
-        ids, pos, slots, ctx, tables = [], [], [], [], []
-        for seq in batch.seqs:
-            p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slots.append(seq.block_table[p // block] * block + p % block)
-            ctx.append(p + 1)
-            tables.append(seq.block_table)
-        width = max(map(len, tables))
+    def _replay(self, inp: StepInputs) -> torch.Tensor:
+        n, bs = len(inp.tables), inp.graph_bs
+        width = max(map(len, inp.tables))
         # one tensor per field, not one write per element: this runs every decode step
-        self.h_ids[:n] = torch.tensor(ids)
-        self.h_pos[:n] = torch.tensor(pos)
-        self.h_slots[:n] = torch.tensor(slots)
+        self.h_ids[:n] = torch.tensor(inp.input_ids)
+        self.h_pos[:n] = torch.tensor(inp.positions)
+        self.h_slots[:n] = torch.tensor(inp.slots)
         self.h_slots[n:bs].fill_(self.pad_slot)
-        self.h_ctx[:n] = torch.tensor(ctx, dtype=torch.int32)
+        self.h_ctx[:n] = torch.tensor(inp.ctx, dtype=torch.int32)
         self.h_ctx[n:bs].zero_()
-        self.h_tables[:n, :width] = torch.tensor([t + [0] * (width - len(t)) for t in tables],
-                                                 dtype=torch.int32)
+        self.h_tables[:n, :width] = torch.tensor(
+            [t + [0] * (width - len(t)) for t in inp.tables], dtype=torch.int32)
         for dst, src in ((self.g_ids, self.h_ids), (self.g_pos, self.h_pos),
                          (self.g_slots, self.h_slots), (self.g_ctx, self.h_ctx),
                          (self.g_tables, self.h_tables)):

@@ -1,0 +1,114 @@
+"""A model replica spanning GPUs: rank 0 is the engine's own process; ranks 1..N-1 are Ray
+actors in the same placement group (STRICT_PACK, one GPU per bundle), all in one
+torch.distributed group. Rank 0 schedules and samples; each step it sends the host-side
+step inputs to the peers (Ray actor calls run in submission order) and runs its own shard;
+the collectives inside the forward pass keep the ranks in lockstep.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import ray
+import torch
+import torch.distributed as dist
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.engine.parallel import TP
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("TANDEM_TP_TIMEOUT_S", 120)))
+
+
+def init_group(init_method: str, rank: int, size: int, device: torch.device) -> TP:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                            timeout=COLLECTIVE_TIMEOUT)
+    return TP(rank, size, dist.group.WORLD)
+
+
+class TPWorker:
+    """Rank r >= 1: loads its shard, then runs whatever rank 0 sends, in order."""
+
+    def __init__(self, model_dir: str, cfg: dict, rank: int, size: int, init_method: str,
+                 weights=None):
+        from cluster.config import EngineConfig
+        from cluster.engine.engine import build_runner
+
+        self.runner = build_runner(model_dir, EngineConfig.model_validate(cfg), weights,
+                                   lambda dev: init_group(init_method, rank, size, dev))
+
+    def call(self, method: str, *args):
+        getattr(self.runner, method)(*args)
+
+    def ready(self) -> bool:
+        return True
+
+
+class Peers:
+    """Rank 0's handles on ranks 1..N-1."""
+
+    def __init__(self, actors: list):
+        self.actors = actors
+        self.pending: list = []
+
+    @classmethod
+    def launch(cls, model_dir: str, cfg, weights, size: int, use_gpu: bool):
+        pg = get_current_placement_group()
+        if pg is None or pg.bundle_count < size:
+            raise RuntimeError(f"tensor_parallel_size={size} needs this process to run in a "
+                               f"placement group of {size} bundles (one per rank)")
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        init_method = f"tcp://{ray.util.get_node_ip_address()}:{port}"
+        remote = ray.remote(TPWorker)
+        actors = []
+        for r in range(1, size):
+            where = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)
+            actors.append(remote.options(
+                num_cpus=0, num_gpus=1 if use_gpu else 0, max_restarts=0,
+                scheduling_strategy=where,
+            ).remote(model_dir, cfg.model_dump(), r, size, init_method, weights))
+        return cls(actors), init_method
+
+    def wait_ready(self) -> None:
+        ray.get([a.ready.remote() for a in self.actors])
+
+    def submit(self, method: str, *args) -> None:
+        """Fire and forget, but surface a peer's failure at the next step."""
+        if self.pending:
+            done, self.pending = ray.wait(self.pending, num_returns=len(self.pending),
+                                          timeout=0)
+            ray.get(done)  # raises if a peer failed or died
+        self.pending += [a.call.remote(method, *args) for a in self.actors]
+
+    def run_all(self, method: str, *args) -> list:
+        """Starts `method` on the peers; returns their refs (rank 0 runs its own part)."""
+        return [a.call.remote(method, *args) for a in self.actors]
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+
+
+class EngineHost:
+    """A whole engine in one Ray actor: what a Serve model replica is, for tests and the
+    benchmark (started in bundle 0 of a placement group when tensor parallel)."""
+
+    def __init__(self, model_dir: str, cfg: dict, weights=None):
+        from cluster.config import EngineConfig
+        from cluster.engine.engine import LLMEngine
+
+        self.engine = LLMEngine(model_dir, EngineConfig.model_validate(cfg), weights=weights)
+
+    def generate(self, prompts, params):
+        return self.engine.generate(prompts, params)
+
+    def run(self, fn, *args):
+        """Runs fn(engine, *args) here (the benchmark's measurement loop)."""
+        return fn(self.engine, *args)

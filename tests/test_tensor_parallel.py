@@ -1,0 +1,61 @@
+"""TP=2 over gloo through the real Ray path (placement group + actors) equals TP=1."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import EngineConfig
+from cluster.engine.engine import LLMEngine
+from cluster.engine.sequence import SamplingParams
+from cluster.engine.tp_workers import EngineHost
+from cluster.tokenizer import Tokenizer
+
+CFG = dict(device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=64,
+           max_num_batched_tokens=64, torch_threads=1)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def prompts(model_dir):
+    tok = Tokenizer(model_dir)
+    return [tok.encode(t) for t in ("hello world", "tensor parallel " * 12, "a")]
+
+
+def run_tp(model_dir, prompts, size: int, **cfg):
+    pg = placement_group([{"CPU": 1}] * size, strategy="STRICT_PACK",
+                         bundle_label_selector=[{"node-role": "model"}] * size)
+    ray.get(pg.ready(), timeout=60)
+    try:
+        host = ray.remote(EngineHost).options(
+            num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
+        ).remote(str(model_dir), EngineConfig(**(CFG | cfg), tensor_parallel_size=size)
+                 .model_dump())
+        nodes = ray.get(host.run.remote(_node_labels_of_ranks))
+        out = ray.get(host.generate.remote(prompts, GREEDY), timeout=300)
+        ray.kill(host)
+        return out, nodes
+    finally:
+        remove_placement_group(pg)
+
+
+def _node_labels_of_ranks(engine):
+    peers = engine.runner.peers.actors if engine.runner.peers else []
+    return [ray.get_runtime_context().get_node_labels()] + ray.get(
+        [p.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_labels())
+         for p in peers])
+
+
+def test_tp2_equals_tp1_token_for_token(ray_cluster, model_dir, prompts):
+    expected = LLMEngine(str(model_dir), EngineConfig(**CFG)).generate(prompts, GREEDY)
+    out, labels = run_tp(model_dir, prompts, 2)
+    assert out == expected
+    assert len(labels) == 2 and all(lab.get("node-role") == "model" for lab in labels)
+
+
+def test_tp_needs_a_placement_group(model_dir):
+    with pytest.raises(RuntimeError, match="placement group"):
+        LLMEngine(str(model_dir), EngineConfig(**CFG, tensor_parallel_size=2))
