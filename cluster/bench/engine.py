@@ -193,6 +193,72 @@ def greedy_within(hf, device: str, prompt: list[int], got: list[int], tol: float
     return bool((logits.max(dim=1).values - ours <= tol).all())
 
 
+def _measure(engine: LLMEngine, prompts, out_lens, check) -> dict:
+    got = engine.generate(check, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    return {"engine": run_engine(engine, prompts, out_lens), "check_tokens": got}
+
+
+def _ray_hosts(size: int, count: int, cfg: EngineConfig, folder: str, weights: str):
+    """`count` engines of `size` GPUs each, every one in its own STRICT_PACK group."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from cluster.engine.tp_workers import EngineHost
+
+    hosts, pgs = [], []
+    for _ in range(count):
+        pg = placement_group([{"GPU": 1, "CPU": 1}] * size, strategy="STRICT_PACK")
+        ray.get(pg.ready())
+        where = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0,
+                                                 placement_group_capture_child_tasks=True)
+        hosts.append(ray.remote(EngineHost).options(
+            num_gpus=1, num_cpus=1, scheduling_strategy=where).remote(
+                folder, cfg.model_copy(update={"tensor_parallel_size": size}).model_dump(),
+                weights))
+        pgs.append(pg)
+    return hosts, pgs
+
+
+def _free(hosts, pgs) -> None:
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    for h in hosts:
+        ray.kill(h)
+    for pg in pgs:
+        remove_placement_group(pg)
+
+
+def tp_main(args, cfg: EngineConfig, folder: str, prompts, out_lens) -> dict:
+    """TP=N against TP=1 on the same synthetic weights, and (--dp) N data-parallel TP=1
+    replicas sharing the prompts, each engine in Ray actors as in a Serve replica."""
+    import ray
+
+    ray.init(num_gpus=torch.cuda.device_count(), include_dashboard=False)
+    weights = f"synthetic:{args.seed}"
+    check = [p[:128] for p in prompts[: args.check_prompts]] or [prompts[0][:128]]
+    res: dict = {}
+    for size in (1, args.tp):
+        hosts, pgs = _ray_hosts(size, 1, cfg, folder, weights)
+        res[f"tp{size}"] = ray.get(hosts[0].run.remote(_measure, prompts, out_lens, check))
+        _free(hosts, pgs)
+    if args.dp:
+        hosts, pgs = _ray_hosts(1, args.tp, cfg, folder, weights)
+        t0 = time.perf_counter()
+        parts = ray.get([h.run.remote(_measure, prompts[i :: args.tp], out_lens[i :: args.tp],
+                                      check) for i, h in enumerate(hosts)])
+        wall = time.perf_counter() - t0
+        res[f"dp{args.tp}"] = {"engine": {"output_tok_s": sum(
+            p["engine"]["output_tokens"] for p in parts) / wall, "elapsed_s": wall}}
+        _free(hosts, pgs)
+    a, b = res["tp1"]["check_tokens"], res[f"tp{args.tp}"]["check_tokens"]
+    res["same_tokens_first_32"] = [x == y for x, y in zip(a, b, strict=True)]
+    res["speedup"] = res[f"tp{args.tp}"]["engine"]["output_tok_s"] / \
+        res["tp1"]["engine"]["output_tok_s"]
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,6 +278,8 @@ def main(argv=None) -> int:
                     help="prompts given to the transformers baseline (0: skip it)")
     ap.add_argument("--check-prompts", type=int, default=4)
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--tp", type=int, default=1, help="compare TP=N with TP=1 (Ray actors)")
+    ap.add_argument("--dp", action="store_true", help="with --tp N: also N TP=1 replicas")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--profile", action="store_true", help="top CUDA kernels of decode steps")
     args = ap.parse_args(argv)
@@ -220,6 +288,18 @@ def main(argv=None) -> int:
 
     folder = model_folder(args.preset)
     dtype_name = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.tp > 1:
+        cfg = EngineConfig(device=args.device, dtype=dtype_name,
+                           max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                           max_num_batched_tokens=args.max_num_batched_tokens,
+                           cuda_graphs=not args.no_cuda_graphs)
+        arch_vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
+        prompts, out_lens = workload(args, arch_vocab)
+        res = tp_main(args, cfg, folder, prompts, out_lens)
+        for k in [k for k in res if k.startswith(("tp", "dp"))]:
+            res[k].pop("check_tokens", None)
+        print(json.dumps(res, indent=2))
+        return 0
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(args.seed)
     from transformers import AutoConfig, AutoModelForCausalLM
