@@ -23,12 +23,33 @@ def actor_options(pool: PoolConfig) -> dict:
     return opts
 
 
+def model_placement(cfg: AppConfig) -> dict:
+    """A tensor-parallel replica reserves one bundle per rank, packed on one node: the
+    replica itself (rank 0) takes bundle 0, its peer ranks the others."""
+    pool, tp = cfg.model_pool, cfg.engine.tensor_parallel_size
+    opts = actor_options(pool)
+    if tp == 1:
+        return {"ray_actor_options": opts}
+    selector = opts.pop("label_selector", None)
+    rank0 = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {})}
+    peer = {"CPU": 0.01, **({"GPU": pool.num_gpus} if pool.num_gpus else {})}
+    placement = {"ray_actor_options": opts, "placement_group_bundles": [rank0] + [peer] * (tp - 1),
+                 "placement_group_strategy": "STRICT_PACK"}
+    if selector:
+        placement["placement_group_bundle_label_selector"] = [selector] * tp
+    return placement
+
+
+QUIET = {"enable_access_log": False}  # access logs cost 10-20% of request throughput
+
+
 def build(cfg: AppConfig) -> Application:
     conf = cfg.model_dump()
     model = ModelReplica.options(
         num_replicas=cfg.model_pool.num_replicas,
         max_ongoing_requests=cfg.model_pool.max_ongoing_requests,
-        ray_actor_options=actor_options(cfg.model_pool),
+        logging_config=QUIET,
+        **model_placement(cfg),
         request_router_config=RequestRouterConfig(
             request_router_class="cluster.router:LoadAwareRouter",
             request_routing_stats_period_s=cfg.router.stats_period_s),
@@ -36,10 +57,12 @@ def build(cfg: AppConfig) -> Application:
     tokenizer = TokenizerPool.options(
         num_replicas=cfg.tokenizer_pool.num_replicas,
         max_ongoing_requests=cfg.tokenizer_pool.max_ongoing_requests,
+        logging_config=QUIET,
         ray_actor_options=actor_options(cfg.tokenizer_pool),
     ).bind(conf, model)
     return Ingress.options(
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+        logging_config=QUIET,
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
     ).bind(conf, tokenizer)
 

@@ -59,3 +59,27 @@ def test_tp2_equals_tp1_token_for_token(ray_cluster, model_dir, prompts):
 def test_tp_needs_a_placement_group(model_dir):
     with pytest.raises(RuntimeError, match="placement group"):
         LLMEngine(str(model_dir), EngineConfig(**CFG, tensor_parallel_size=2))
+
+
+def test_tp2_serve_replica_answers_like_tp1(app_url, app_config):
+    """A TP=2 model replica as Serve deploys it (placement group bundles, rank 0 in the
+    replica) serves the same greedy text over HTTP as the TP=1 replicas of the main app."""
+    import httpx
+    from ray import serve
+
+    from deployments.app import build
+
+    _, cfg = app_config
+    tp_cfg = cfg.model_copy(deep=True)
+    tp_cfg.engine.tensor_parallel_size = 2
+    tp_cfg.model_pool.num_replicas, tp_cfg.model_pool.num_gpus = 1, 0
+    serve.run(build(tp_cfg), name="tp", route_prefix="/tp")
+    try:
+        body = {"model": "tandem-tiny", "prompt": "split across ranks", "max_tokens": 16,
+                "temperature": 0.0, "ignore_eos": True}
+        one = httpx.post(f"{app_url}/v1/completions", json=body, timeout=120).json()
+        two = httpx.post(f"{app_url}/tp/v1/completions", json=body, timeout=120).json()
+        assert two["choices"][0]["text"] == one["choices"][0]["text"]
+        assert two["usage"] == one["usage"]
+    finally:
+        serve.delete("tp")
