@@ -51,7 +51,7 @@ class TritonBackend:
                                                    meta.context_lens, scale)
         return self.ops.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables,
                                                 meta.cu_seqlens_q, meta.context_lens, scale,
-                                                meta.max_query_len)
+                                                cu_seqlens_q_host=meta.cu_seqlens_q_host)
 
 
 @dataclass

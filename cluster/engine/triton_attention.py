@@ -1,0 +1,228 @@
+"""Paged attention kernels in Triton (GPU). Layout and semantics: cluster/engine/attention.py,
+whose PyTorch functions are the reference these are tested against (tests/gpu).
+
+- decode: one query per sequence, flash-decoding style. The KV range of a sequence is cut
+  into `num_splits` pieces handled by separate programs (so a small batch with long contexts
+  still fills the GPU); all query heads that share a KV head are one program (GQA packing),
+  so each K/V tile is read once. A second kernel merges the pieces by their log-sum-exp.
+  Grid and split count depend only on tensor shapes, never on context lengths, so the kernel
+  is captured in CUDA graphs.
+- prefill: flash-attention forward over query tiles of varlen sequences, reading K/V through
+  the block table, causal with the queries at the end of each context: this covers fresh
+  prompts, chunked prefill and prefix-cache hits alike.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, mid_o_ptr, mid_lse_ptr, scale,
+    stride_qb, stride_qh, stride_kslot, stride_kh, stride_tb,
+    stride_mb, stride_mh, stride_ms,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, ctx)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kvh * GROUP + g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=(g < GROUP)[:, None], other=0.0)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    ell = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        valid = n < end
+        block = tl.load(tables_ptr + b * stride_tb + n // PAGE, mask=valid, other=0)
+        slot = block.to(tl.int64) * PAGE + n % PAGE
+        kv_off = slot[:, None] * stride_kslot + kvh * stride_kh + d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        ell = ell * alpha + tl.sum(p, 1)
+        m = m_new
+    has = ell > 0
+    out = acc / tl.where(has, ell, 1.0)[:, None]
+    lse = tl.where(has, m + tl.log(tl.where(has, ell, 1.0)), float("-inf"))
+    base = b * stride_mb + heads * stride_mh + split * stride_ms
+    tl.store(mid_o_ptr + base[:, None] + d[None, :], out, mask=(g < GROUP)[:, None])
+    # mid_lse is [batch, heads, splits]: mid_o's strides without the head_dim factor
+    tl.store(mid_lse_ptr + (b * stride_mb + heads * stride_mh) // HEAD_DIM + split, lse,
+             mask=g < GROUP)
+
+
+@triton.jit
+def _decode_merge_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_mb, stride_mh, stride_ms,
+                         stride_ob, stride_oh, HEAD_DIM: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    base = b * stride_mb + h * stride_mh
+    lse = tl.load(mid_lse_ptr + base // HEAD_DIM + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m)
+    o = tl.load(mid_o_ptr + base + s[:, None] * stride_ms + d[None, :],
+                mask=(s < NUM_SPLITS)[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, res.to(out_ptr.dtype.element_ty))
+
+
+def _num_splits(batch: int, kv_heads: int, max_context: int) -> int:
+    """Enough programs to cover the SMs twice, no split shorter than 256 tokens."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    want = max(1, (2 * sms) // max(1, batch * kv_heads))
+    cap = max(1, max_context // 256)
+    return int(min(want, cap, 32))
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, out=None,
+                           num_splits=None):
+    batch, heads, dim = q.shape
+    _, page, kv_heads, _ = k_cache.shape
+    group = heads // kv_heads
+    splits = num_splits or _num_splits(batch, kv_heads, block_tables.shape[1] * page)
+    out = torch.empty_like(q) if out is None else out
+    mid_o = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
+    assert mid_o.stride(1) == splits * dim and mid_lse.stride(1) == splits
+    k_flat = k_cache.view(-1, kv_heads, dim)
+    v_flat = v_cache.view(-1, kv_heads, dim)
+    _decode_split_kernel[(batch, kv_heads, splits)](
+        q, k_flat, v_flat, block_tables, context_lens, mid_o, mid_lse, scale,
+        q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1), block_tables.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
+        PAGE=page, BLOCK_N=64 if dim <= 64 else 32, NUM_SPLITS=splits,
+        num_warps=4, num_stages=2)
+    _decode_merge_kernel[(batch, heads)](
+        mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        out.stride(0), out.stride(1), HEAD_DIM=dim, NUM_SPLITS=splits,
+        SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=1)
+    return out
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, ctx_ptr, cu_q_ptr, tile_seq_ptr, tile_start_ptr,
+    scale, stride_qt, stride_qh, stride_kslot, stride_kh, stride_tb, stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    b = tl.load(tile_seq_ptr + tile)
+    i0 = tl.load(tile_start_ptr + tile)
+    q_first = tl.load(cu_q_ptr + b)
+    q_len = tl.load(cu_q_ptr + b + 1) - q_first
+    ctx = tl.load(ctx_ptr + b)
+    i = i0 + tl.arange(0, BLOCK_M)
+    rows = i < q_len
+    pos = ctx - q_len + i
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (q_first + i)[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=rows[:, None], other=0.0)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    ell = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    last = tl.minimum(ctx, ctx - q_len + i0 + BLOCK_M)  # causal: nothing past the last row
+    for n0 in range(0, last, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        valid = n < last
+        block = tl.load(tables_ptr + b * stride_tb + n // PAGE, mask=valid, other=0)
+        slot = block.to(tl.int64) * PAGE + n % PAGE
+        kv_off = slot[:, None] * stride_kslot + kvh * stride_kh + d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(valid[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        ell = ell * alpha + tl.sum(p, 1)
+        m = m_new
+    out = acc / tl.where(ell > 0, ell, 1.0)[:, None]
+    tl.store(out_ptr + (q_first + i)[:, None] * stride_ot + h * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=rows[:, None])
+
+
+PREFILL_BLOCK_M = 64
+
+
+def prefill_tiles(cu_seqlens_q_host: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, first query row) of every BLOCK_M query tile, built on the host."""
+    seqs, starts = [], []
+    for b in range(len(cu_seqlens_q_host) - 1):
+        n = cu_seqlens_q_host[b + 1] - cu_seqlens_q_host[b]
+        for s in range(0, n, PREFILL_BLOCK_M):
+            seqs.append(b)
+            starts.append(s)
+    t = torch.tensor([seqs, starts], dtype=torch.int32).to(device, non_blocking=True)
+    return t[0], t[1]
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
+                            scale, max_query_len=None, cu_seqlens_q_host=None):
+    tokens, heads, dim = q.shape
+    _, page, kv_heads, _ = k_cache.shape
+    host = cu_seqlens_q_host if cu_seqlens_q_host is not None else cu_seqlens_q.tolist()
+    tile_seq, tile_start = prefill_tiles(host, q.device)
+    out = torch.empty_like(q)
+    k_flat = k_cache.view(-1, kv_heads, dim)
+    v_flat = v_cache.view(-1, kv_heads, dim)
+    _prefill_kernel[(tile_seq.numel(), heads)](
+        q, k_flat, v_flat, out, block_tables, context_lens, cu_seqlens_q, tile_seq, tile_start,
+        scale, q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=heads // kv_heads, HEAD_DIM=dim, PAGE=page, BLOCK_M=PREFILL_BLOCK_M,
+        BLOCK_N=64 if dim <= 64 else 32, num_warps=4, num_stages=2)
+    return out
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, stride_kt, stride_vt, stride_ct,
+                     WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t)
+    if slot >= 0:
+        x = tl.arange(0, WIDTH_PAD)
+        mask = x < WIDTH
+        tl.store(kc_ptr + slot * stride_ct + x, tl.load(k_ptr + t * stride_kt + x, mask=mask),
+                 mask=mask)
+        tl.store(vc_ptr + slot * stride_ct + x, tl.load(v_ptr + t * stride_vt + x, mask=mask),
+                 mask=mask)
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """One kernel writes K and V ([tokens, kv_heads, dim]) to their slots; slots < 0 skip."""
+    tokens, kv_heads, dim = k.shape
+    k2, v2 = k.reshape(tokens, -1), v.reshape(tokens, -1)
+    assert k2.stride(1) == 1 and v2.stride(1) == 1
+    width = kv_heads * dim
+    _store_kv_kernel[(tokens,)](k2, v2, k_cache, v_cache, slot_mapping, k2.stride(0),
+                                v2.stride(0), width,
+                                WIDTH=width, WIDTH_PAD=triton.next_power_of_2(width))
