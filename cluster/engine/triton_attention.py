@@ -26,6 +26,7 @@ def _decode_split_kernel(
     stride_mb, stride_mh, stride_ms,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -50,13 +51,13 @@ def _decode_split_kernel(
         slot = block.to(tl.int64) * PAGE + n % PAGE
         kv_off = slot[:, None] * stride_kslot + kvh * stride_kh + d[None, :]
         k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
         v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         ell = ell * alpha + tl.sum(p, 1)
         m = m_new
     has = ell > 0
@@ -89,6 +90,11 @@ def _decode_merge_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_mb, stride_mh, 
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, res.to(out_ptr.dtype.element_ty))
 
 
+def _precision(q: torch.Tensor) -> str:
+    # tl.dot rounds fp32 inputs to tf32 by default: an fp32 model must stay fp32
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 def _num_splits(batch: int, kv_heads: int, max_context: int) -> int:
     """Enough programs to cover the SMs twice, no split shorter than 256 tokens."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -115,7 +121,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         PAGE=page, BLOCK_N=64 if dim <= 64 else 32, NUM_SPLITS=splits,
-        num_warps=4, num_stages=2)
+        PRECISION=_precision(q), num_warps=4, num_stages=2)
     _decode_merge_kernel[(batch, heads)](
         mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         out.stride(0), out.stride(1), HEAD_DIM=dim, NUM_SPLITS=splits,
@@ -128,7 +134,7 @@ def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, ctx_ptr, cu_q_ptr, tile_seq_ptr, tile_start_ptr,
     scale, stride_qt, stride_qh, stride_kslot, stride_kh, stride_tb, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -155,14 +161,14 @@ def _prefill_kernel(
         slot = block.to(tl.int64) * PAGE + n % PAGE
         kv_off = slot[:, None] * stride_kslot + kvh * stride_kh + d[None, :]
         k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(valid[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
         v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         ell = ell * alpha + tl.sum(p, 1)
         m = m_new
     out = acc / tl.where(ell > 0, ell, 1.0)[:, None]
@@ -199,7 +205,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, con
         scale, q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=heads // kv_heads, HEAD_DIM=dim, PAGE=page, BLOCK_M=PREFILL_BLOCK_M,
-        BLOCK_N=64 if dim <= 64 else 32, num_warps=4, num_stages=2)
+        BLOCK_N=64 if dim <= 64 else 32, PRECISION=_precision(q), num_warps=4, num_stages=2)
     return out
 
 
