@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=4096)
-    ap.add_argument("--baseline-prompts", type=int, default=64,
+    ap.add_argument("--baseline-prompts", type=int, default=16,
                     help="prompts given to the transformers baseline (0: skip it)")
     ap.add_argument("--check-prompts", type=int, default=4)
     ap.add_argument("--no-cuda-graphs", action="store_true")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from cluster.engine.attention import (
@@ -273,8 +274,10 @@ class ModelRunner:
         self.h_slots[n:bs].fill_(self.pad_slot)
         self.h_ctx[:n] = torch.tensor(inp.ctx, dtype=torch.int32)
         self.h_ctx[n:bs].zero_()
-        self.h_tables[:n, :width] = torch.tensor(
-            [t + [0] * (width - len(t)) for t in inp.tables], dtype=torch.int32)
+        tables = np.zeros((n, width), dtype=np.int32)  # numpy fills rows from lists in C
+        for i, t in enumerate(inp.tables):
+            tables[i, : len(t)] = t
+        self.h_tables[:n, :width] = torch.from_numpy(tables)
         for dst, src in ((self.g_ids, self.h_ids), (self.g_pos, self.h_pos),
                          (self.g_slots, self.h_slots), (self.g_ctx, self.h_ctx),
                          (self.g_tables, self.h_tables)):
