@@ -315,7 +315,7 @@ def main(argv=None) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_cfg = AutoConfig.from_pretrained(folder)
-    if args.preset in PRESETS:
+    if not any(Path(folder).glob("*.safetensors")):  # a shape only: seeded random weights
         with torch.device(args.device):
             hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     else:
