@@ -363,7 +363,8 @@ def main(argv=None) -> int:
         profile_decode(engine, 1)
         profile_decode(engine, 64)
     result["check"] = {"prompts": len(check), "exact_32": sum(matched),
-                       "within_tol": sum(within), "tol": tol, "max_logit_gap": max(g for g, _ in gaps),
+                       "within_tol": sum(within), "tol": tol,
+                       "max_logit_gap": max(g for g, _ in gaps),
                        "logit_scale": max(s for _, s in gaps)}
     result["correct"] = correct
     if args.json:
