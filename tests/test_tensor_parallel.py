@@ -83,3 +83,25 @@ def test_tp2_serve_replica_answers_like_tp1(app_url, app_config):
         assert two["usage"] == one["usage"]
     finally:
         serve.delete("tp")
+
+
+def _kill_peer(engine):
+    ray.kill(engine.runner.peers.actors[0])
+    return True
+
+
+def test_dead_peer_fails_the_replica_without_hanging(ray_cluster, model_dir, prompts):
+    pg = placement_group([{"CPU": 1}] * 2, strategy="STRICT_PACK",
+                         bundle_label_selector=[{"node-role": "model"}] * 2)
+    ray.get(pg.ready(), timeout=60)
+    try:
+        host = ray.remote(EngineHost).options(
+            num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
+        ).remote(str(model_dir), EngineConfig(**CFG, tensor_parallel_size=2).model_dump())
+        assert ray.get(host.run.remote(_kill_peer))
+        with pytest.raises(ray.exceptions.RayTaskError):
+            ray.get(host.generate.remote(prompts, GREEDY), timeout=60)
+        ray.kill(host)
+    finally:
+        remove_placement_group(pg)

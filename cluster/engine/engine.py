@@ -98,7 +98,7 @@ class LLMEngine:
         self.runner = build_runner(model_dir, cfg, weights, init_group)
         self.runner.peers = peers
         if peers:
-            peers.wait_ready()
+            peers.start(self.runner.tp.control)
         num_blocks = cfg.num_kv_blocks or self._size_kv_cache()
         if num_blocks * cfg.block_size < self.max_model_len:
             raise ValueError(f"{num_blocks} KV blocks of {cfg.block_size} tokens cannot hold one "
@@ -118,12 +118,9 @@ class LLMEngine:
                  self.max_model_len)
 
     def _on_all_ranks(self, method: str, *args) -> None:
-        import ray
-
-        refs = self.runner.peers.run_all(method, *args) if self.runner.peers else []
+        if self.runner.peers:
+            self.runner.peers.submit(method, *args)
         getattr(self.runner, method)(*args)
-        if refs:
-            ray.get(refs)
 
     def _size_kv_cache(self) -> int:
         per_block = self.runner.kv_bytes_per_block()

@@ -15,7 +15,8 @@ import torch.distributed as dist
 class TP:
     rank: int = 0
     size: int = 1
-    group: Any = None
+    group: Any = None  # the tensors' group: NCCL on GPUs, gloo on CPUs
+    control: Any = None  # a gloo group for step inputs from rank 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:

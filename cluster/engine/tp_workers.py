@@ -28,7 +28,12 @@ def init_group(init_method: str, rank: int, size: int, device: torch.device) -> 
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
                             timeout=COLLECTIVE_TIMEOUT)
-    return TP(rank, size, dist.group.WORLD)
+    # step inputs travel on a CPU (gloo) group: a broadcast costs ~0.1 ms where a Ray actor
+    # call per step costs milliseconds, which would cancel TP's gain on a decode step
+    # (no timeout there: a peer waits as long as rank 0 idles; if rank 0 dies, Ray ends the
+    # peers it owns)
+    control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
+    return TP(rank, size, dist.group.WORLD, control)
 
 
 class TPWorker:
@@ -42,11 +47,19 @@ class TPWorker:
         self.runner = build_runner(model_dir, EngineConfig.model_validate(cfg), weights,
                                    lambda dev: init_group(init_method, rank, size, dev))
 
-    def call(self, method: str, *args):
-        getattr(self.runner, method)(*args)
-
     def ready(self) -> bool:
         return True
+
+    def serve(self) -> None:
+        """Runs rank 0's commands until told to stop (or the group breaks)."""
+        control = self.runner.tp.control
+        while True:
+            msg = [None]
+            dist.broadcast_object_list(msg, src=0, group=control)
+            method, args = msg[0]
+            if method == "stop":
+                return
+            getattr(self.runner, method)(*args)
 
 
 class Peers:
@@ -72,24 +85,24 @@ class Peers:
             where = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)
             actors.append(remote.options(
                 num_cpus=0, num_gpus=1 if use_gpu else 0, max_restarts=0,
+                max_concurrency=2,  # the command loop holds one thread; calls get the other
                 scheduling_strategy=where,
             ).remote(model_dir, cfg.model_dump(), r, size, init_method, weights))
         return cls(actors), init_method
 
-    def wait_ready(self) -> None:
+    def start(self, control) -> None:
+        """Once every rank has joined: peers enter their command loops."""
         ray.get([a.ready.remote() for a in self.actors])
+        self.control = control
+        self.loops = [a.serve.remote() for a in self.actors]
 
     def submit(self, method: str, *args) -> None:
-        """Fire and forget, but surface a peer's failure at the next step."""
-        if self.pending:
-            done, self.pending = ray.wait(self.pending, num_returns=len(self.pending),
-                                          timeout=0)
-            ray.get(done)  # raises if a peer failed or died
-        self.pending += [a.call.remote(method, *args) for a in self.actors]
-
-    def run_all(self, method: str, *args) -> list:
-        """Starts `method` on the peers; returns their refs (rank 0 runs its own part)."""
-        return [a.call.remote(method, *args) for a in self.actors]
+        """Broadcasts a command; rank 0 then runs its own part, peers run theirs."""
+        done, _ = ray.wait(self.loops, num_returns=len(self.loops), timeout=0)
+        if done:  # a loop only returns when its peer failed: fail, don't hang on a collective
+            ray.get(done)
+            raise RuntimeError("a tensor-parallel peer stopped")
+        dist.broadcast_object_list([(method, args)], src=0, group=self.control)
 
     def shutdown(self) -> None:
         for a in self.actors:
