@@ -71,6 +71,14 @@ class RouterConfig(Strict):
 class IngressConfig(Strict):
     num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(512, ge=1)
+    max_in_flight: int = Field(256, ge=1, description="generation requests per ingress "
+                               "replica; beyond: HTTP 429 with Retry-After")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="beyond: HTTP 413")
+    request_timeout_s: float = Field(600.0, gt=0, description="deadline of a request; a "
+                                     "client may ask for less with X-Request-Timeout")
+    api_keys_file: str | None = Field(None, description="one key per line, re-read on change")
+    api_keys_env: str | None = Field("TANDEM_API_KEYS", description="comma-separated keys")
+    protect_health_and_metrics: bool = False
 
 
 class AppConfig(Strict):

@@ -4,6 +4,7 @@ No `from __future__ import annotations` here: FastAPI must see the real `Request
 """
 
 
+import asyncio
 import json
 import time
 import uuid
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from cluster.admission import ApiKeys, Gate
 from cluster.config import AppConfig
 from cluster.engine.sequence import SamplingParams
 from cluster.metrics import IngressMetrics
@@ -52,17 +54,30 @@ class Ingress:
         self.model_name = self.cfg.model.name
         self.tokenizer = tokenizer.options(stream=True)
         self.metrics = IngressMetrics(self.model_name)
+        ing = self.cfg.ingress
+        self.keys = ApiKeys(ing.api_keys_file, ing.api_keys_env)
+        self.gate = Gate(ing.max_in_flight)
+
+    def _check_key(self, request: Request, open_route: bool = False) -> None:
+        if open_route and not self.cfg.ingress.protect_health_and_metrics:
+            return
+        if self.keys.enabled and not self.keys.allows(request.headers.get("authorization")):
+            raise APIError("missing or invalid API key (Authorization: Bearer <key>)", 401,
+                           "authentication_error", code="invalid_api_key")
 
     @api.get("/health")
-    async def health(self) -> dict:
+    async def health(self, request: Request) -> dict:
+        self._check_key(request, open_route=True)
         return {"status": "ok"}
 
     @api.get("/metrics")
-    async def metrics(self) -> Response:
+    async def metrics(self, request: Request) -> Response:
+        self._check_key(request, open_route=True)
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request) -> dict:
+        self._check_key(request)
         return {"object": "list", "data": [{"id": self.model_name, "object": "model",
                                             "created": 0, "owned_by": "tandem"}]}
 
@@ -75,7 +90,18 @@ class Ingress:
         return await self._serve(request, ChatCompletionRequest, "chat")
 
     async def _parse(self, request: Request, model: type[SamplingFields]) -> SamplingFields:
-        body = await request.body()
+        self._check_key(request)
+        limit = self.cfg.ingress.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(f"the request body exceeds {limit} bytes", 413,
+                           code="request_too_large")
+        body = b""
+        async for chunk in request.stream():  # read no more than the limit, whatever it says
+            body += chunk
+            if len(body) > limit:
+                raise APIError(f"the request body exceeds {limit} bytes", 413,
+                               code="request_too_large")
         try:
             doc = json.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -91,26 +117,71 @@ class Ingress:
                            f"'{self.model_name}'", 404, param="model", code="model_not_found")
         return req
 
+    def _deadline(self, request: Request) -> float:
+        limit = self.cfg.ingress.request_timeout_s
+        asked = request.headers.get("x-request-timeout")
+        try:
+            limit = min(limit, float(asked)) if asked else limit
+        except ValueError:
+            raise APIError("X-Request-Timeout must be a number of seconds",
+                           param="X-Request-Timeout") from None
+        if not limit > 0:
+            raise APIError("X-Request-Timeout must be positive", param="X-Request-Timeout")
+        return time.monotonic() + limit
+
     async def _serve(self, request: Request, model: type[SamplingFields], kind: str) -> Response:
         endpoint = request.url.path
         try:
             req = await self._parse(request, model)
+            deadline = self._deadline(request)
+            ticket = self.gate.try_enter(deadline)
+            if ticket is None:
+                raise APIError("the server is at capacity; retry shortly", 429,
+                               "rate_limit_error", code="server_busy")
         except APIError as err:
             self.metrics.request(endpoint, err.status)
-            return error_response(err)
+            resp = error_response(err)
+            if err.status == 429:
+                resp.headers["Retry-After"] = "1"
+            return resp
+        try:
+            return await self._generate(req, kind, endpoint, deadline, ticket)
+        except BaseException:
+            self.gate.leave(ticket)
+            raise
+
+    async def _generate(self, req, kind: str, endpoint: str, deadline: float,
+                        ticket: int) -> Response:
+        """Owns one gate slot: released when the response (or its stream) is over."""
         gen = self._to_engine(req, kind)
         stream = self.tokenizer.generate.remote(gen)
         start = time.monotonic()
-        head: TextDelta = await stream.__anext__()
+        head: TextDelta = await self._next(stream, deadline)
         if head.error:
+            self.gate.leave(ticket)
             self.metrics.request(endpoint, head.status)
             return JSONResponse(head.error, status_code=head.status)
         self.metrics.request(endpoint, 200)
         meta = {"id": gen.request_id, "created": int(time.time()), "model": self.model_name}
         if req.stream:
-            return StreamingResponse(self._sse(stream, meta, kind, req.include_usage(), start),
-                                     media_type="text/event-stream")
-        return await self._collect(stream, meta, kind, head, start)
+            return StreamingResponse(
+                self._sse(stream, meta, kind, req.include_usage(), start, deadline, ticket),
+                media_type="text/event-stream")
+        try:
+            return await self._collect(stream, meta, kind, head, start, deadline)
+        finally:
+            self.gate.leave(ticket)
+
+    @staticmethod
+    async def _next(stream, deadline: float) -> TextDelta:
+        """The next delta, or a timeout error delta once the deadline passes."""
+        try:
+            return await asyncio.wait_for(stream.__anext__(), deadline - time.monotonic())
+        except (asyncio.TimeoutError, TimeoutError):
+            stream.cancel()  # aborts the generation and frees its KV blocks
+            err = APIError("the request did not finish within its deadline", 504,
+                           "timeout_error", code="request_timeout")
+            return TextDelta(finish_reason="error", error=err.body(), status=504)
 
     def _to_engine(self, req: SamplingFields, kind: str) -> GenerateRequest:
         params = SamplingParams(
@@ -132,11 +203,22 @@ class Ingress:
                 "total_tokens": d.prompt_tokens + d.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": d.cached_tokens}}
 
+    @classmethod
+    async def _deltas(cls, stream, deadline: float) -> AsyncIterator[TextDelta]:
+        while True:
+            try:
+                d = await cls._next(stream, deadline)
+            except StopAsyncIteration:
+                return
+            yield d
+            if d.error:
+                return
+
     async def _collect(self, stream, meta: dict, kind: str, head: TextDelta,
-                       start: float) -> Response:
+                       start: float, deadline: float) -> Response:
         parts: list[str] = []
         last, ttft = head, None
-        async for d in stream:
+        async for d in self._deltas(stream, deadline):
             ttft = ttft or time.monotonic() - start
             parts.append(d.text)
             last = d
@@ -157,7 +239,7 @@ class Ingress:
                              "usage": self._usage(last)})
 
     async def _sse(self, stream, meta: dict, kind: str, include_usage: bool,
-                   start: float) -> AsyncIterator[str]:
+                   start: float, deadline: float, ticket: int) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
         def chunk(text: str | None, reason: str | None, first: bool = False) -> dict:
@@ -174,7 +256,7 @@ class Ingress:
         try:
             if kind == "chat":
                 yield sse(chunk(None, None, first=True))
-            async for d in stream:
+            async for d in self._deltas(stream, deadline):
                 ttft = ttft or time.monotonic() - start
                 last = d
                 if d.error:
@@ -189,4 +271,5 @@ class Ingress:
                                "usage": self._usage(last)})
             yield sse("[DONE]")
         finally:
+            self.gate.leave(ticket)
             stream.cancel()  # a client that went away frees its request all the way down
