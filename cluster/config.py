@@ -64,8 +64,16 @@ def _model_pool() -> PoolConfig:
 
 
 class RouterConfig(Strict):
-    policy: Literal["least_load"] = "least_load"
+    policy: Literal["prefix_aware", "least_load", "power_of_two", "round_robin"] = \
+        "prefix_aware"
     stats_period_s: float = Field(1.0, gt=0)
+    prefix_margin: float = Field(1.0, ge=0, description="load-score lead the prefix holder "
+                                 "may have over the least loaded replica")
+    kv_hot: float = Field(0.95, gt=0, le=1, description="KV use above which a replica gets "
+                          "no new work while a cooler one exists")
+    score_hot: float = Field(4.0, gt=0, description="load score above which likewise")
+    stale_after_s: float = Field(5.0, gt=0, description="a replica silent this long ranks "
+                                 "last")
 
 
 class IngressConfig(Strict):

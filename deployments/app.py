@@ -52,6 +52,11 @@ def build(cfg: AppConfig) -> Application:
         **model_placement(cfg),
         request_router_config=RequestRouterConfig(
             request_router_class="cluster.router:LoadAwareRouter",
+            request_router_kwargs={
+                "policy": cfg.router.policy, "block_size": cfg.engine.block_size,
+                "prefix_margin": cfg.router.prefix_margin, "kv_hot": cfg.router.kv_hot,
+                "score_hot": cfg.router.score_hot,
+                "stale_after_s": cfg.router.stale_after_s},
             request_routing_stats_period_s=cfg.router.stats_period_s),
     ).bind(conf)
     tokenizer = TokenizerPool.options(

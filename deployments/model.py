@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import ray
@@ -12,6 +13,7 @@ from cluster.config import AppConfig
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import LLMEngine
 from cluster.protocol import EngineRequest
+from cluster.router import PREFIX_SUMMARY_BLOCKS
 
 log = logging.getLogger("ray.serve")
 
@@ -31,11 +33,14 @@ class ModelReplica:
             yield {"token_ids": out.new_token_ids, "finish_reason": out.finish_reason,
                    "prompt_tokens": out.num_prompt_tokens, "cached_tokens": out.num_cached_tokens}
 
-    def record_routing_stats(self) -> dict[str, float]:
-        s = self.engine.engine.stats()
+    def record_routing_stats(self) -> dict:
+        eng = self.engine.engine
+        s = eng.stats()
+        # the newest cached block hashes: the router matches prompt prefixes against them
+        hashes = eng.blocks.cached_hashes()[-PREFIX_SUMMARY_BLOCKS:]
         return {"running": s.running, "waiting": s.waiting, "waiting_tokens": s.waiting_tokens,
                 "kv_used": s.kv_blocks_used, "kv_total": s.kv_blocks_total,
-                "max_num_seqs": self.engine.engine.cfg.max_num_seqs}
+                "max_num_seqs": eng.cfg.max_num_seqs, "ts": time.time(), "prefix": hashes}
 
     def stats(self) -> dict:
         s = self.engine.engine.stats()

@@ -13,6 +13,7 @@ from dataclasses import replace
 import ray
 from jinja2.exceptions import TemplateError
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import AppConfig
@@ -71,12 +72,13 @@ class TokenizerPool:
         yield TextDelta(prompt_tokens=len(ids))
 
         params = replace(req.params, max_tokens=max_tokens)
-        stream = self.model.generate.remote(EngineRequest(req.request_id, ids, params))
+        engine_req = EngineRequest(req.request_id, ids, params)
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStrings(req.stop)
         n_out, engine_done = 0, False
+        stream = self.model.generate.remote(engine_req)
         try:
-            async for out in stream:
+            async for out in self._retrying(engine_req, stream):
                 n_out += len(out["token_ids"])
                 text, hit = stops.feed(detok.push(out["token_ids"]))
                 reason = "stop" if hit else out["finish_reason"]
@@ -96,6 +98,28 @@ class TokenizerPool:
         finally:
             if not engine_done:  # stop string hit, or our caller went away: free the KV blocks
                 stream.cancel()
+
+    async def _retrying(self, engine_req: EngineRequest, stream):
+        """The model's outputs; a replica that fails before its first token (it died, or was
+        being replaced) is retried once on another, which the router picks afresh. After the
+        first token a retry could duplicate text, so then the error goes to the client."""
+        first = True
+        try:
+            while True:
+                try:
+                    async for out in stream:
+                        first = False
+                        yield out
+                    return
+                except (RayActorError, ActorUnavailableError, ActorDiedError) as err:
+                    if not first:
+                        raise
+                    first = False  # one retry
+                    log.warning("request %s: model replica failed before its first token "
+                                "(%s); retrying on another", engine_req.request_id, err)
+                    stream = self.model.generate.remote(engine_req)
+        finally:
+            stream.cancel()  # no-op once the stream is done; frees KV if we stopped early
 
     def node(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "labels": self.node_labels}

@@ -9,8 +9,12 @@ from ray.util.state import list_actors
 
 
 def replica_actors(deployment: str, app: str = "tandem") -> list:
-    return list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:{deployment}"),
-                                ("state", "=", "ALIVE")], detail=True)
+    # this cluster's own address: with two clusters on a machine, the default would follow
+    # whichever started last
+    address = ray.get_runtime_context().gcs_address
+    return list_actors(address=address, filters=[
+        ("class_name", "=", f"ServeReplica:{app}:{deployment}"), ("state", "=", "ALIVE")],
+        detail=True)
 
 
 def node_labels() -> dict[str, dict]:

@@ -1,0 +1,81 @@
+"""Routing policies on synthetic replica loads, and prefix affinity on the live cluster."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from cluster.router import (
+    LeastLoad,
+    PowerOfTwo,
+    PrefixAware,
+    ReplicaLoad,
+    RoundRobin,
+    order_replicas,
+    prompt_hashes,
+)
+
+IDLE = ReplicaLoad(max_num_seqs=32)
+
+
+def busy(n: float, kv: float = 0.2) -> ReplicaLoad:
+    return ReplicaLoad(running=n, kv_usage=kv, max_num_seqs=32)
+
+
+def test_round_robin_cycles():
+    rr = RoundRobin()
+    firsts = [rr.rank([IDLE] * 3, [])[0] for _ in range(6)]
+    assert firsts == [0, 1, 2, 0, 1, 2]
+
+
+def test_least_load_prefers_short_queue_and_free_kv():
+    loads = [busy(20), busy(2, kv=0.9), busy(4)]
+    assert LeastLoad().rank(loads, [])[0] == 2
+
+
+def test_power_of_two_never_picks_the_worst_of_two():
+    loads = [busy(30), busy(1)]
+    assert all(PowerOfTwo().rank(loads, [])[0] == 1 for _ in range(20))
+
+
+def test_prefix_aware_follows_the_cache_within_margin():
+    hashes = prompt_hashes(list(range(64)), 16)
+    holder = ReplicaLoad(running=4, max_num_seqs=32, prefix=frozenset(hashes[:3]))
+    policy = PrefixAware(margin=1.0)
+    assert policy.rank([IDLE, holder], hashes)[0] == 1  # cached prefix beats a small lead
+    swamped = ReplicaLoad(running=64, max_num_seqs=32, prefix=frozenset(hashes))
+    assert policy.rank([IDLE, swamped], hashes)[0] == 0  # too loaded: least load wins
+    assert policy.rank([IDLE, busy(1)], hashes)[0] == 0  # no cache anywhere: least load
+
+
+def test_prefix_match_is_a_prefix_not_any_block():
+    hashes = prompt_hashes(list(range(64)), 16)
+    loose = ReplicaLoad(prefix=frozenset(hashes[1:]))  # everything but the first block
+    assert loose.cached_blocks(hashes) == 0
+    assert ReplicaLoad(prefix=frozenset(hashes[:2])).cached_blocks(hashes) == 2
+
+
+def test_hot_replicas_get_no_new_work_and_stale_rank_last():
+    hot = busy(1, kv=0.97)
+    stale = ReplicaLoad(max_num_seqs=32, age_s=30)
+    order, rebalanced = order_replicas(LeastLoad(), [hot, stale, busy(8)], [], 0.95, 4.0, 5.0)
+    assert order == [2, 0, 1] and rebalanced
+    order, rebalanced = order_replicas(LeastLoad(), [hot, hot], [], 0.95, 4.0, 5.0)
+    assert sorted(order) == [0, 1] and not rebalanced  # all hot: still served
+
+
+def test_prefix_aware_routes_shared_prefixes_to_the_caching_replica(client):
+    system = "You are a careful assistant who answers in one word. " * 12
+    first = client.completions.create(model="tandem-tiny", prompt=system + "q0", max_tokens=2)
+    assert first.usage.prompt_tokens > 64
+    time.sleep(2.0)  # a stats period or more: the holder's report reaches the router
+    cached = [client.completions.create(model="tandem-tiny", prompt=system + f"q{i}",
+                                        max_tokens=2).usage.prompt_tokens_details.cached_tokens
+              for i in range(1, 7)]
+    # with two replicas, routing blind to the cache would miss about half of these
+    assert all(c >= 64 for c in cached), cached
+
+
+def test_decisions_spread_without_prefixes():
+    picks = Counter(LeastLoad().rank([IDLE] * 4, [])[0] for _ in range(400))
+    assert len(picks) == 4 and min(picks.values()) > 50  # ties broken at random
