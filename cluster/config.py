@@ -43,6 +43,9 @@ class EngineConfig(Strict):
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs (ranks) of one replica")
+    # benchmarks of uneven replicas: these replica ranks sleep this long after every step
+    slow_replica_ranks: list[int] = Field(default_factory=list)
+    slow_step_delay_s: float = Field(0.0, ge=0)
     torch_threads: int | None = Field(None, ge=1)
     seed: int = 0
 
@@ -64,8 +67,8 @@ def _model_pool() -> PoolConfig:
 
 
 class RouterConfig(Strict):
-    policy: Literal["prefix_aware", "least_load", "power_of_two", "round_robin"] = \
-        "prefix_aware"
+    policy: Literal["prefix_aware", "least_load", "power_of_two", "round_robin",
+                    "serve_default"] = "prefix_aware"  # serve_default: Serve's own router
     stats_period_s: float = Field(1.0, gt=0)
     prefix_margin: float = Field(1.0, ge=0, description="load-score lead the prefix holder "
                                  "may have over the least loaded replica")

@@ -45,19 +45,21 @@ QUIET = {"enable_access_log": False}  # access logs cost 10-20% of request throu
 
 def build(cfg: AppConfig) -> Application:
     conf = cfg.model_dump()
-    model = ModelReplica.options(
-        num_replicas=cfg.model_pool.num_replicas,
-        max_ongoing_requests=cfg.model_pool.max_ongoing_requests,
-        logging_config=QUIET,
-        **model_placement(cfg),
-        request_router_config=RequestRouterConfig(
+    routing = {} if cfg.router.policy == "serve_default" else {
+        "request_router_config": RequestRouterConfig(
             request_router_class="cluster.router:LoadAwareRouter",
             request_router_kwargs={
                 "policy": cfg.router.policy, "block_size": cfg.engine.block_size,
                 "prefix_margin": cfg.router.prefix_margin, "kv_hot": cfg.router.kv_hot,
                 "score_hot": cfg.router.score_hot,
                 "stale_after_s": cfg.router.stale_after_s},
-            request_routing_stats_period_s=cfg.router.stats_period_s),
+            request_routing_stats_period_s=cfg.router.stats_period_s)}
+    model = ModelReplica.options(
+        num_replicas=cfg.model_pool.num_replicas,
+        max_ongoing_requests=cfg.model_pool.max_ongoing_requests,
+        logging_config=QUIET,
+        **model_placement(cfg),
+        **routing,
     ).bind(conf)
     tokenizer = TokenizerPool.options(
         num_replicas=cfg.tokenizer_pool.num_replicas,

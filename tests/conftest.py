@@ -33,7 +33,7 @@ def ray_cluster(model_dir):
     from cluster import local_cluster
 
     cluster = local_cluster.start(local_cluster.LocalClusterSpec(
-        model_gpus=2, dashboard_port=free_port()))
+        model_gpus=2, model_cpus=8, dashboard_port=free_port()))
     ray.init(address=cluster.address)
     yield cluster
     from ray import serve

@@ -27,7 +27,7 @@ def prompts(model_dir):
 def run_tp(model_dir, prompts, size: int, **cfg):
     pg = placement_group([{"CPU": 1}] * size, strategy="STRICT_PACK",
                          bundle_label_selector=[{"node-role": "model"}] * size)
-    ray.get(pg.ready(), timeout=60)
+    ray.get(pg.ready(), timeout=120)
     try:
         host = ray.remote(EngineHost).options(
             num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -93,7 +93,7 @@ def _kill_peer(engine):
 def test_dead_peer_fails_the_replica_without_hanging(ray_cluster, model_dir, prompts):
     pg = placement_group([{"CPU": 1}] * 2, strategy="STRICT_PACK",
                          bundle_label_selector=[{"node-role": "model"}] * 2)
-    ray.get(pg.ready(), timeout=60)
+    ray.get(pg.ready(), timeout=120)
     try:
         host = ray.remote(EngineHost).options(
             num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(

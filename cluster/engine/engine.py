@@ -113,6 +113,7 @@ class LLMEngine:
         self.eos = set(self.arch.eos_token_ids)
         self.generated_tokens = 0
         self.steps = 0
+        self.step_delay_s = 0.0  # set only to emulate a slower replica in benchmarks
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                  self.arch.architecture, self.device, dtype, num_blocks, cfg.block_size,
                  self.max_model_len)
@@ -170,6 +171,8 @@ class LLMEngine:
         if not batch.seqs:
             return []
         tokens = self.runner.run(batch)
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
         self.steps += 1
         outputs = []
         now = time.monotonic()

@@ -1,0 +1,172 @@
+"""Routing benchmark: each policy, and Serve's own router, on uneven replicas.
+
+    python -m cluster.bench.routing [--quick] [--json]
+
+A local multi-node cluster (head, Kunpeng node, model node) runs two CPU model replicas of
+the default model, one throttled (it sleeps after every engine step, so it runs at roughly
+half speed). For each policy the app is redeployed and driven over HTTP with Poisson arrivals
+at each request rate, on a workload of shared prefixes (a few long system prompts, many
+short user turns) and one without. Printed per policy: output tok/s, TTFT p50/p99, end-to-end
+p99, prefix-cache hit rate (cached prompt tokens / prompt tokens) and requests per replica.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import sys
+import time
+
+import httpx
+import numpy as np
+
+POLICIES = ["prefix_aware", "least_load", "power_of_two", "round_robin", "serve_default"]
+
+
+def workloads(n: int, seed: int) -> dict[str, list[str]]:
+    rng = random.Random(seed)
+    words = ("data model token cache route serve replica batch node stream queue prefix "
+             "latency memory kernel graph").split()
+
+    def text(k: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(k))
+
+    systems = [f"System {i}: " + text(90) for i in range(4)]
+    return {"shared_prefix": [rng.choice(systems) + " User: " + text(8) for _ in range(n)],
+            "no_prefix": [text(98) for _ in range(n)]}
+
+
+async def drive(url: str, prompts: list[str], rate: float, max_tokens: int) -> dict:
+    ttft, e2e, out_tok, prompt_tok, cached = [], [], 0, 0, 0
+    failed = 0
+
+    async def one(c: httpx.AsyncClient, prompt: str) -> None:
+        nonlocal out_tok, prompt_tok, cached, failed
+        t0 = time.perf_counter()
+        first = None
+        body = {"model": "tandem-tiny", "prompt": prompt, "max_tokens": max_tokens,
+                "temperature": 0.0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        try:
+            async with c.stream("POST", f"{url}/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    ev = json.loads(line[6:])
+                    if ev.get("choices") and first is None:
+                        first = time.perf_counter() - t0
+                    if ev.get("usage"):
+                        u = ev["usage"]
+                        out_tok += u["completion_tokens"]
+                        prompt_tok += u["prompt_tokens"]
+                        cached += u["prompt_tokens_details"]["cached_tokens"]
+        except httpx.HTTPError:
+            failed += 1
+            return
+        ttft.append(first or 0.0)
+        e2e.append(time.perf_counter() - t0)
+
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=300) as c:
+        tasks = []
+        for p in prompts:
+            tasks.append(asyncio.create_task(one(c, p)))
+            await asyncio.sleep(rng.exponential(1.0 / rate))
+        await asyncio.gather(*tasks)
+    wall = time.perf_counter() - start
+    return {"output_tok_s": out_tok / wall, "ttft_ms_p50": float(np.percentile(ttft, 50)) * 1e3,
+            "ttft_ms_p99": float(np.percentile(ttft, 99)) * 1e3,
+            "e2e_ms_p99": float(np.percentile(e2e, 99)) * 1e3,
+            "prefix_hit_rate": cached / max(1, prompt_tok), "requests_failed": failed}
+
+
+def replica_requests() -> list[int]:
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[
+        ("class_name", "=", "ServeReplica:bench:ModelReplica"), ("state", "=", "ALIVE")])
+    handles = [ray.get_actor(a.name, namespace="serve") for a in actors]
+    return sorted((s["requests"] for s in ray.get(
+        [h.record_routing_stats.remote() for h in handles])), reverse=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one rate, fewer requests (<5 min)")
+    ap.add_argument("--rates", type=float, nargs="+", default=[2.0, 4.0])
+    ap.add_argument("--requests", type=int, default=60)
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--policies", nargs="+", default=POLICIES)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rates, args.requests = [3.0], 30
+
+    import ray
+    from ray import serve
+
+    from cluster import local_cluster
+    from cluster.config import DEFAULT_MODEL_DIR, parse_app_config
+    from cluster.model_init import build as build_model
+    from deployments.app import build
+
+    build_model(DEFAULT_MODEL_DIR)
+    cluster = local_cluster.start(local_cluster.LocalClusterSpec(model_cpus=4))
+    ray.init(address=cluster.address)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}/bench"
+    results: dict = {}
+    try:
+        for policy in args.policies:
+            cfg = parse_app_config({
+                "engine": {"max_model_len": 512, "max_num_seqs": 16, "num_kv_blocks": 256,
+                           "max_num_batched_tokens": 512, "torch_threads": 1,
+                           "slow_replica_ranks": [0], "slow_step_delay_s": 0.02},
+                "model_pool": {"num_replicas": 2, "num_cpus": 1},
+                "router": {"policy": policy, "stats_period_s": 0.5}})
+            serve.run(build(cfg), name="bench", route_prefix="/bench")
+            res = {}
+            for wl, prompts in workloads(args.requests, 0).items():
+                for rate in args.rates:
+                    before = replica_requests()
+                    r = asyncio.run(drive(url, prompts, rate, args.max_tokens))
+                    after = replica_requests()
+                    r["requests_per_replica"] = [a - b for a, b in zip(after, before,
+                                                                        strict=False)]
+                    res[f"{wl}@{rate:g}"] = r
+                    print(f"{policy:14s} {wl:14s} rate {rate:4g}: "
+                          f"{r['output_tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_ms_p50']:7.1f}"
+                          f" p99 {r['ttft_ms_p99']:7.1f} ms  e2e p99 {r['e2e_ms_p99']:7.1f} ms"
+                          f"  hit {r['prefix_hit_rate']:.2f}  per replica "
+                          f"{r['requests_per_replica']}", file=sys.stderr)
+            serve.delete("bench")
+            results[policy] = summarize(res)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def summarize(res: dict) -> dict:
+    """One object per policy: the shared-prefix run at the highest rate, plus every run."""
+    key = max((k for k in res if k.startswith("shared_prefix")), key=lambda k: float(
+        k.split("@")[1]))
+    return {**{k: res[key][k] for k in ("ttft_ms_p99", "e2e_ms_p99", "output_tok_s",
+                                         "prefix_hit_rate", "requests_per_replica")},
+            "runs": res}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
