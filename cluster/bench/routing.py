@@ -118,7 +118,7 @@ def main(argv=None) -> int:
 
     build_model(DEFAULT_MODEL_DIR)
     cluster = local_cluster.start(local_cluster.LocalClusterSpec(model_cpus=4))
-    ray.init(address=cluster.address)
+    ray.init(address=cluster.address, log_to_driver=False)  # stdout carries the JSON
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
