@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import LLMEngine
 from cluster.protocol import EngineRequest
 from cluster.router import PREFIX_SUMMARY_BLOCKS
+from cluster.stage_metrics import EngineMetrics, base_tags
 
 log = logging.getLogger("ray.serve")
 
@@ -32,15 +34,38 @@ class ModelReplica:
                         engine.step_delay_s)
         self.engine = AsyncEngine(engine)
         self.requests = 0
+        replica = serve.get_replica_context().replica_tag
+        self.metrics = EngineMetrics(base_tags(cfg.model.name, replica))
+        self._sampler: asyncio.Task | None = None  # started on the replica's own event loop
         log.info("model replica on node %s (labels %s), device %s",
                  ray.get_runtime_context().get_node_id()[:8], self.node_labels,
                  self.engine.engine.device)
 
+    async def _sample_forever(self) -> None:
+        while True:
+            self.metrics.sample(self.engine.engine.stats())
+            await asyncio.sleep(1.0)
+
     async def generate(self, req: EngineRequest) -> AsyncIterator[dict]:
+        if self._sampler is None:
+            self._sampler = asyncio.create_task(self._sample_forever())
         self.requests += 1
-        async for out in self.engine.generate(req.request_id, req.prompt_token_ids, req.params):
-            yield {"token_ids": out.new_token_ids, "finish_reason": out.finish_reason,
-                   "prompt_tokens": out.num_prompt_tokens, "cached_tokens": out.num_cached_tokens}
+        start, ttft, n_out, reason = time.monotonic(), None, 0, "abort"
+        try:
+            async for out in self.engine.generate(req.request_id, req.prompt_token_ids,
+                                                  req.params):
+                ttft = ttft if ttft is not None else time.monotonic() - start
+                n_out += len(out.new_token_ids)
+                reason = out.finish_reason or reason
+                yield {"token_ids": out.new_token_ids, "finish_reason": out.finish_reason,
+                       "prompt_tokens": out.num_prompt_tokens,
+                       "cached_tokens": out.num_cached_tokens}
+        except Exception:
+            reason = "error"
+            raise
+        finally:
+            self.metrics.request_done(len(req.prompt_token_ids), n_out, reason, ttft,
+                                      time.monotonic() - start)
 
     def record_routing_stats(self) -> dict:
         eng = self.engine.engine

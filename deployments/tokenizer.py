@@ -7,6 +7,7 @@ UTF-8 safe), and ends a generation at a stop string by cancelling the model's st
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -20,6 +21,7 @@ from cluster.config import AppConfig
 from cluster.engine.engine import resolve_max_model_len
 from cluster.engine.model import ModelArch
 from cluster.protocol import APIError, EngineRequest, GenerateRequest, TextDelta
+from cluster.stage_metrics import TokenizerMetrics, base_tags
 from cluster.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
 
 log = logging.getLogger("ray.serve")
@@ -35,6 +37,8 @@ class TokenizerPool:
         self.max_model_len = resolve_max_model_len(arch, cfg.engine)
         self.model = model.options(stream=True)
         self.node_labels = ray.get_runtime_context().get_node_labels()
+        self.metrics = TokenizerMetrics(base_tags(cfg.model.name,
+                                                  serve.get_replica_context().replica_tag))
 
     def tokenize(self, req: GenerateRequest) -> list[int]:
         try:
@@ -63,8 +67,10 @@ class TokenizerPool:
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TextDelta]:
         """First yields a header delta (prompt_tokens, or an error), then the text."""
+        t0 = time.perf_counter()
         try:
             ids = self.tokenize(req)
+            self.metrics.tokenized(len(ids), time.perf_counter() - t0)
         except APIError as err:
             yield TextDelta(error=err.body(), status=err.status)
             return

@@ -1,0 +1,108 @@
+"""Prometheus metrics of the stages, exported through Ray's per-node metrics agent.
+
+Names follow vLLM's (`vllm:` becomes `tandem_`; Ray adds its `ray_` prefix on export) so that
+dashboards written for vLLM carry over. Labels are bounded: model, replica, node, node_role
+(never a request id).
+"""
+
+from __future__ import annotations
+
+import ray
+from ray.util import metrics
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+TAGS = ("model", "replica", "node", "node_role")
+
+
+def base_tags(model: str, replica: str) -> dict[str, str]:
+    ctx = ray.get_runtime_context()
+    return {"model": model, "replica": replica, "node": ctx.get_node_id()[:12],
+            "node_role": ctx.get_node_labels().get("node-role", "")}
+
+
+class EngineMetrics:
+    def __init__(self, tags: dict[str, str]):
+        self.tags = tags
+        g, c, h = metrics.Gauge, metrics.Counter, metrics.Histogram
+        self.running = g("tandem_num_requests_running", "Requests in the batch", TAGS)
+        self.waiting = g("tandem_num_requests_waiting", "Requests queued", TAGS)
+        self.kv_usage = g("tandem_kv_cache_usage_perc", "KV cache blocks in use (0-1)", TAGS)
+        self.prefix_queries = c("tandem_prefix_cache_queries", "Prompt blocks looked up", TAGS)
+        self.prefix_hits = c("tandem_prefix_cache_hits", "Prompt blocks found cached", TAGS)
+        self.prompt_tokens = c("tandem_prompt_tokens", "Prompt tokens prefilled", TAGS)
+        self.generation_tokens = c("tandem_generation_tokens", "Tokens generated", TAGS)
+        self.finished = c("tandem_request_success", "Finished requests by reason",
+                          (*TAGS, "finished_reason"))
+        self.ttft = h("tandem_time_to_first_token_seconds", "Time to first token",
+                      LATENCY_BUCKETS, TAGS)
+        self.e2e = h("tandem_e2e_request_latency_seconds", "Request latency in the engine",
+                     LATENCY_BUCKETS, TAGS)
+        self.last = {"prefix_queries": 0, "prefix_hits": 0}
+        self.gpu = _nvml_handle()
+        if self.gpu is not None:
+            self.gpu_util = g("tandem_gpu_utilization_perc", "GPU busy share (NVML)", TAGS)
+            self.gpu_mem = g("tandem_gpu_memory_used_bytes", "GPU memory in use (NVML)", TAGS)
+            self.gpu_power = g("tandem_gpu_power_watts", "GPU power draw (NVML)", TAGS)
+
+    def sample(self, stats) -> None:
+        """Gauges and cache counters from one EngineStats reading (called once a second)."""
+        t = self.tags
+        self.running.set(stats.running, t)
+        self.waiting.set(stats.waiting, t)
+        self.kv_usage.set(stats.kv_usage, t)
+        for name, counter in (("prefix_queries", self.prefix_queries),
+                              ("prefix_hits", self.prefix_hits)):
+            value = getattr(stats, name)
+            if value > self.last[name]:
+                counter.inc(value - self.last[name], t)
+            self.last[name] = value
+        if self.gpu is not None:
+            import pynvml
+
+            self.gpu_util.set(pynvml.nvmlDeviceGetUtilizationRates(self.gpu).gpu, t)
+            self.gpu_mem.set(pynvml.nvmlDeviceGetMemoryInfo(self.gpu).used, t)
+            self.gpu_power.set(pynvml.nvmlDeviceGetPowerUsage(self.gpu) / 1000.0, t)
+
+    def request_done(self, prompt_tokens: int, output_tokens: int, reason: str,
+                     ttft_s: float | None, e2e_s: float) -> None:
+        t = self.tags
+        if prompt_tokens:
+            self.prompt_tokens.inc(prompt_tokens, t)
+        if output_tokens:
+            self.generation_tokens.inc(output_tokens, t)
+        self.finished.inc(1, {**t, "finished_reason": reason})
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s, t)
+        self.e2e.observe(e2e_s, t)
+
+
+def _nvml_handle():
+    """The NVML handle of this replica's GPU, or None (no GPU, or nvidia-ml-py missing)."""
+    import os
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+    try:
+        return pynvml.nvmlDeviceGetHandleByIndex(int(visible))
+    except Exception:
+        return None
+
+
+class TokenizerMetrics:
+    def __init__(self, tags: dict[str, str]):
+        self.tags = tags
+        self.requests = metrics.Counter("tandem_tokenizer_requests", "Requests tokenized", TAGS)
+        self.tokens = metrics.Counter("tandem_tokenizer_tokens", "Prompt tokens produced", TAGS)
+        self.latency = metrics.Histogram("tandem_tokenizer_latency_seconds",
+                                         "Time to build and tokenize a prompt",
+                                         LATENCY_BUCKETS, TAGS)
+
+    def tokenized(self, n_tokens: int, seconds: float) -> None:
+        self.requests.inc(1, self.tags)
+        self.tokens.inc(n_tokens, self.tags)
+        self.latency.observe(seconds, self.tags)

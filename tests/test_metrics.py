@@ -1,0 +1,123 @@
+"""A real Prometheus server scrapes the session cluster's Ray metrics endpoints under a short
+load; the series exist through its HTTP API with values that match what the client saw."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+import yaml
+
+from tests.conftest import free_port
+
+INFRA = Path(__file__).parent.parent / "infra" / "prometheus"
+MODEL = "tandem-metrics"  # its own app and model label: series start from zero
+
+
+def ensure_prometheus() -> str:
+    if shutil.which("prometheus") is None:
+        subprocess.run(["apt-get", "install", "-y", "-q", "prometheus"], check=False,
+                       capture_output=True, timeout=600)
+    path = shutil.which("prometheus")
+    if path is None:
+        pytest.skip("the Debian package prometheus could not be installed here")
+    return path
+
+
+@pytest.fixture(scope="module")
+def prometheus(ray_cluster, app_url, tmp_path_factory):
+    binary = ensure_prometheus()
+    work = tmp_path_factory.mktemp("prom")
+    targets = [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}"
+               for n in ray.nodes() if n["Alive"]]
+    # the shipped config, with this cluster's endpoints in place of the file-SD path (two
+    # clusters on one machine share that file)
+    cfg = yaml.safe_load((INFRA / "prometheus.yml").read_text())
+    cfg["global"]["scrape_interval"] = "1s"
+    cfg["rule_files"] = [str(INFRA / "alerts.yml")]
+    cfg["scrape_configs"] = [{"job_name": "ray", "static_configs": [{"targets": targets}]}]
+    (work / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    proc = subprocess.Popen([binary, f"--config.file={work / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={work / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def query(url: str, expr: str) -> float | None:
+    r = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10).json()
+    result = r["data"]["result"]
+    return float(result[0]["value"][1]) if result else None
+
+
+def test_alert_rules_are_valid():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        ensure_prometheus()
+        promtool = shutil.which("promtool")
+    r = subprocess.run([promtool, "check", "rules", str(INFRA / "alerts.yml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def metrics_client(app_url, app_config):
+    from openai import OpenAI
+    from ray import serve
+
+    from deployments.app import build
+
+    _, cfg = app_config
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.name = MODEL
+    cfg.model_pool.num_replicas, cfg.model_pool.num_gpus = 2, 0
+    serve.run(build(cfg), name="metrics", route_prefix="/metrics-app")
+    yield OpenAI(base_url=f"{app_url}/metrics-app/v1", api_key="unused", max_retries=0)
+    serve.delete("metrics")
+
+
+def test_stage_series_under_load(prometheus, metrics_client):
+    client = metrics_client
+
+    def total(name: str) -> float:
+        return query(prometheus, f'sum({name}{{model="{MODEL}"}})') or 0.0
+
+    gen_before = total("ray_tandem_generation_tokens_total")
+    tok_before = total("ray_tandem_tokenizer_requests_total")
+    assert gen_before == tok_before == 0
+    received = 0
+    for i in range(8):
+        r = client.completions.create(model=MODEL, prompt=f"metrics {i}", max_tokens=10,
+                                      extra_body={"ignore_eos": True})
+        received += r.usage.completion_tokens
+    deadline = time.monotonic() + 90  # Ray's agent exports every ~10 s
+    while time.monotonic() < deadline:
+        gen = total("ray_tandem_generation_tokens_total") - gen_before
+        if gen >= received and total("ray_tandem_tokenizer_requests_total") - tok_before >= 8:
+            break
+        time.sleep(2)
+    assert gen == received
+    assert total("ray_tandem_tokenizer_requests_total") - tok_before == 8
+    kv = f'count(ray_tandem_kv_cache_usage_perc{{model="{MODEL}"}})'
+    assert query(prometheus, kv) == 2  # one series per replica
+    ttft = f'sum(ray_tandem_time_to_first_token_seconds_count{{model="{MODEL}"}})'
+    assert query(prometheus, ttft) == 8
+    assert query(prometheus, "sum(ray_tandem_router_decisions_total)") >= 8
+    roles = httpx.get(f"{prometheus}/api/v1/label/node_role/values", timeout=10).json()
+    assert "model" in roles["data"]
