@@ -129,6 +129,12 @@ def cmd_stop(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import importlib
+
+    return importlib.import_module(f"cluster.bench.{args.which}").main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tandem", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -147,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     up.set_defaults(fn=cmd_up)
     stop = sub.add_parser("stop", help="stop the cluster that `tandem up` started")
     stop.set_defaults(fn=cmd_stop)
+    bench = sub.add_parser("bench", help="benchmarks: serve | engine | routing (args follow)")
+    bench.add_argument("which", choices=["serve", "engine", "routing"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(fn=cmd_bench)
     args = p.parse_args(argv)
     return args.fn(args)
 

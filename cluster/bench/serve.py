@@ -1,0 +1,152 @@
+"""Serving benchmark: drives a running OpenAI-compatible endpoint and reports what clients see.
+
+    python -m cluster.bench.serve --url http://127.0.0.1:8000 --num-requests 200 \\
+        --concurrency 32 --input-len 64 256 --output-len 32 128 [--request-rate 8] [--json]
+
+Fixed concurrency, or Poisson arrivals at --request-rate (then --concurrency caps requests in
+flight); always bounded by --num-requests or --duration. Streams every request (SSE) and
+measures, like vLLM's serving benchmark: TTFT (to the first content), ITL (gaps between
+content chunks), TPOT ((e2e - TTFT) / (output tokens - 1)), e2e latency, output tok/s, and
+goodput (requests/s meeting the TTFT and ITL SLOs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+
+import httpx
+import numpy as np
+
+WORDS = ("the of and to in is was for on that with as by at from it an be this are or "
+         "model cluster token replica serve node cache stream batch kernel").split()
+
+
+def make_prompts(n: int, in_len: tuple[int, int], shared_prefix: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    prefix = " ".join(rng.choice(WORDS) for _ in range(shared_prefix))
+    return [(prefix + " " if prefix else "") +
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(*in_len))) for _ in range(n)]
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
+              key: str | None) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    t0 = time.perf_counter()
+    stamps, out_tokens, error = [], 0, None
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body,
+                                 headers=headers) as r:
+            if r.status_code != 200:
+                error = f"HTTP {r.status_code}"
+                await r.aread()
+            else:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    ev = json.loads(line[6:])
+                    if "error" in ev:
+                        error = ev["error"].get("message", "error")
+                    elif ev.get("choices") and ev["choices"][0].get("text"):
+                        stamps.append(time.perf_counter())
+                    if ev.get("usage"):
+                        out_tokens = ev["usage"]["completion_tokens"]
+    except httpx.HTTPError as err:
+        error = type(err).__name__
+    end = time.perf_counter()
+    return {"error": error, "ttft": stamps[0] - t0 if stamps else None, "e2e": end - t0,
+            "itl": list(np.diff(stamps)) if len(stamps) > 1 else [], "out": out_tokens}
+
+
+def pcts(xs: list[float]) -> dict:
+    if not xs:
+        return {"p50": None, "p90": None, "p99": None}
+    return {f"p{q}": float(np.percentile(xs, q)) * 1000 for q in (50, 90, 99)}
+
+
+async def run(args) -> dict:
+    prompts = make_prompts(args.num_requests, tuple(args.input_len), args.shared_prefix,
+                           args.seed)
+    rng = random.Random(args.seed + 1)
+    lens = [rng.randint(*args.output_len) for _ in prompts]
+    sem = asyncio.Semaphore(args.concurrency)
+    results: list[dict] = []
+    start = time.perf_counter()
+    limits = httpx.Limits(max_connections=args.concurrency + 8)
+
+    async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
+        async def task(p: str, n: int) -> None:
+            async with sem:
+                results.append(await one(client, args.url, args.model, p, n, args.api_key))
+                done = len(results)
+                if done % max(1, len(prompts) // 50) == 0 or done == len(prompts):
+                    print(f"\r{done}/{len(prompts)} requests", end="", file=sys.stderr)
+
+        tasks = []
+        arrivals = np.random.default_rng(args.seed)
+        for p, n in zip(prompts, lens, strict=True):
+            if args.duration and time.perf_counter() - start > args.duration:
+                break
+            tasks.append(asyncio.create_task(task(p, n)))
+            if args.request_rate:
+                await asyncio.sleep(arrivals.exponential(1.0 / args.request_rate))
+        await asyncio.gather(*tasks)
+    wall = time.perf_counter() - start
+    print(file=sys.stderr)
+    ok = [r for r in results if r["error"] is None]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    itl = [x for r in ok for x in r["itl"]]
+    tpot = [(r["e2e"] - r["ttft"]) / (r["out"] - 1) for r in ok if r["out"] > 1 and r["ttft"]]
+    good = [r for r in ok if r["ttft"] is not None and r["ttft"] * 1000 <= args.slo_ttft_ms
+            and all(x * 1000 <= args.slo_itl_ms for x in r["itl"])]
+    return {"requests": len(results), "errors": len(results) - len(ok), "duration_s": wall,
+            "request_throughput": len(ok) / wall,
+            "output_tok_s": sum(r["out"] for r in ok) / wall,
+            "ttft_ms": pcts(ttft), "itl_ms": pcts(itl), "tpot_ms": pcts(tpot),
+            "e2e_ms": pcts([r["e2e"] for r in ok]),
+            "goodput_req_s": len(good) / wall,
+            "slo": {"ttft_ms": args.slo_ttft_ms, "itl_ms": args.slo_itl_ms},
+            "error_samples": sorted({r["error"] for r in results if r["error"]})[:5]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--model", default="tandem-tiny")
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--num-requests", type=int, default=200)
+    ap.add_argument("--duration", type=float, default=None, help="stop sending after seconds")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals/s")
+    ap.add_argument("--input-len", type=int, nargs=2, default=[64, 256], help="words")
+    ap.add_argument("--output-len", type=int, nargs=2, default=[32, 128], help="tokens")
+    ap.add_argument("--shared-prefix", type=int, default=0, help="words shared by all")
+    ap.add_argument("--slo-ttft-ms", type=float, default=1000)
+    ap.add_argument("--slo-itl-ms", type=float, default=200)
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    res = asyncio.run(run(args))
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"requests {res['requests']} (errors {res['errors']}) in {res['duration_s']:.1f}"
+              f" s: {res['request_throughput']:.2f} req/s, {res['output_tok_s']:.1f} output "
+              f"tok/s, goodput {res['goodput_req_s']:.2f} req/s")
+        for k in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"):
+            v = res[k]
+            if v["p50"] is not None:
+                print(f"  {k:8s} p50 {v['p50']:8.1f}  p90 {v['p90']:8.1f}  p99 {v['p99']:8.1f}")
+    return 0 if res["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
