@@ -81,16 +81,15 @@ class TokenizerPool:
         engine_req = EngineRequest(req.request_id, ids, params)
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStrings(req.stop)
-        n_out, engine_done = 0, False
-        stream = self.model.generate.remote(engine_req)
+        n_out = 0
+        outputs = self._retrying(engine_req)
         try:
-            async for out in self._retrying(engine_req, stream):
+            async for out in outputs:
                 n_out += len(out["token_ids"])
                 text, hit = stops.feed(detok.push(out["token_ids"]))
                 reason = "stop" if hit else out["finish_reason"]
                 if reason and not hit:
                     text += stops.feed(detok.flush())[0] + stops.flush()
-                engine_done = out["finish_reason"] is not None
                 if text or reason:
                     yield TextDelta(text, reason, len(ids), n_out, out["cached_tokens"])
                 if reason:
@@ -100,16 +99,16 @@ class TokenizerPool:
             yield TextDelta(finish_reason="error", prompt_tokens=len(ids), completion_tokens=n_out,
                             error=APIError(f"generation failed: {err}", 500, "server_error")
                             .body(), status=500)
-            engine_done = True
         finally:
-            if not engine_done:  # stop string hit, or our caller went away: free the KV blocks
-                stream.cancel()
+            # a stop string, or our caller went away: end the generation, free its KV blocks
+            await outputs.aclose()
 
-    async def _retrying(self, engine_req: EngineRequest, stream):
+    async def _retrying(self, engine_req: EngineRequest):
         """The model's outputs; a replica that fails before its first token (it died, or was
         being replaced) is retried once on another, which the router picks afresh. After the
         first token a retry could duplicate text, so then the error goes to the client."""
         first = True
+        stream = self.model.generate.remote(engine_req)
         try:
             while True:
                 try:
