@@ -12,6 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cluster.autoscaling import ScalingPolicy
+
 DEFAULT_MODEL_DIR = Path(os.environ.get("TANDEM_HOME", "~/.cache/tandem")).expanduser() / \
     "models" / "tandem-tiny"
 
@@ -51,7 +53,8 @@ class EngineConfig(Strict):
 
 
 class PoolConfig(Strict):
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1, description="fixed size; ignored under autoscaling")
+    autoscaling: ScalingPolicy | None = None
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)

@@ -47,6 +47,10 @@ def start(spec: LocalClusterSpec | None = None):
 
     spec = spec or LocalClusterSpec()
     use_token_auth()
+    # autoscaling signals reach the controller every second instead of every ten
+    for var in ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+                "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
+        os.environ.setdefault(var, "1")
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": spec.head_cpus, "labels": dict(HEAD_LABELS),
         "include_dashboard": spec.dashboard, "dashboard_port": spec.dashboard_port})

@@ -43,6 +43,20 @@ def model_placement(cfg: AppConfig) -> dict:
 QUIET = {"enable_access_log": False}  # access logs cost 10-20% of request throughput
 
 
+def sizing(pool: PoolConfig, drain_s: float) -> dict:
+    """A fixed replica count, or our autoscaling policy; replicas leaving drain for drain_s."""
+    if pool.autoscaling is None:
+        return {"num_replicas": pool.num_replicas}
+    a = pool.autoscaling
+    return {"num_replicas": "auto", "graceful_shutdown_timeout_s": drain_s,
+            "autoscaling_config": {
+                "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                "initial_replicas": max(a.min_replicas, 1), "metrics_interval_s": 1.0,
+                "look_back_period_s": 10.0,
+                "policy": {"policy_function": "cluster.autoscaling:policy",
+                           "policy_kwargs": a.model_dump()}}}
+
+
 def build(cfg: AppConfig) -> Application:
     conf = cfg.model_dump()
     routing = {} if cfg.router.policy == "serve_default" else {
@@ -55,14 +69,14 @@ def build(cfg: AppConfig) -> Application:
                 "stale_after_s": cfg.router.stale_after_s},
             request_routing_stats_period_s=cfg.router.stats_period_s)}
     model = ModelReplica.options(
-        num_replicas=cfg.model_pool.num_replicas,
+        **sizing(cfg.model_pool, drain_s=60.0),
         max_ongoing_requests=cfg.model_pool.max_ongoing_requests,
         logging_config=QUIET,
         **model_placement(cfg),
         **routing,
     ).bind(conf)
     tokenizer = TokenizerPool.options(
-        num_replicas=cfg.tokenizer_pool.num_replicas,
+        **sizing(cfg.tokenizer_pool, drain_s=30.0),
         max_ongoing_requests=cfg.tokenizer_pool.max_ongoing_requests,
         logging_config=QUIET,
         ray_actor_options=actor_options(cfg.tokenizer_pool),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 import ray
@@ -34,6 +35,7 @@ class ModelReplica:
                         engine.step_delay_s)
         self.engine = AsyncEngine(engine)
         self.requests = 0
+        self.ttfts: deque[tuple[float, float]] = deque(maxlen=1024)  # (when, seconds)
         replica = serve.get_replica_context().replica_tag
         self.metrics = EngineMetrics(base_tags(cfg.model.name, replica))
         self._sampler: asyncio.Task | None = None  # started on the replica's own event loop
@@ -54,7 +56,9 @@ class ModelReplica:
         try:
             async for out in self.engine.generate(req.request_id, req.prompt_token_ids,
                                                   req.params):
-                ttft = ttft if ttft is not None else time.monotonic() - start
+                if ttft is None:
+                    ttft = time.monotonic() - start
+                    self.ttfts.append((time.monotonic(), ttft))
                 n_out += len(out.new_token_ids)
                 reason = out.finish_reason or reason
                 yield {"token_ids": out.new_token_ids, "finish_reason": out.finish_reason,
@@ -76,6 +80,13 @@ class ModelReplica:
                 "kv_used": s.kv_blocks_used, "kv_total": s.kv_blocks_total,
                 "max_num_seqs": eng.cfg.max_num_seqs, "ts": time.time(), "prefix": hashes,
                 "requests": self.requests}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        s = self.engine.engine.stats()
+        now = time.monotonic()
+        recent = sorted(t for when, t in self.ttfts if now - when < 30.0)
+        p95 = recent[int(0.95 * (len(recent) - 1))] * 1000 if recent else 0.0
+        return {"kv_usage": s.kv_usage, "waiting": float(s.waiting), "ttft_p95_ms": p95}
 
     def stats(self) -> dict:
         s = self.engine.engine.stats()

@@ -37,6 +37,8 @@ class TokenizerPool:
         self.max_model_len = resolve_max_model_len(arch, cfg.engine)
         self.model = model.options(stream=True)
         self.node_labels = ray.get_runtime_context().get_node_labels()
+        self.in_flight = 0
+        self.cpu_mark = (time.process_time(), time.monotonic())
         self.metrics = TokenizerMetrics(base_tags(cfg.model.name,
                                                   serve.get_replica_context().replica_tag))
 
@@ -83,6 +85,7 @@ class TokenizerPool:
         stops = StopStrings(req.stop)
         n_out = 0
         outputs = self._retrying(engine_req)
+        self.in_flight += 1
         try:
             async for out in outputs:
                 n_out += len(out["token_ids"])
@@ -100,6 +103,7 @@ class TokenizerPool:
                             error=APIError(f"generation failed: {err}", 500, "server_error")
                             .body(), status=500)
         finally:
+            self.in_flight -= 1
             # a stop string, or our caller went away: end the generation, free its KV blocks
             await outputs.aclose()
 
@@ -125,6 +129,13 @@ class TokenizerPool:
                     stream = self.model.generate.remote(engine_req)
         finally:
             stream.cancel()  # no-op once the stream is done; frees KV if we stopped early
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """CPU share of one core this replica used since the last report, and its queue."""
+        cpu, wall = time.process_time(), time.monotonic()
+        used = (cpu - self.cpu_mark[0]) / max(1e-6, wall - self.cpu_mark[1])
+        self.cpu_mark = (cpu, wall)
+        return {"cpu": min(1.0, used), "queued": float(self.in_flight)}
 
     def node(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "labels": self.node_labels}
