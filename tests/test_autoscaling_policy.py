@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from pydantic import ValidationError
 
 from cluster.autoscaling import ScalingPolicy, decide, pool_signals
 from cluster.config import ConfigError, load_serve_config
+
+SHIPPED = Path(__file__).parent.parent / "deployments" / "autoscaling"
 
 
 def run(p: ScalingPolicy, current: int, signals: dict, times: list[float]) -> list[int]:
@@ -60,7 +64,7 @@ def test_bad_policy_is_rejected_with_its_field(tmp_path):
         ScalingPolicy(min_replicas=5, max_replicas=2, kv_usage=0.5)
     with pytest.raises(ValidationError, match="at least one signal"):
         ScalingPolicy(max_replicas=3)
-    doc = yaml.safe_load(open("deployments/autoscaling/latency.yaml"))
+    doc = yaml.safe_load(open(SHIPPED / "latency.yaml"))
     doc["applications"][0]["args"]["model_pool"]["autoscaling"]["kv_usage"] = 3
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(doc))
@@ -70,5 +74,5 @@ def test_bad_policy_is_rejected_with_its_field(tmp_path):
 
 @pytest.mark.parametrize("name", ["latency", "throughput", "cost"])
 def test_shipped_policies_are_valid(name):
-    _, cfg = load_serve_config(f"deployments/autoscaling/{name}.yaml")
+    _, cfg = load_serve_config(SHIPPED / f"{name}.yaml")
     assert cfg.model_pool.autoscaling and cfg.tokenizer_pool.autoscaling

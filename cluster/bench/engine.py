@@ -144,10 +144,9 @@ def profile_decode(engine: LLMEngine, batch: int, steps: int = 20) -> None:
           file=sys.stderr)
 
 
-def run_hf(folder: str, device: str, dtype, prompts, out_lens, state) -> dict:
-    from transformers import AutoModelForCausalLM, GenerationConfig
+def run_hf(hf, device: str, prompts, out_lens) -> dict:
+    from transformers import GenerationConfig
 
-    hf = state["hf"]
     gen = GenerationConfig(max_new_tokens=max(out_lens), do_sample=False, eos_token_id=None,
                            pad_token_id=0)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -166,7 +165,6 @@ def run_hf(folder: str, device: str, dtype, prompts, out_lens, state) -> dict:
             produced += out.shape[1] - len(p)
     sync()
     elapsed = time.perf_counter() - start
-    del AutoModelForCausalLM
     return {"output_tok_s": produced / elapsed, "elapsed_s": elapsed,
             "output_tokens": produced, "mode": mode, "num_prompts": len(prompts)}
 
@@ -333,10 +331,10 @@ def main(argv=None) -> int:
     result: dict = {"preset": args.preset, "device": args.device, "dtype": dtype_name,
                     "num_prompts": len(prompts),
                     "input_tokens": sum(map(len, prompts)), "output_len": args.output_len}
-    state = {"hf": hf}
+
     if args.baseline_prompts:
         k = min(args.baseline_prompts, len(prompts))
-        result["baseline"] = run_hf(folder, args.device, dtype, prompts[:k], out_lens[:k], state)
+        result["baseline"] = run_hf(hf, args.device, prompts[:k], out_lens[:k])
     check = [p[:256] for p in prompts[: args.check_prompts]]
     expected = hf_greedy(hf, args.device, check, 32)
     hf_check = hf
@@ -347,7 +345,7 @@ def main(argv=None) -> int:
                        cuda_graphs=not args.no_cuda_graphs, torch_threads=None)
     weights = list(hf.state_dict().items())
     engine = LLMEngine(folder, cfg, weights=weights)
-    del weights, hf, state
+    del weights, hf
     got = engine.generate(check, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     matched = [g == e for g, e in zip(got, expected, strict=True)]
     tol = 0.0 if dtype_name == "float32" else 0.1

@@ -175,14 +175,12 @@ class LLMEngine:
             time.sleep(self.step_delay_s)
         self.steps += 1
         outputs = []
-        now = time.monotonic()
         for seq, n, tok in zip(batch.seqs, batch.num_new_tokens, tokens, strict=True):
             seq.num_computed_tokens += n
             self.blocks.register_full_blocks(seq)
             if tok is None:
                 continue
             seq.token_ids.append(tok)
-            seq.first_token_time = seq.first_token_time or now
             self.generated_tokens += 1
             reason = self._finish_reason(seq, tok)
             if reason:

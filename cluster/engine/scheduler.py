@@ -93,7 +93,6 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self._reset(seq)
         seq.status = SeqStatus.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 

@@ -104,10 +104,6 @@ class Peers:
             raise RuntimeError("a tensor-parallel peer stopped")
         dist.broadcast_object_list([(method, args)], src=0, group=self.control)
 
-    def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
-
 
 class EngineHost:
     """A whole engine in one Ray actor: what a Serve model replica is, for tests and the
