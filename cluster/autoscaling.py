@@ -74,6 +74,10 @@ def decide(p: ScalingPolicy, current: int, signals: dict[str, float], state: dic
     lo, hi = p.min_replicas, p.max_replicas
     if current < lo or current > hi:
         return Decision(min(max(current, lo), hi), "outside min/max")
+    if current == 0:  # no replica reports anything: wake on requests queued at the handles
+        if signals.get("requests", 0) > 0:
+            return Decision(1, "scale up from zero: requests waiting")
+        return Decision(0, "idle at zero")
     if now - state.get("last_up", -math.inf) < p.startup_s:
         return Decision(current, "waiting for new replicas to start")
     load, why = pressure(p, signals)
@@ -107,26 +111,35 @@ def pool_signals(aggregated: dict | None) -> dict[str, float]:
     return out
 
 
-_decisions = None
+class Policy:
+    """Serve's entry point (`autoscaling_config.policy.policy_function`). A class, because
+    Serve hands `policy_kwargs` only to a class (once, at construction) and calls a plain
+    function with the context alone."""
 
+    def __init__(self, **kwargs):
+        self.spec = ScalingPolicy.model_validate(kwargs)
+        self._decisions = None
 
-def policy(ctx, **kwargs) -> tuple[int, dict]:
-    """Serve's entry point (`autoscaling_config.policy.policy_function`)."""
-    global _decisions
-    p = ScalingPolicy.model_validate(kwargs)
-    state = dict(ctx.policy_state or {})
-    now = ctx.current_time
-    d = decide(p, ctx.current_num_replicas, pool_signals(ctx.aggregated_metrics), state, now)
-    if d.replicas != ctx.current_num_replicas:
-        log.info("autoscaling %s: %d -> %d replicas (%s)", ctx.deployment_name,
-                 ctx.current_num_replicas, d.replicas, d.reason)
+    def __call__(self, ctx) -> tuple[int, dict]:
+        state = dict(ctx.policy_state or {})
+        # the count last asked for, not the running one: replicas still starting count, or
+        # holding steady would cancel them
+        current = ctx.target_num_replicas
+        signals = pool_signals(ctx.aggregated_metrics)
+        signals["requests"] = float(ctx.total_num_requests or 0)
+        d = decide(self.spec, current, signals, state, ctx.current_time)
+        if d.replicas != current:
+            direction = "up" if d.replicas > current else "down"
+            log.info("autoscaling %s: %d -> %d replicas (%s)", ctx.deployment_name, current,
+                     d.replicas, d.reason)
+            self._count(ctx.deployment_name, direction)
+        return d.replicas, state
+
+    def _count(self, deployment: str, direction: str) -> None:
         from ray.util import metrics
 
-        if _decisions is None:
-            _decisions = metrics.Counter("tandem_autoscaling_decisions",
-                                         "Scaling decisions by deployment and direction",
-                                         tag_keys=("deployment", "direction"))
-        _decisions.inc(tags={"deployment": ctx.deployment_name,
-                             "direction": "up" if d.replicas > ctx.current_num_replicas
-                             else "down"})
-    return d.replicas, state
+        if self._decisions is None:
+            self._decisions = metrics.Counter(
+                "tandem_autoscaling_decisions", "Scaling decisions by deployment and direction",
+                tag_keys=("deployment", "direction"))
+        self._decisions.inc(tags={"deployment": deployment, "direction": direction})

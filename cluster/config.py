@@ -59,6 +59,9 @@ class PoolConfig(Strict):
     num_gpus: float = Field(0, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)
     label_selector: dict[str, str] = Field(default_factory=dict)
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="spread replicas over hosts, so that losing one host loses "
+        "at most this many")
 
 
 def _tokenizer_pool() -> PoolConfig:

@@ -11,6 +11,9 @@ import ray
 from ray.util import metrics
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
+                 1, 2.5]
+GAP_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1]
 TAGS = ("model", "replica", "node", "node_role")
 
 
@@ -37,6 +40,16 @@ class EngineMetrics:
                       LATENCY_BUCKETS, TAGS)
         self.e2e = h("tandem_e2e_request_latency_seconds", "Request latency in the engine",
                      LATENCY_BUCKETS, TAGS)
+        self.itl = h("tandem_inter_token_latency_seconds", "Time between output tokens",
+                     TOKEN_BUCKETS, TAGS)
+        self.queue = h("tandem_request_queue_time_seconds", "Time waiting to be scheduled",
+                       LATENCY_BUCKETS, TAGS)
+        self.prefill = h("tandem_request_prefill_time_seconds", "First schedule to first token",
+                         LATENCY_BUCKETS, TAGS)
+        self.decode = h("tandem_request_decode_time_seconds", "First token to the last",
+                        LATENCY_BUCKETS, TAGS)
+        self.idle_gap = h("tandem_gpu_idle_gap_seconds", "Host time between engine steps with "
+                          "work waiting (the device idles through it)", GAP_BUCKETS, TAGS)
         self.last = {"prefix_queries": 0, "prefix_hits": 0}
         self.gpu = _nvml_handle()
         if self.gpu is not None:
@@ -44,9 +57,12 @@ class EngineMetrics:
             self.gpu_mem = g("tandem_gpu_memory_used_bytes", "GPU memory in use (NVML)", TAGS)
             self.gpu_power = g("tandem_gpu_power_watts", "GPU power draw (NVML)", TAGS)
 
-    def sample(self, stats) -> None:
-        """Gauges and cache counters from one EngineStats reading (called once a second)."""
+    def sample(self, stats, idle_gaps) -> None:
+        """Gauges and cache counters from one EngineStats reading (called once a second), and
+        the idle gaps between steps since the last call (drained from the engine's deque)."""
         t = self.tags
+        while idle_gaps:
+            self.idle_gap.observe(idle_gaps.popleft(), t)
         self.running.set(stats.running, t)
         self.waiting.set(stats.waiting, t)
         self.kv_usage.set(stats.kv_usage, t)
@@ -63,9 +79,19 @@ class EngineMetrics:
             self.gpu_mem.set(pynvml.nvmlDeviceGetMemoryInfo(self.gpu).used, t)
             self.gpu_power.set(pynvml.nvmlDeviceGetPowerUsage(self.gpu) / 1000.0, t)
 
+    def first_token(self, queue_s: float, prefill_s: float) -> None:
+        self.queue.observe(queue_s, self.tags)
+        self.prefill.observe(prefill_s, self.tags)
+
+    def tokens_after(self, gap_s: float, n: int) -> None:
+        """n tokens that arrived together gap_s after the previous ones."""
+        self.itl.observe(gap_s / n, self.tags)
+
     def request_done(self, prompt_tokens: int, output_tokens: int, reason: str,
                      ttft_s: float | None, e2e_s: float) -> None:
         t = self.tags
+        if ttft_s is not None and output_tokens > 1:
+            self.decode.observe(e2e_s - ttft_s, t)
         if prompt_tokens:
             self.prompt_tokens.inc(prompt_tokens, t)
         if output_tokens:

@@ -23,6 +23,11 @@ def actor_options(pool: PoolConfig) -> dict:
     return opts
 
 
+def spread(pool: PoolConfig) -> dict:
+    return {} if pool.max_replicas_per_node is None else {
+        "max_replicas_per_node": pool.max_replicas_per_node}
+
+
 def model_placement(cfg: AppConfig) -> dict:
     """A tensor-parallel replica reserves one bundle per rank, packed on one node: the
     replica itself (rank 0) takes bundle 0, its peer ranks the others."""
@@ -53,7 +58,10 @@ def sizing(pool: PoolConfig, drain_s: float) -> dict:
                 "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                 "initial_replicas": max(a.min_replicas, 1), "metrics_interval_s": 1.0,
                 "look_back_period_s": 10.0,
-                "policy": {"policy_function": "cluster.autoscaling:policy",
+                # Serve wraps a custom policy in its own delay logic (30 s up, 600 s down by
+                # default); our policy owns its delays, so Serve's must pass decisions through
+                "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
+                "policy": {"policy_function": "cluster.autoscaling:Policy",
                            "policy_kwargs": a.model_dump()}}}
 
 
@@ -73,6 +81,7 @@ def build(cfg: AppConfig) -> Application:
         max_ongoing_requests=cfg.model_pool.max_ongoing_requests,
         logging_config=QUIET,
         **model_placement(cfg),
+        **spread(cfg.model_pool),
         **routing,
     ).bind(conf)
     tokenizer = TokenizerPool.options(
@@ -80,6 +89,7 @@ def build(cfg: AppConfig) -> Application:
         max_ongoing_requests=cfg.tokenizer_pool.max_ongoing_requests,
         logging_config=QUIET,
         ray_actor_options=actor_options(cfg.tokenizer_pool),
+        **spread(cfg.tokenizer_pool),
     ).bind(conf, model)
     return Ingress.options(
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,

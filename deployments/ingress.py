@@ -6,15 +6,19 @@ No `from __future__ import annotations` here: FastAPI must see the real `Request
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.admission import ApiKeys, Gate
 from cluster.config import AppConfig
@@ -30,6 +34,7 @@ from cluster.protocol import (
     validation_error,
 )
 
+log = logging.getLogger("ray.serve")
 api = FastAPI(title="tandem", description="OpenAI-compatible LLM serving")
 
 
@@ -40,6 +45,44 @@ def error_response(err: APIError) -> JSONResponse:
 @api.exception_handler(APIError)
 async def _api_error(_: Request, err: APIError) -> JSONResponse:
     return error_response(err)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    """Unknown paths (404), wrong methods (405): in OpenAI's error shape too."""
+    kind = "invalid_request_error" if err.status_code < 500 else "server_error"
+    resp = error_response(APIError(str(err.detail), err.status_code, kind))
+    resp.headers.update(err.headers or {})
+    return resp
+
+
+def openapi() -> dict:
+    """FastAPI's schema, plus the request bodies the endpoints parse themselves (strictly,
+    for OpenAI-style errors), so that clients and fuzzers see the real contract."""
+    if api.openapi_schema is None:
+        schema = get_openapi(title=api.title, version="1", description=api.description,
+                             routes=api.routes)
+        shared = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in (("/v1/completions", CompletionRequest),
+                            ("/v1/chat/completions", ChatCompletionRequest)):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            shared.update(body.pop("$defs", {}))
+            shared[model.__name__] = body
+            schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = openapi
+
+
+# a failed stage (500: generation failed; 503: a replica died) is worth one more try
+RETRYABLE = {500, 503}
+
+
+def new_id(kind: str) -> str:
+    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
 
 
 def sse(obj: dict | str) -> str:
@@ -104,7 +147,7 @@ class Ingress:
                                code="request_too_large")
         try:
             doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise APIError("the request body is not valid JSON") from None
         if not isinstance(doc, dict):
             raise APIError("the request body must be a JSON object")
@@ -152,25 +195,37 @@ class Ingress:
 
     async def _generate(self, req, kind: str, endpoint: str, deadline: float,
                         ticket: int) -> Response:
-        """Owns one gate slot: released when the response (or its stream) is over."""
+        """Owns one gate slot: released when the response (or its stream) is over.
+
+        A stage that fails before anything reached the client (a tokenizer replica died, or a
+        model replica failed a whole non-streamed request) is retried once from the start, on
+        replicas Serve picks afresh: the client sees one answer, never a duplicate."""
         gen = self._to_engine(req, kind)
-        stream = self.tokenizer.generate.remote(gen)
         start = time.monotonic()
-        head: TextDelta = await self._next(stream, deadline)
-        if head.error:
+        for attempt in range(2):
+            stream = self.tokenizer.generate.remote(gen)
+            head: TextDelta = await self._next(stream, deadline)
+            if head.error and head.status in RETRYABLE and attempt == 0:
+                gen = replace(gen, request_id=new_id(kind))
+                continue
+            if head.error:
+                self.gate.leave(ticket)
+                self.metrics.request(endpoint, head.status)
+                return JSONResponse(head.error, status_code=head.status)
+            meta = {"id": gen.request_id, "created": int(time.time()), "model": self.model_name}
+            if req.stream:
+                self.metrics.request(endpoint, 200)
+                return StreamingResponse(
+                    self._sse(stream, meta, kind, req.include_usage(), start, deadline, ticket),
+                    media_type="text/event-stream")
+            status, body = await self._collect(stream, meta, kind, head, start, deadline)
+            if status in RETRYABLE and attempt == 0:
+                gen = replace(gen, request_id=new_id(kind))
+                continue
             self.gate.leave(ticket)
-            self.metrics.request(endpoint, head.status)
-            return JSONResponse(head.error, status_code=head.status)
-        self.metrics.request(endpoint, 200)
-        meta = {"id": gen.request_id, "created": int(time.time()), "model": self.model_name}
-        if req.stream:
-            return StreamingResponse(
-                self._sse(stream, meta, kind, req.include_usage(), start, deadline, ticket),
-                media_type="text/event-stream")
-        try:
-            return await self._collect(stream, meta, kind, head, start, deadline)
-        finally:
-            self.gate.leave(ticket)
+            self.metrics.request(endpoint, status)
+            return JSONResponse(body, status_code=status)
+        raise AssertionError("unreachable: the second attempt always returns")
 
     @staticmethod
     async def _next(stream, deadline: float) -> TextDelta:
@@ -182,14 +237,21 @@ class Ingress:
             err = APIError("the request did not finish within its deadline", 504,
                            "timeout_error", code="request_timeout")
             return TextDelta(finish_reason="error", error=err.body(), status=504)
+        except StopAsyncIteration:
+            raise
+        except Exception as exc:  # a stage died under this request (replica or node lost)
+            log.warning("request stream failed: %r", exc)
+            stream.cancel()
+            err = APIError(f"the request failed inside the cluster ({type(exc).__name__}); "
+                           "retry it", 503, "server_error", code="replica_failed")
+            return TextDelta(finish_reason="error", error=err.body(), status=503)
 
     def _to_engine(self, req: SamplingFields, kind: str) -> GenerateRequest:
         params = SamplingParams(
             temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k),
             seed=req.seed, stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos)
-        prefix = "chatcmpl" if kind == "chat" else "cmpl"
-        rid = f"{prefix}-{uuid.uuid4().hex}"
+        rid = new_id(kind)
         if isinstance(req, ChatCompletionRequest):
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
             return GenerateRequest(rid, "chat", None, messages, params, req.max_new_tokens(),
@@ -215,7 +277,7 @@ class Ingress:
                 return
 
     async def _collect(self, stream, meta: dict, kind: str, head: TextDelta,
-                       start: float, deadline: float) -> Response:
+                       start: float, deadline: float) -> tuple[int, dict]:
         parts: list[str] = []
         last, ttft = head, None
         async for d in self._deltas(stream, deadline):
@@ -223,7 +285,7 @@ class Ingress:
             parts.append(d.text)
             last = d
             if d.error:
-                return JSONResponse(d.error, status_code=d.status)
+                return d.status, d.error
         self.metrics.finished(last.prompt_tokens, last.completion_tokens, ttft,
                               time.monotonic() - start)
         text = "".join(parts)
@@ -235,8 +297,7 @@ class Ingress:
             choice = {"index": 0, "text": text, "finish_reason": last.finish_reason,
                       "logprobs": None}
             obj = "text_completion"
-        return JSONResponse({**meta, "object": obj, "choices": [choice],
-                             "usage": self._usage(last)})
+        return 200, {**meta, "object": obj, "choices": [choice], "usage": self._usage(last)}
 
     async def _sse(self, stream, meta: dict, kind: str, include_usage: bool,
                    start: float, deadline: float, ticket: int) -> AsyncIterator[str]:

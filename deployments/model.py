@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -19,6 +21,15 @@ from cluster.router import PREFIX_SUMMARY_BLOCKS
 from cluster.stage_metrics import EngineMetrics, base_tags
 
 log = logging.getLogger("ray.serve")
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (peak where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @serve.deployment(name="ModelReplica")
@@ -45,7 +56,7 @@ class ModelReplica:
 
     async def _sample_forever(self) -> None:
         while True:
-            self.metrics.sample(self.engine.engine.stats())
+            self.metrics.sample(self.engine.engine.stats(), self.engine.engine.idle_gaps)
             await asyncio.sleep(1.0)
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[dict]:
@@ -53,12 +64,19 @@ class ModelReplica:
             self._sampler = asyncio.create_task(self._sample_forever())
         self.requests += 1
         start, ttft, n_out, reason = time.monotonic(), None, 0, "abort"
+        last = start
         try:
             async for out in self.engine.generate(req.request_id, req.prompt_token_ids,
                                                   req.params):
+                now = time.monotonic()
                 if ttft is None:
-                    ttft = time.monotonic() - start
-                    self.ttfts.append((time.monotonic(), ttft))
+                    ttft = now - start
+                    self.ttfts.append((now, ttft))
+                    if out.queue_s is not None:
+                        self.metrics.first_token(out.queue_s, out.prefill_s)
+                elif out.new_token_ids:
+                    self.metrics.tokens_after(now - last, len(out.new_token_ids))
+                last = now
                 n_out += len(out.new_token_ids)
                 reason = out.finish_reason or reason
                 yield {"token_ids": out.new_token_ids, "finish_reason": out.finish_reason,
@@ -79,7 +97,7 @@ class ModelReplica:
         return {"running": s.running, "waiting": s.waiting, "waiting_tokens": s.waiting_tokens,
                 "kv_used": s.kv_blocks_used, "kv_total": s.kv_blocks_total,
                 "max_num_seqs": eng.cfg.max_num_seqs, "ts": time.time(), "prefix": hashes,
-                "requests": self.requests}
+                "requests": self.requests, "rss_mb": rss_mb()}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         s = self.engine.engine.stats()

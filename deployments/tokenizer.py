@@ -43,6 +43,7 @@ class TokenizerPool:
                                                   serve.get_replica_context().replica_tag))
 
     def tokenize(self, req: GenerateRequest) -> list[int]:
+        param = "messages" if req.kind == "chat" else "prompt"
         try:
             if req.kind == "chat":
                 ids = self.tokenizer.encode_chat(req.messages)
@@ -50,9 +51,8 @@ class TokenizerPool:
                 ids = self.tokenizer.encode(req.prompt)
             else:
                 ids = list(req.prompt)
-        except (TemplateError, ValueError) as err:
-            raise APIError(f"could not build the prompt: {err}", param="messages") from None
-        param = "messages" if req.kind == "chat" else "prompt"
+        except (TemplateError, ValueError, TypeError, UnicodeError) as err:
+            raise APIError(f"could not tokenize the {param}: {err}", param=param) from None
         if not ids:
             raise APIError("the prompt is empty", param=param)
         if any(not 0 <= t < self.vocab_size for t in ids):

@@ -27,13 +27,15 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster(model_dir):
-    """Head + Kunpeng node + model node declaring two GPUs (replicas run the CPU engine)."""
+    """Head + two Kunpeng nodes + a model node declaring two GPUs (helpers.CLUSTER)."""
+    import dataclasses
+
     import ray
 
     from cluster import local_cluster
+    from tests.helpers import CLUSTER
 
-    cluster = local_cluster.start(local_cluster.LocalClusterSpec(
-        model_gpus=2, model_cpus=8, dashboard_port=free_port()))
+    cluster = local_cluster.start(dataclasses.replace(CLUSTER, dashboard_port=free_port()))
     ray.init(address=cluster.address)
     yield cluster
     from ray import serve

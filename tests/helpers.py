@@ -7,6 +7,12 @@ import time
 import ray
 from ray.util.state import list_actors
 
+from cluster.local_cluster import LocalClusterSpec
+
+# the session's cluster: two Kunpeng nodes (a node can be lost), a model node with two
+# declared GPUs (the replicas run the CPU engine)
+CLUSTER = LocalClusterSpec(kunpeng_nodes=2, kunpeng_cpus=2, model_gpus=2, model_cpus=8)
+
 
 def replica_actors(deployment: str, app: str = "tandem") -> list:
     # this cluster's own address: with two clusters on a machine, the default would follow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -72,7 +73,40 @@ def test_bad_policy_is_rejected_with_its_field(tmp_path):
         load_serve_config(bad)
 
 
-@pytest.mark.parametrize("name", ["latency", "throughput", "cost"])
+@pytest.mark.parametrize("name", ["latency", "throughput", "cost", "ramp"])
 def test_shipped_policies_are_valid(name):
     _, cfg = load_serve_config(SHIPPED / f"{name}.yaml")
     assert cfg.model_pool.autoscaling and cfg.tokenizer_pool.autoscaling
+
+
+def test_scale_from_zero_on_waiting_requests():
+    p = ScalingPolicy(min_replicas=0, waiting=2, downscale_delay_s=0, startup_s=0)
+    assert run(p, 0, {}, [0, 1]) == [0, 0]
+    assert run(p, 0, {"requests": 3}, [0]) == [1]
+
+
+class Ctx(SimpleNamespace):
+    """The fields of Serve's AutoscalingContext that the policy reads."""
+
+
+def test_serve_entry_point_takes_kwargs_once_and_keeps_state():
+    """Serve builds a class policy with `policy_kwargs` and calls it with the context alone;
+    the state it returns comes back on the next call."""
+    from ray.serve.config import AutoscalingPolicy
+
+    spec = {"policy_function": "cluster.autoscaling:Policy",
+            "policy_kwargs": ScalingPolicy(waiting=2, upscale_delay_s=1, startup_s=0,
+                                           max_replicas=5).model_dump()}
+    entry = AutoscalingPolicy(**spec).get_policy()(**spec["policy_kwargs"])
+    hot = {"waiting": {"r1": 9.0}}
+    ctx = Ctx(target_num_replicas=1, aggregated_metrics=hot, policy_state=None,
+              current_time=100.0, deployment_name="ModelReplica", total_num_requests=9)
+    n, state = entry(ctx)
+    assert n == 1 and "above_since" in state  # above target, waiting out the delay
+    n, state = entry(Ctx(**{**vars(ctx), "policy_state": state, "current_time": 101.5}))
+    assert n == 3
+    # the two new replicas are still starting: holding means keeping the target, not the one
+    # running replica (which would cancel them)
+    n, state = entry(Ctx(**{**vars(ctx), "policy_state": state, "current_time": 103.0,
+                            "target_num_replicas": 3, "current_num_replicas": 1}))
+    assert n == 3

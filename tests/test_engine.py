@@ -155,3 +155,65 @@ def test_scheduler_respects_token_budget_and_seq_limit():
     assert batch.num_tokens == 10 and [s.request_id for s in batch.seqs] == ["s0", "s1"]
     assert batch.num_new_tokens == [8, 2]  # s1's prefill is chunked
     assert len(sched.running) == 2 and len(sched.waiting) == 1
+
+
+def _drain(eng: LLMEngine) -> dict[str, tuple[list[int], str | None, str | None]]:
+    out: dict[str, tuple[list[int], str | None, str | None]] = {}
+    while eng.has_work():
+        for o in eng.step():
+            toks, _, _ = out.get(o.request_id, ([], None, None))
+            out[o.request_id] = (toks + o.new_token_ids, o.finish_reason, o.error)
+    return out
+
+
+def test_nan_logits_fail_only_that_request(model_dir, prompts, hf_greedy):
+    """A request whose logits turn NaN ends with a clear error; its batch mates and later
+    requests are served as if nothing happened, and its KV blocks come back."""
+    eng = make_engine(model_dir)
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    compute = eng.runner.model.compute_logits
+    poisoned = {"left": 3}
+
+    def nan_for_row0(hidden):
+        logits = compute(hidden)
+        if poisoned["left"] and logits.shape[0] == len(prompts):
+            poisoned["left"] -= 1
+            if poisoned["left"] == 0:  # the third full decode step
+                logits[0] = float("nan")
+        return logits
+
+    eng.runner.model.compute_logits = nan_for_row0
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, params)
+    out = _drain(eng)
+    assert out["r0"][1] == "error" and "NaN" in out["r0"][2]
+    for i in range(1, len(prompts)):
+        assert out[f"r{i}"][0] == hf_greedy[i][:8] and out[f"r{i}"][2] is None
+    assert eng.blocks.num_used == 0
+    eng.runner.model.compute_logits = compute
+    assert eng.generate([prompts[0]], params) == [hf_greedy[0][:8]]
+
+
+def test_failed_step_fails_its_requests_and_the_engine_serves_on(model_dir, prompts,
+                                                                  hf_greedy):
+    """An exception inside a step (CUDA out of memory, say) fails the requests of that step
+    with the error's text; the engine frees their blocks and serves the next ones."""
+    eng = make_engine(model_dir)
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    run = eng.runner.run
+    calls = {"n": 0}
+
+    def oom_on_second_step(batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return run(batch)
+
+    eng.runner.run = oom_on_second_step
+    for i, p in enumerate(prompts[:2]):
+        eng.add_request(f"r{i}", p, params)
+    out = _drain(eng)
+    assert {o[1] for o in out.values()} == {"error"}
+    assert all("OutOfMemoryError" in o[2] for o in out.values())
+    assert eng.blocks.num_used == 0 and not eng.seqs
+    assert eng.generate(prompts[:2], params) == [h[:6] for h in hf_greedy[:2]]

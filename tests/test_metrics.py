@@ -119,5 +119,20 @@ def test_stage_series_under_load(prometheus, metrics_client):
     ttft = f'sum(ray_tandem_time_to_first_token_seconds_count{{model="{MODEL}"}})'
     assert query(prometheus, ttft) == 8
     assert query(prometheus, "sum(ray_tandem_router_decisions_total)") >= 8
+
+    def count(name: str) -> float:
+        return query(prometheus, f'sum(ray_tandem_{name}_count{{model="{MODEL}"}})') or 0.0
+
+    # one observation per request: queue and prefill at its first token, decode at its end
+    for name in ("request_queue_time_seconds", "request_prefill_time_seconds",
+                 "request_decode_time_seconds"):
+        assert count(name) == 8, name
+    # every token after a request's first arrives with an inter-token gap, alone or in a group
+    assert 8 <= count("inter_token_latency_seconds") <= received - 8
+    # ten decode steps a request: the engine saw steps follow steps with work waiting
+    assert count("gpu_idle_gap_seconds") > 0
+    p50 = query(prometheus, "histogram_quantile(0.5, sum by (le) "
+                            f'(ray_tandem_inter_token_latency_seconds_bucket{{model="{MODEL}"}}))')
+    assert 0 < p50 < 2.5
     roles = httpx.get(f"{prometheus}/api/v1/label/node_role/values", timeout=10).json()
     assert "model" in roles["data"]

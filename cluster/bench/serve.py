@@ -4,10 +4,14 @@
         --concurrency 32 --input-len 64 256 --output-len 32 128 [--request-rate 8] [--json]
 
 Fixed concurrency, or Poisson arrivals at --request-rate (then --concurrency caps requests in
-flight); always bounded by --num-requests or --duration. Streams every request (SSE) and
-measures, like vLLM's serving benchmark: TTFT (to the first content), ITL (gaps between
-content chunks), TPOT ((e2e - TTFT) / (output tokens - 1)), e2e latency, output tok/s, and
-goodput (requests/s meeting the TTFT and ITL SLOs).
+flight); always bounded by --num-requests or --duration. `--sweep-rates 1 2 4 8` runs the
+workload at each rate and `--plot latency.png` draws latency against load. `--prometheus URL`
+samples GPU and CPU utilization from the cluster's metrics during the run, for experiments
+such as 1,000 concurrent streams (`--concurrency 1000 --num-requests 5000`).
+
+Streams every request (SSE) and measures, like vLLM's serving benchmark: TTFT (to the first
+content), ITL (gaps between content chunks), TPOT ((e2e - TTFT) / (output tokens - 1)),
+e2e latency, output tok/s, and goodput (requests/s meeting the TTFT and ITL SLOs).
 """
 
 from __future__ import annotations
@@ -70,6 +74,32 @@ def pcts(xs: list[float]) -> dict:
     return {f"p{q}": float(np.percentile(xs, q)) * 1000 for q in (50, 90, 99)}
 
 
+# PromQL over Ray's exported series: mean GPU busy share of the model replicas, CPU use by node
+# role (Ray's node CPU series carry no role label: read all nodes)
+UTILIZATION = {"gpu_util_perc": "avg(ray_tandem_gpu_utilization_perc)",
+               "cpu_util_perc": "avg(ray_node_cpu_utilization)"}
+
+
+async def sample_utilization(prom: str, stop: asyncio.Event, every_s: float = 2.0) -> dict:
+    seen: dict[str, list[float]] = {k: [] for k in UTILIZATION}
+    async with httpx.AsyncClient(timeout=5) as client:
+        while not stop.is_set():
+            for key, q in UTILIZATION.items():
+                try:
+                    r = await client.get(f"{prom}/api/v1/query", params={"query": q})
+                    result = r.json()["data"]["result"]
+                    if result:
+                        seen[key].append(float(result[0]["value"][1]))
+                except (httpx.HTTPError, KeyError, ValueError):
+                    pass
+            try:
+                await asyncio.wait_for(stop.wait(), every_s)
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+    return {k: {"mean": float(np.mean(v)), "max": float(np.max(v))} if v else None
+            for k, v in seen.items()}
+
+
 async def run(args) -> dict:
     prompts = make_prompts(args.num_requests, tuple(args.input_len), args.shared_prefix,
                            args.seed)
@@ -79,6 +109,9 @@ async def run(args) -> dict:
     results: list[dict] = []
     start = time.perf_counter()
     limits = httpx.Limits(max_connections=args.concurrency + 8)
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(sample_utilization(args.prometheus, stop)) \
+        if args.prometheus else None
 
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
         async def task(p: str, n: int) -> None:
@@ -98,6 +131,8 @@ async def run(args) -> dict:
                 await asyncio.sleep(arrivals.exponential(1.0 / args.request_rate))
         await asyncio.gather(*tasks)
     wall = time.perf_counter() - start
+    stop.set()
+    utilization = await sampler if sampler else None
     print(file=sys.stderr)
     ok = [r for r in results if r["error"] is None]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
@@ -112,7 +147,54 @@ async def run(args) -> dict:
             "e2e_ms": pcts([r["e2e"] for r in ok]),
             "goodput_req_s": len(good) / wall,
             "slo": {"ttft_ms": args.slo_ttft_ms, "itl_ms": args.slo_itl_ms},
-            "error_samples": sorted({r["error"] for r in results if r["error"]})[:5]}
+            "error_samples": sorted({r["error"] for r in results if r["error"]})[:5],
+            "request_rate": args.request_rate, "concurrency": args.concurrency,
+            "utilization": utilization}
+
+
+def sweep(args) -> list[dict]:
+    out = []
+    for rate in args.sweep_rates:
+        args.request_rate = rate
+        print(f"rate {rate:g} req/s", file=sys.stderr)
+        out.append(asyncio.run(run(args)))
+    return out
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    load = [r["request_throughput"] for r in results]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key, label in (("ttft_ms", "TTFT"), ("itl_ms", "ITL"), ("e2e_ms", "e2e")):
+        for q, style in (("p50", "-o"), ("p99", "--x")):
+            ys = [r[key][q] for r in results]
+            if all(y is not None for y in ys):
+                ax.plot(load, ys, style, label=f"{label} {q}")
+    ax.set_yscale("log")
+    ax.set_xlabel("achieved requests/s")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("tandem: latency against load")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def report(res: dict) -> None:
+    print(f"requests {res['requests']} (errors {res['errors']}) in {res['duration_s']:.1f}"
+          f" s: {res['request_throughput']:.2f} req/s, {res['output_tok_s']:.1f} output "
+          f"tok/s, goodput {res['goodput_req_s']:.2f} req/s")
+    for k in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"):
+        v = res[k]
+        if v["p50"] is not None:
+            print(f"  {k:8s} p50 {v['p50']:8.1f}  p90 {v['p90']:8.1f}  p99 {v['p99']:8.1f}")
+    for k, v in (res.get("utilization") or {}).items():
+        if v:
+            print(f"  {k:14s} mean {v['mean']:6.1f}  max {v['max']:6.1f}")
 
 
 def main(argv=None) -> int:
@@ -132,20 +214,26 @@ def main(argv=None) -> int:
     ap.add_argument("--slo-itl-ms", type=float, default=200)
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sweep-rates", type=float, nargs="+", default=None,
+                    help="run at each Poisson rate in turn")
+    ap.add_argument("--plot", default=None, help="PNG of latency against load (a sweep)")
+    ap.add_argument("--prometheus", default=None,
+                    help="Prometheus URL: sample GPU/CPU utilization during the run")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    res = asyncio.run(run(args))
+    results = sweep(args) if args.sweep_rates else [asyncio.run(run(args))]
+    if args.plot:
+        plot(results, args.plot)
     if args.json:
-        print(json.dumps(res, indent=2))
+        print(json.dumps(results if args.sweep_rates else results[0], indent=2))
     else:
-        print(f"requests {res['requests']} (errors {res['errors']}) in {res['duration_s']:.1f}"
-              f" s: {res['request_throughput']:.2f} req/s, {res['output_tok_s']:.1f} output "
-              f"tok/s, goodput {res['goodput_req_s']:.2f} req/s")
-        for k in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"):
-            v = res[k]
-            if v["p50"] is not None:
-                print(f"  {k:8s} p50 {v['p50']:8.1f}  p90 {v['p90']:8.1f}  p99 {v['p99']:8.1f}")
-    return 0 if res["errors"] == 0 else 1
+        for res in results:
+            if args.sweep_rates:
+                print(f"--- rate {res['request_rate']:g} req/s")
+            report(res)
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0 if all(r["errors"] == 0 for r in results) else 1
 
 
 if __name__ == "__main__":

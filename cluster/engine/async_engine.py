@@ -78,7 +78,7 @@ class AsyncEngine:
                 _, rid, ids, params = msg
                 try:
                     self.engine.add_request(rid, ids, params)
-                except ValueError as err:
+                except Exception as err:  # a bad request must never stop the step loop
                     self._emit(RequestOutput(rid, [], "error", error=str(err)))
             else:
                 self.engine.abort(msg[1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from cluster.config import EngineConfig
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.model import ModelArch
 from cluster.engine.model_runner import DTYPES, ModelRunner
+from cluster.engine.sampler import NAN_TOKEN
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import SamplingParams, Sequence
 
@@ -26,6 +28,8 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    queue_s: float | None = None  # with a request's first token: time waiting to be scheduled
+    prefill_s: float | None = None  # and from then to its first token
 
 
 @dataclass
@@ -113,6 +117,9 @@ class LLMEngine:
         self.eos = set(self.arch.eos_token_ids)
         self.generated_tokens = 0
         self.steps = 0
+        # host time between steps while requests wait: the GPU idles through it
+        self.idle_gaps: deque[float] = deque(maxlen=4096)
+        self._prev_end: float | None = None
         self.step_delay_s = 0.0  # set only to emulate a slower replica in benchmarks
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                  self.arch.architecture, self.device, dtype, num_blocks, cfg.block_size,
@@ -170,7 +177,20 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        tokens = self.runner.run(batch)
+        try:
+            tokens = self.runner.run(batch)
+            end = time.perf_counter()
+            if self._prev_end is not None:
+                self.idle_gaps.append(self.runner.last_launch - self._prev_end)
+            self._prev_end = end
+        except Exception as err:  # e.g. CUDA out of memory: fail this step's requests only
+            if self.runner.peers is not None:
+                raise  # ranks of a tensor-parallel group are out of step now: restart them all
+            log.exception("engine step failed; failing its %d requests", len(batch.seqs))
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return [self._fail(seq, f"engine error: {type(err).__name__}: {err}")
+                    for seq in batch.seqs]
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         self.steps += 1
@@ -180,15 +200,32 @@ class LLMEngine:
             self.blocks.register_full_blocks(seq)
             if tok is None:
                 continue
+            if tok == NAN_TOKEN:
+                outputs.append(self._fail(seq, "numerical error: the model's logits for this "
+                                               "request were not finite (NaN/inf)"))
+                continue
             seq.token_ids.append(tok)
             self.generated_tokens += 1
             reason = self._finish_reason(seq, tok)
             if reason:
                 self.scheduler.finish(seq, reason)
                 del self.seqs[seq.request_id]
-            outputs.append(RequestOutput(seq.request_id, [tok], reason, seq.num_prompt_tokens,
-                                         seq.num_cached_prompt_tokens))
+            out = RequestOutput(seq.request_id, [tok], reason, seq.num_prompt_tokens,
+                                seq.num_cached_prompt_tokens)
+            if seq.num_output_tokens == 1:
+                now = time.monotonic()
+                out.queue_s = seq.first_scheduled - seq.arrival
+                out.prefill_s = now - seq.first_scheduled
+            outputs.append(out)
+        if not self.has_work():
+            self._prev_end = None  # an empty queue is not a gap between steps
         return outputs
+
+    def _fail(self, seq: Sequence, why: str) -> RequestOutput:
+        self.scheduler.finish(seq, "error")
+        self.seqs.pop(seq.request_id, None)
+        return RequestOutput(seq.request_id, [], "error", seq.num_prompt_tokens,
+                             seq.num_cached_prompt_tokens, error=why)
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
         p = seq.params

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,6 +118,7 @@ class ModelRunner:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.graphs: dict[int, DecodeGraph] = {}
+        self.last_launch = 0.0
         torch.set_default_dtype(dtype)
         try:
             with torch.device(device):
@@ -209,6 +211,7 @@ class ModelRunner:
         inp = self.make_inputs(batch)
         if self.peers is not None:
             self.peers.submit("execute", inp)
+        self.last_launch = time.perf_counter()  # the GPU idles from the last step's end to here
         logits = self.execute(inp)
         out: list[int | None] = [None] * len(batch.seqs)
         if inp.rows:

@@ -6,20 +6,25 @@ import torch
 
 from cluster.engine.sequence import Sequence
 
+NAN_TOKEN = -1  # not a token: the model's logits for this row were not finite
+
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits: [batch, vocab] float32 for the sequences that produce a token this step."""
-    greedy = logits.argmax(dim=-1)
+    """logits: [batch, vocab] float32 for the sequences that produce a token this step.
+    A row with NaN/inf logits gets NAN_TOKEN: that request fails, the batch goes on."""
+    finite = torch.isfinite(logits).all(dim=-1)
+    greedy = torch.where(finite, logits.argmax(dim=-1), NAN_TOKEN)
     if all(s.params.greedy for s in seqs):
         return greedy.tolist()
     temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=logits.device)
-    scaled = logits / temps[:, None]
+    scaled = torch.where(finite[:, None], logits, 0.0) / temps[:, None]
     top_k = [s.params.top_k for s in seqs]
     top_p = [s.params.top_p for s in seqs]
     if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
         scaled = _filter_top_k_top_p(scaled, top_k, top_p)
     probs = scaled.softmax(dim=-1)
-    out = greedy.tolist()
+    first = greedy.tolist()
+    out = list(first)
     unseeded = [i for i, s in enumerate(seqs) if not s.params.greedy and s.generator is None]
     if unseeded:
         picks = torch.multinomial(probs[unseeded], 1).squeeze(1).tolist()
@@ -28,7 +33,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     for i, s in enumerate(seqs):
         if not s.params.greedy and s.generator is not None:
             out[i] = int(torch.multinomial(probs[i], 1, generator=s.generator))
-    return out
+    return [NAN_TOKEN if g == NAN_TOKEN else t for g, t in zip(first, out, strict=True)]
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]):

@@ -8,6 +8,7 @@ sequence limit and free KV blocks allow. When KV runs out a running sequence is 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -79,6 +80,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
+            if seq.first_scheduled is None:
+                seq.first_scheduled = time.monotonic()
             self.running.append(seq)
             seqs.append(seq)
             counts.append(n)

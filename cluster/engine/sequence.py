@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,8 @@ class Sequence:
     prefix_hash: int = 0  # chained hash of those blocks
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None  # start of its prefill: the end of its queue time
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = self.num_prompt_tokens or len(self.token_ids)
