@@ -1,0 +1,109 @@
+"""Soak: moderate steady load for a while, replica memory and errors sampled as it runs.
+
+    python -m cluster.bench.soak [--minutes 10] [--concurrency 8] [--json]
+
+Starts the local multi-node cluster with the test app's shape (two model replicas, two
+tokenizer replicas), drives streaming requests at a fixed concurrency, and every 30 s reads
+each model replica's resident memory and KV blocks in use from its own report. Flat memory
+and zero errors are the pass mark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from cluster.bench.serve import make_prompts, one
+
+CONFIG = Path(__file__).resolve().parents[2] / "tests" / "test_config.yaml"
+
+
+def replica_memory() -> list[dict]:
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[
+        ("class_name", "=", "ServeReplica:tandem:ModelReplica"), ("state", "=", "ALIVE")])
+    handles = [ray.get_actor(a.name, namespace="serve") for a in actors]
+    return ray.get([h.record_routing_stats.remote() for h in handles])
+
+
+async def soak(url: str, minutes: float, concurrency: int) -> dict:
+    prompts = make_prompts(512, (16, 96), 0, seed=0)
+    end = time.monotonic() + minutes * 60
+    done = {"requests": 0, "errors": 0}
+    samples: list[dict] = []
+
+    async def worker(w: int, client: httpx.AsyncClient) -> None:
+        i = w
+        while time.monotonic() < end:
+            r = await one(client, url, "tandem-tiny", prompts[i % len(prompts)], 48, None)
+            done["requests"] += 1
+            done["errors"] += r["error"] is not None
+            i += concurrency
+
+    async def sampler() -> None:
+        start = time.monotonic()
+        while time.monotonic() < end:
+            stats = await asyncio.to_thread(replica_memory)
+            samples.append({"t_s": round(time.monotonic() - start),
+                            "rss_mb": [round(s["rss_mb"]) for s in stats],
+                            "kv_used": [s["kv_used"] for s in stats],
+                            "requests": done["requests"]})
+            print(f"\r{samples[-1]}", file=sys.stderr)
+            await asyncio.sleep(30)
+
+    async with httpx.AsyncClient(timeout=120) as client:
+        await asyncio.gather(sampler(), *(worker(w, client) for w in range(concurrency)))
+    first, last = samples[1] if len(samples) > 1 else samples[0], samples[-1]
+    growth = [b - a for a, b in zip(first["rss_mb"], last["rss_mb"], strict=False)]
+    return {**done, "minutes": minutes, "samples": samples, "rss_growth_mb": growth}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=10)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    import ray
+
+    from cluster import local_cluster
+    from cluster.config import DEFAULT_MODEL_DIR, load_serve_config
+    from cluster.model_init import build
+
+    build(DEFAULT_MODEL_DIR)
+    doc, cfg = load_serve_config(CONFIG)
+    cluster = local_cluster.start(local_cluster.LocalClusterSpec(
+        kunpeng_nodes=2, kunpeng_cpus=2, model_gpus=2, model_cpus=8))
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        url = local_cluster.deploy(doc, cfg)
+        res = asyncio.run(soak(url, args.minutes, args.concurrency))
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for s in res["samples"]:
+            print(f"{s['t_s']:5d} s  requests {s['requests']:6d}  rss MB {s['rss_mb']}  "
+                  f"kv blocks {s['kv_used']}")
+        print(f"requests {res['requests']}, errors {res['errors']}, model replica memory "
+              f"growth after warm-up (MB): {res['rss_growth_mb']}")
+    return 0 if res["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
