@@ -95,6 +95,43 @@ def replica_requests() -> list[int]:
         [h.record_routing_stats.remote() for h in handles])), reverse=True)
 
 
+def decision_time(n_replicas: int = 64, prompt_tokens: int = 2048, rounds: int = 2000) -> dict:
+    """Microseconds per routing decision as the router makes it: loads of n replicas (each
+    reporting a full prefix summary), the prompt's block hashes, then the policy's order."""
+    from cluster.router import (
+        PREFIX_SUMMARY_BLOCKS,
+        ReplicaLoad,
+        make_policy,
+        order_replicas,
+        prompt_hashes,
+    )
+
+    rng = random.Random(0)
+    now = time.time()
+    prompt = [rng.randrange(32000) for _ in range(prompt_tokens)]
+    shared = prompt_hashes(prompt, 16)
+    stats, prefixes = [], []
+    for i in range(n_replicas):
+        own = [rng.getrandbits(63) for _ in range(PREFIX_SUMMARY_BLOCKS - 64)]
+        prefixes.append(frozenset(own + shared[: (i * 7) % len(shared)]))
+        stats.append({"running": rng.randint(0, 64), "waiting": rng.randint(0, 32),
+                      "waiting_tokens": rng.randint(0, 20000), "kv_used": rng.randint(0, 900),
+                      "kv_total": 1000, "max_num_seqs": 64, "ts": now})
+    out = {}
+    for name in POLICIES[:-1]:
+        policy = make_policy(name, 1.0)
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            loads = [ReplicaLoad.of(s, 0, p, now) for s, p in zip(stats, prefixes, strict=True)]
+            hashes = prompt_hashes(prompt, 16) if name == "prefix_aware" else []
+            order_replicas(policy, loads, hashes, 0.95, 4.0, 5.0)
+            times.append(time.perf_counter() - t0)
+        out[name] = {"us_p50": float(np.percentile(times, 50)) * 1e6,
+                     "us_p99": float(np.percentile(times, 99)) * 1e6}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,8 +140,19 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=60)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--policies", nargs="+", default=POLICIES)
+    ap.add_argument("--decision-time", type=int, metavar="N", default=None,
+                    help="only time routing decisions over N synthetic replicas, then exit")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.decision_time:
+        res = decision_time(args.decision_time)
+        if args.json:
+            print(json.dumps(res, indent=2))
+            return 0
+        for name, r in res.items():
+            print(f"{name:14s} {args.decision_time} replicas: p50 {r['us_p50']:7.1f} us, "
+                  f"p99 {r['us_p99']:7.1f} us per decision")
+        return 0
     if args.quick:
         args.rates, args.requests = [3.0], 30
 
