@@ -12,8 +12,9 @@ NAN_TOKEN = -1  # not a token: the model's logits for this row were not finite
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """logits: [batch, vocab] float32 for the sequences that produce a token this step.
     A row with NaN/inf logits gets NAN_TOKEN: that request fails, the batch goes on."""
-    finite = torch.isfinite(logits).all(dim=-1)
-    greedy = torch.where(finite, logits.argmax(dim=-1), NAN_TOKEN)
+    top, argmax = logits.max(dim=-1)  # a NaN anywhere in a row makes its max NaN
+    finite = torch.isfinite(top)
+    greedy = torch.where(finite, argmax, NAN_TOKEN)
     if all(s.params.greedy for s in seqs):
         return greedy.tolist()
     temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=logits.device)
