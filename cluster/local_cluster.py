@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 HEAD_LABELS = {"node-role": "head"}
@@ -78,3 +79,45 @@ def deploy(serve_doc: dict, cfg, http_port: int | None = None, blocking_timeout_
               route_prefix=app_doc.get("route_prefix", "/"))
     host = http.get("host", "127.0.0.1")
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{http.get('port', 8000)}"
+
+
+@contextmanager
+def serving(serve_doc: dict, cfg, spec: LocalClusterSpec | None = None):
+    """A benchmark's whole run: the default model, a local cluster with the app deployed on
+    it (yields its URL), and everything stopped afterwards whatever happened."""
+    import ray
+    from ray import serve
+
+    from cluster.config import DEFAULT_MODEL_DIR
+    from cluster.model_init import build
+
+    build(DEFAULT_MODEL_DIR)
+    cluster = start(spec)
+    ray.init(address=cluster.address, log_to_driver=False)  # stdout may carry JSON
+    try:
+        yield deploy(serve_doc, cfg)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def replica_actors(deployment: str, app: str = "tandem") -> list:
+    """A deployment's live replicas, from Ray's state (not from what the app says of itself).
+    This cluster's own address: with two clusters on a machine, the default would follow
+    whichever started last."""
+    import ray
+    from ray.util.state import list_actors
+
+    return list_actors(address=ray.get_runtime_context().gcs_address, filters=[
+        ("class_name", "=", f"ServeReplica:{app}:{deployment}"), ("state", "=", "ALIVE")],
+        detail=True)
+
+
+def model_replica_stats(app: str = "tandem") -> list[dict]:
+    """What every live model replica reports to the router (KV blocks, queues, memory)."""
+    import ray
+
+    handles = [ray.get_actor(a.name, namespace="serve")
+               for a in replica_actors("ModelReplica", app)]
+    return ray.get([h.record_routing_stats.remote() for h in handles])

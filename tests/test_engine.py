@@ -217,3 +217,23 @@ def test_failed_step_fails_its_requests_and_the_engine_serves_on(model_dir, prom
     assert all("OutOfMemoryError" in o[2] for o in out.values())
     assert eng.blocks.num_used == 0 and not eng.seqs
     assert eng.generate(prompts[:2], params) == [h[:6] for h in hf_greedy[:2]]
+
+
+def test_sampler_marks_non_finite_rows_in_every_path():
+    """Greedy, unseeded and seeded rows alike: a NaN or +inf row gets NAN_TOKEN, the others
+    a real token."""
+    from cluster.engine.sampler import NAN_TOKEN, sample
+
+    seqs = [Sequence(f"r{i}", [1], SamplingParams(temperature=t, seed=seed))
+            for i, (t, seed) in enumerate([(0.0, None), (1.0, None), (1.0, 7), (1.0, None),
+                                           (1.0, 8)])]
+    for s in seqs:
+        if s.params.seed is not None:
+            s.generator = torch.Generator().manual_seed(s.params.seed)
+    logits = torch.randn(5, 50)
+    logits[0, 4] = float("nan")
+    logits[2, 9] = float("nan")
+    logits[3, 1] = float("inf")
+    out = sample(logits, seqs)
+    assert out[0] == out[2] == out[3] == NAN_TOKEN
+    assert 0 <= out[1] < 50 and 0 <= out[4] < 50

@@ -193,30 +193,17 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    import ray
-
     from cluster import local_cluster
-    from cluster.config import DEFAULT_MODEL_DIR, load_serve_config
-    from cluster.model_init import build
+    from cluster.config import load_serve_config
 
-    build(DEFAULT_MODEL_DIR)
     doc, cfg = load_serve_config(args.config)
     pools = {"model": cfg.model_pool, "tokenizer": cfg.tokenizer_pool}
     low = {p: (c.autoscaling.min_replicas if c.autoscaling else c.num_replicas)
            for p, c in pools.items()}
-    cluster = local_cluster.start(local_cluster.LocalClusterSpec(model_cpus=8))
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        url = local_cluster.deploy(doc, cfg)
-        app = doc["applications"][0].get("name", "tandem")
-        limits = (60, 90) if args.quick else (180, 300)
+    app = doc["applications"][0].get("name", "tandem")
+    limits = (60, 90) if args.quick else (180, 300)
+    with local_cluster.serving(doc, cfg, local_cluster.LocalClusterSpec(model_cpus=8)) as url:
         ramp = run_ramp(url, app, low, args.concurrency, *limits)
-    finally:
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
     res = summary(ramp)
     if args.plot:
         plot(ramp, args.plot)

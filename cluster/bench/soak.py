@@ -20,18 +20,9 @@ from pathlib import Path
 import httpx
 
 from cluster.bench.serve import make_prompts, one
+from cluster.local_cluster import LocalClusterSpec, model_replica_stats, serving
 
 CONFIG = Path(__file__).resolve().parents[2] / "tests" / "test_config.yaml"
-
-
-def replica_memory() -> list[dict]:
-    import ray
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[
-        ("class_name", "=", "ServeReplica:tandem:ModelReplica"), ("state", "=", "ALIVE")])
-    handles = [ray.get_actor(a.name, namespace="serve") for a in actors]
-    return ray.get([h.record_routing_stats.remote() for h in handles])
 
 
 async def soak(url: str, minutes: float, concurrency: int) -> dict:
@@ -51,7 +42,7 @@ async def soak(url: str, minutes: float, concurrency: int) -> dict:
     async def sampler() -> None:
         start = time.monotonic()
         while time.monotonic() < end:
-            stats = await asyncio.to_thread(replica_memory)
+            stats = await asyncio.to_thread(model_replica_stats)
             samples.append({"t_s": round(time.monotonic() - start),
                             "rss_mb": [round(s["rss_mb"]) for s in stats],
                             "kv_used": [s["kv_used"] for s in stats],
@@ -74,26 +65,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    import ray
+    from cluster.config import load_serve_config
 
-    from cluster import local_cluster
-    from cluster.config import DEFAULT_MODEL_DIR, load_serve_config
-    from cluster.model_init import build
-
-    build(DEFAULT_MODEL_DIR)
     doc, cfg = load_serve_config(CONFIG)
-    cluster = local_cluster.start(local_cluster.LocalClusterSpec(
-        kunpeng_nodes=2, kunpeng_cpus=2, model_gpus=2, model_cpus=8))
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        url = local_cluster.deploy(doc, cfg)
+    spec = LocalClusterSpec(kunpeng_nodes=2, kunpeng_cpus=2, model_gpus=2, model_cpus=8)
+    with serving(doc, cfg, spec) as url:
         res = asyncio.run(soak(url, args.minutes, args.concurrency))
-    finally:
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
     if args.json:
         print(json.dumps(res, indent=2))
     else:

@@ -18,23 +18,24 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     if all(s.params.greedy for s in seqs):
         return greedy.tolist()
     temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=logits.device)
-    scaled = torch.where(finite[:, None], logits, 0.0) / temps[:, None]
+    scaled = logits / temps[:, None]
     top_k = [s.params.top_k for s in seqs]
     top_p = [s.params.top_p for s in seqs]
     if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
         scaled = _filter_top_k_top_p(scaled, top_k, top_p)
     probs = scaled.softmax(dim=-1)
-    first = greedy.tolist()
-    out = list(first)
-    unseeded = [i for i, s in enumerate(seqs) if not s.params.greedy and s.generator is None]
+    out = greedy.tolist()
+    # rows that failed keep NAN_TOKEN: their probabilities are NaN, never sampled from
+    sampled = [i for i, s in enumerate(seqs) if not s.params.greedy and out[i] != NAN_TOKEN]
+    unseeded = [i for i in sampled if seqs[i].generator is None]
     if unseeded:
         picks = torch.multinomial(probs[unseeded], 1).squeeze(1).tolist()
         for i, t in zip(unseeded, picks, strict=True):
             out[i] = t
-    for i, s in enumerate(seqs):
-        if not s.params.greedy and s.generator is not None:
-            out[i] = int(torch.multinomial(probs[i], 1, generator=s.generator))
-    return [NAN_TOKEN if g == NAN_TOKEN else t for g, t in zip(first, out, strict=True)]
+    for i in sampled:
+        if seqs[i].generator is not None:
+            out[i] = int(torch.multinomial(probs[i], 1, generator=seqs[i].generator))
+    return out
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]):
