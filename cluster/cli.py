@@ -21,7 +21,7 @@ def cmd_model_init(args) -> int:
 
     out = Path(args.out or DEFAULT_MODEL_DIR)
     existed = (out / "model.safetensors").exists()
-    build(out, force=args.force)
+    build(out, force=args.force, shape=args.shape)
     print(f"default model {'already at' if existed and not args.force else 'written to'} {out}")
     return 0
 
@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     init = msub.add_parser("init", help="build the default model if missing")
     init.add_argument("--out", help="folder (default: ~/.cache/tandem/models/tandem-tiny)")
     init.add_argument("--force", action="store_true")
+    init.add_argument("--shape", default="tiny", choices=["tiny", "qwen2.5-0.5b"],
+                      help="layers of the generated model (random weights either way)")
     init.set_defaults(fn=cmd_model_init)
     up = sub.add_parser("up", help="start the local cluster and deploy the app")
     up.add_argument("--config", default="deployments/local.yaml")

@@ -83,6 +83,9 @@ class RouterConfig(Strict):
     score_hot: float = Field(4.0, gt=0, description="load score above which likewise")
     stale_after_s: float = Field(5.0, gt=0, description="a replica silent this long ranks "
                                  "last")
+    move_after_s: float | None = Field(1.0, gt=0, description="a hot replica hands requests "
+                                       "queued this long (not started) back to be routed "
+                                       "again, once each; null: never")
 
 
 class IngressConfig(Strict):

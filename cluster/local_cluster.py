@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -43,6 +44,17 @@ def use_token_auth() -> str:
     return os.environ["RAY_AUTH_TOKEN"]
 
 
+def free_port(port: int = 0) -> int:
+    """`port` if nothing listens on it, else one the kernel picks (another cluster on this
+    machine may hold the usual dashboard port)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start(spec: LocalClusterSpec | None = None):
     from ray.cluster_utils import Cluster
 
@@ -54,7 +66,7 @@ def start(spec: LocalClusterSpec | None = None):
         os.environ.setdefault(var, "1")
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": spec.head_cpus, "labels": dict(HEAD_LABELS),
-        "include_dashboard": spec.dashboard, "dashboard_port": spec.dashboard_port})
+        "include_dashboard": spec.dashboard, "dashboard_port": free_port(spec.dashboard_port)})
     for _ in range(spec.kunpeng_nodes):
         cluster.add_node(num_cpus=spec.kunpeng_cpus, labels=dict(KUNPENG_LABELS))
     for _ in range(spec.model_nodes):

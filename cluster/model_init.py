@@ -23,6 +23,12 @@ CHAT_TEMPLATE = (
 )
 SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048)
+# the same tokenizer on a bigger body, for serving runs on a GPU: the layers of
+# Qwen2.5-0.5B (random weights, bf16; the vocabulary stays the tokenizer's)
+SHAPES = {"tiny": SHAPE,
+          "qwen2.5-0.5b": dict(SHAPE, hidden_size=896, intermediate_size=4864,
+                               num_hidden_layers=24, num_attention_heads=14,
+                               num_key_value_heads=2, max_position_embeddings=32768)}
 SEED = 1234
 # multi-byte text, so that some characters end up split across tokens
 UNICODE_LINES = ["héllo wörld, café, naïve, Ærøskøbing", "你好，世界。机器学习模型服务。",
@@ -81,26 +87,30 @@ def random_weights(cfg: dict) -> dict[str, torch.Tensor]:
     return t
 
 
-def build(out: Path, force: bool = False) -> Path:
+def build(out: Path, force: bool = False, shape: str = "tiny") -> Path:
     out = Path(out).expanduser()
     if (out / "model.safetensors").exists() and not force:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(SHAPE["vocab_size"])
+    dims = SHAPES[shape]
+    tok = train_tokenizer(dims["vocab_size"])
     tok.save(str(out / "tokenizer.json"))
     eos_ids = [tok.token_to_id(EOS), tok.token_to_id(IM_END)]
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **SHAPE,
+    dtype = torch.float32 if shape == "tiny" else torch.bfloat16
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **dims,
            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-           "tie_word_embeddings": False, "attention_bias": False, "torch_dtype": "float32",
+           "tie_word_embeddings": False, "attention_bias": False,
+           "torch_dtype": str(dtype).removeprefix("torch."),
            "bos_token_id": tok.token_to_id(BOS), "eos_token_id": eos_ids}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg["bos_token_id"], "eos_token_id": eos_ids}, indent=2))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-        "pad_token": EOS, "add_bos_token": True, "model_max_length": SHAPE[
+        "pad_token": EOS, "add_bos_token": True, "model_max_length": dims[
             "max_position_embeddings"], "chat_template": CHAT_TEMPLATE}, indent=2))
     tmp = out / "model.safetensors.tmp"
-    save_file(random_weights(cfg), str(tmp), metadata={"format": "pt"})
+    weights = {k: v.to(dtype) for k, v in random_weights(cfg).items()}
+    save_file(weights, str(tmp), metadata={"format": "pt"})
     tmp.rename(out / "model.safetensors")  # last: its presence marks a complete model
     return out

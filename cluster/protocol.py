@@ -153,6 +153,9 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    movable: bool = True  # a hot replica may hand it back before its prefill (once)
+    queued_s: float = 0.0  # time already spent in other replicas' queues
+    avoid_replica: str = ""  # the replica that handed it back: route elsewhere
 
 
 @dataclass

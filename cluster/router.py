@@ -16,57 +16,10 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from dataclasses import dataclass, field
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from cluster.engine.block_manager import block_hash
-
-PREFIX_SUMMARY_BLOCKS = 4096  # newest cached block hashes a replica reports
-
-
-@dataclass
-class ReplicaLoad:
-    running: float = 0.0
-    waiting: float = 0.0
-    waiting_tokens: float = 0.0
-    kv_usage: float = 0.0
-    max_num_seqs: float = 1.0
-    in_flight: float = 0.0
-    prefix: frozenset = field(default_factory=frozenset)
-    age_s: float = 0.0
-
-    @classmethod
-    def of(cls, stats: dict, in_flight: float, prefix: frozenset, now: float) -> ReplicaLoad:
-        if not stats:
-            return cls(in_flight=in_flight)
-        return cls(stats.get("running", 0.0), stats.get("waiting", 0.0),
-                   stats.get("waiting_tokens", 0.0),
-                   stats.get("kv_used", 0.0) / max(1.0, stats.get("kv_total", 1.0)),
-                   max(1.0, stats.get("max_num_seqs", 1.0)), in_flight, prefix,
-                   now - stats.get("ts", now))
-
-    def score(self) -> float:
-        """Roughly 'how many batches of work are ahead of a new request' here."""
-        queued = max(self.running + self.waiting, self.in_flight)
-        return queued / self.max_num_seqs + self.waiting_tokens / 8192 + 2.0 * self.kv_usage ** 2
-
-    def cached_blocks(self, hashes: list[int]) -> int:
-        n = 0
-        for h in hashes:
-            if h not in self.prefix:
-                break
-            n += 1
-        return n
-
-
-def prompt_hashes(token_ids: list[int], block_size: int) -> list[int]:
-    """The chained block hashes a replica's prefix cache would hold for this prompt."""
-    out, h = [], 0
-    for i in range(len(token_ids) // block_size):
-        h = block_hash(h, token_ids[i * block_size : (i + 1) * block_size])
-        out.append(h)
-    return out
+from cluster.load import ReplicaLoad, prompt_hashes
 
 
 class Policy:
@@ -102,10 +55,15 @@ class PowerOfTwo(Policy):
 
 
 class LeastLoad(Policy):
+    """The shortest expected wait where every replica reports its step time (uneven
+    replicas: the faster one takes more), else the lowest load score."""
+
     name = "least_load"
 
     def rank(self, loads, hashes):
-        return sorted(range(len(loads)), key=lambda i: (loads[i].score(), random.random()))
+        timed = all(ld.step_s > 0 for ld in loads)
+        return sorted(range(len(loads)), key=lambda i: (
+            loads[i].wait_s() if timed else loads[i].score(), random.random()))
 
 
 class PrefixAware(Policy):
@@ -139,7 +97,7 @@ def order_replicas(policy: Policy, loads: list[ReplicaLoad], hashes: list[int],
     Returns (order, whether hot replicas were passed over)."""
     fresh = [i for i, ld in enumerate(loads) if ld.age_s <= stale_s]
     stale = [i for i in range(len(loads)) if i not in fresh]
-    hot = {i for i in fresh if loads[i].kv_usage >= kv_hot or loads[i].score() >= score_hot}
+    hot = {i for i in fresh if loads[i].is_hot(kv_hot, score_hot)}
     cool = [i for i in fresh if i not in hot]
     pool = cool or fresh or stale
     ranked = policy.rank([loads[i] for i in pool], hashes)
@@ -172,14 +130,16 @@ class LoadAwareRouter(FIFOMixin, RequestRouter):
         now = time.time()
         loads = [ReplicaLoad.of(r.routing_stats, self.replica_queue_len_cache.get(r.replica_id)
                                 or 0, self._prefix(r), now) for r in candidate_replicas]
+        req = pending_request.args[0] if pending_request and pending_request.args else None
         hashes = []
-        if self.policy.name == "prefix_aware" and pending_request is not None:
-            req = pending_request.args[0] if pending_request.args else None
-            ids = getattr(req, "prompt_token_ids", None)
-            if ids:
-                hashes = prompt_hashes(ids, self.block_size)
+        if self.policy.name == "prefix_aware" and getattr(req, "prompt_token_ids", None):
+            hashes = prompt_hashes(req.prompt_token_ids, self.block_size)
         order, rebalanced = order_replicas(self.policy, loads, hashes, self.kv_hot,
                                            self.score_hot, self.stale_s)
+        avoid = getattr(req, "avoid_replica", "")
+        if avoid and len(order) > 1:  # handed back by that replica: anywhere else first
+            away = [i for i in order if candidate_replicas[i].replica_id.unique_id != avoid]
+            order = away + [i for i in order if i not in away]
         self._record(candidate_replicas[order[0]], loads[order[0]], rebalanced)
         return [[candidate_replicas[i]] for i in order]
 

@@ -48,6 +48,8 @@ class EngineMetrics:
                          LATENCY_BUCKETS, TAGS)
         self.decode = h("tandem_request_decode_time_seconds", "First token to the last",
                         LATENCY_BUCKETS, TAGS)
+        self.moved = c("tandem_requests_moved", "Queued requests a hot replica handed back "
+                       "to be routed to a cooler one", TAGS)
         self.idle_gap = h("tandem_gpu_idle_gap_seconds", "Host time between engine steps with "
                           "work waiting (the device idles through it)", GAP_BUCKETS, TAGS)
         self.last = {"prefix_queries": 0, "prefix_hits": 0}
@@ -72,12 +74,25 @@ class EngineMetrics:
             if value > self.last[name]:
                 counter.inc(value - self.last[name], t)
             self.last[name] = value
-        if self.gpu is not None:
-            import pynvml
+        gpu = self.gpu_reading()
+        if gpu:
+            self.gpu_util.set(gpu["gpu_util_perc"], t)
+            self.gpu_mem.set(gpu["gpu_mem_used"], t)
+            self.gpu_power.set(gpu["gpu_power_w"], t)
 
-            self.gpu_util.set(pynvml.nvmlDeviceGetUtilizationRates(self.gpu).gpu, t)
-            self.gpu_mem.set(pynvml.nvmlDeviceGetMemoryInfo(self.gpu).used, t)
-            self.gpu_power.set(pynvml.nvmlDeviceGetPowerUsage(self.gpu) / 1000.0, t)
+    def gpu_reading(self) -> dict[str, float]:
+        """NVML's view of this replica's GPU now; empty without one."""
+        if self.gpu is None:
+            return {}
+        import pynvml
+
+        mem = pynvml.nvmlDeviceGetMemoryInfo(self.gpu)
+        return {"gpu_util_perc": float(pynvml.nvmlDeviceGetUtilizationRates(self.gpu).gpu),
+                "gpu_mem_used": float(mem.used), "gpu_mem_total": float(mem.total),
+                "gpu_power_w": pynvml.nvmlDeviceGetPowerUsage(self.gpu) / 1000.0}
+
+    def moved_away(self) -> None:
+        self.moved.inc(1, self.tags)
 
     def first_token(self, queue_s: float, prefill_s: float) -> None:
         self.queue.observe(queue_s, self.tags)

@@ -16,8 +16,8 @@ from ray import serve
 from cluster.config import AppConfig
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import LLMEngine
+from cluster.load import PREFIX_SUMMARY_BLOCKS, ReplicaLoad
 from cluster.protocol import EngineRequest
-from cluster.router import PREFIX_SUMMARY_BLOCKS
 from cluster.stage_metrics import EngineMetrics, base_tags
 
 log = logging.getLogger("ray.serve")
@@ -39,13 +39,19 @@ class ModelReplica:
         self.node_labels = ray.get_runtime_context().get_node_labels()
         engine = LLMEngine(cfg.model.path, cfg.engine)
         rank = serve.get_replica_context().rank
-        rank = getattr(rank, "rank", rank)
+        self.rank = rank = getattr(rank, "rank", rank)
         if rank in cfg.engine.slow_replica_ranks:  # benchmarks of uneven replicas only
             engine.step_delay_s = cfg.engine.slow_step_delay_s
             log.warning("replica rank %s throttled: +%.3f s per step", rank,
                         engine.step_delay_s)
-        self.engine = AsyncEngine(engine)
+        r = cfg.router
+        move = r.move_after_s if r.policy != "serve_default" else None  # Serve's own: as is
+        self.engine = AsyncEngine(engine, move, lambda: ReplicaLoad.of(
+            self._load_report(), 0, frozenset(), time.time()).is_hot(r.kv_hot, r.score_hot))
         self.requests = 0
+        self.moved = 0
+        self.tok_mark = (time.monotonic(), 0)  # (when, tokens generated) at the last report
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.ttfts: deque[tuple[float, float]] = deque(maxlen=1024)  # (when, seconds)
         replica = serve.get_replica_context().replica_tag
         self.metrics = EngineMetrics(base_tags(cfg.model.name, replica))
@@ -67,8 +73,14 @@ class ModelReplica:
         last = start
         try:
             async for out in self.engine.generate(req.request_id, req.prompt_token_ids,
-                                                  req.params):
+                                                  req.params, req.queued_s, req.movable):
                 now = time.monotonic()
+                if out.finish_reason == "moved":  # the caller sends it to another replica
+                    self.moved += 1
+                    self.metrics.moved_away()
+                    reason = "moved"
+                    yield {"moved": self.replica_id, "queued_s": req.queued_s + now - start}
+                    return
                 if ttft is None:
                     ttft = now - start
                     self.ttfts.append((now, ttft))
@@ -86,18 +98,25 @@ class ModelReplica:
             reason = "error"
             raise
         finally:
-            self.metrics.request_done(len(req.prompt_token_ids), n_out, reason, ttft,
-                                      time.monotonic() - start)
+            if reason != "moved":
+                self.metrics.request_done(len(req.prompt_token_ids), n_out, reason, ttft,
+                                          time.monotonic() - start)
 
-    def record_routing_stats(self) -> dict:
+    def _load_report(self) -> dict:
         eng = self.engine.engine
         s = eng.stats()
-        # the newest cached block hashes: the router matches prompt prefixes against them
-        hashes = eng.blocks.cached_hashes()[-PREFIX_SUMMARY_BLOCKS:]
         return {"running": s.running, "waiting": s.waiting, "waiting_tokens": s.waiting_tokens,
                 "kv_used": s.kv_blocks_used, "kv_total": s.kv_blocks_total,
-                "max_num_seqs": eng.cfg.max_num_seqs, "ts": time.time(), "prefix": hashes,
-                "requests": self.requests, "rss_mb": rss_mb()}
+                "max_num_seqs": eng.cfg.max_num_seqs, "step_s": s.step_s, "ts": time.time()}
+
+    def record_routing_stats(self) -> dict:
+        # the newest cached block hashes: the router matches prompt prefixes against them
+        hashes = self.engine.engine.blocks.cached_hashes()[-PREFIX_SUMMARY_BLOCKS:]
+        now, generated = time.monotonic(), self.engine.engine.generated_tokens
+        (t0, g0), self.tok_mark = self.tok_mark, (now, generated)
+        return {**self._load_report(), "prefix": hashes, "requests": self.requests,
+                "moved": self.moved, "rank": self.rank, "rss_mb": rss_mb(),
+                "tok_s": (generated - g0) / max(1e-3, now - t0), **self.metrics.gpu_reading()}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         s = self.engine.engine.stats()

@@ -108,25 +108,34 @@ class TokenizerPool:
             await outputs.aclose()
 
     async def _retrying(self, engine_req: EngineRequest):
-        """The model's outputs; a replica that fails before its first token (it died, or was
-        being replaced) is retried once on another, which the router picks afresh. After the
-        first token a retry could duplicate text, so then the error goes to the client."""
-        first = True
+        """The model's outputs. A replica that fails before its first token (it died, or was
+        being replaced) is retried once on another, which the router picks afresh; after the
+        first token a retry could duplicate text, so then the error goes to the client. A hot
+        replica may hand the request back unstarted ("moved"): it is sent again, once, to a
+        replica the router picks without that one, keeping its time in line."""
+        first, retried = True, False
         stream = self.model.generate.remote(engine_req)
         try:
             while True:
                 try:
+                    moved = None
                     async for out in stream:
+                        if "moved" in out:  # its last message
+                            moved = out
+                            continue
                         first = False
                         yield out
-                    return
+                    if moved is None:
+                        return
+                    engine_req = replace(engine_req, movable=False, queued_s=moved["queued_s"],
+                                         avoid_replica=moved["moved"])
                 except (RayActorError, ActorUnavailableError, ActorDiedError) as err:
-                    if not first:
+                    if not first or retried:
                         raise
-                    first = False  # one retry
+                    retried = True
                     log.warning("request %s: model replica failed before its first token "
                                 "(%s); retrying on another", engine_req.request_id, err)
-                    stream = self.model.generate.remote(engine_req)
+                stream = self.model.generate.remote(engine_req)
         finally:
             stream.cancel()  # no-op once the stream is done; frees KV if we stopped early
 

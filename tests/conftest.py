@@ -3,7 +3,6 @@ app deployed on it (started once per test session; it takes ~30 s on 2 cores).""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,9 @@ TEST_CONFIG = Path(__file__).parent / "test_config.yaml"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from cluster.local_cluster import free_port
+
+    return free_port()
 
 
 @pytest.fixture(scope="session")

@@ -237,3 +237,57 @@ def test_sampler_marks_non_finite_rows_in_every_path():
     out = sample(logits, seqs)
     assert out[0] == out[2] == out[3] == NAN_TOKEN
     assert 0 <= out[1] < 50 and 0 <= out[4] < 50
+
+
+def test_release_waiting_hands_back_only_unstarted_movable_requests(model_dir, prompts,
+                                                                     hf_greedy):
+    engine = make_engine(model_dir, max_num_seqs=2)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, GREEDY, movable=i != 4)
+    engine.step()  # r0 and r1 start; r2..r4 wait
+    used = engine.stats().kv_blocks_used
+    moved = engine.release_waiting(0.0)
+    assert [o.request_id for o in moved] == ["r2", "r3"]  # r4 may not move
+    assert all(o.finish_reason == "moved" and not o.new_token_ids for o in moved)
+    assert engine.stats().kv_blocks_used == used and set(engine.seqs) == {"r0", "r1", "r4"}
+    # the same requests on another engine: whole answers, nothing lost or repeated
+    other = make_engine(model_dir)
+    assert other.generate([prompts[2], prompts[3]], GREEDY) == hf_greedy[2:4]
+    assert engine.release_waiting(60.0) == []  # none has waited a minute
+
+
+def test_a_moved_request_keeps_its_place_in_line(model_dir, prompts):
+    engine = make_engine(model_dir, max_num_seqs=1)
+    for i in range(3):
+        engine.add_request(f"local{i}", prompts[0], GREEDY)
+    engine.add_request("moved", prompts[0], GREEDY, queued_s=5.0)  # queued elsewhere first
+    assert [s.request_id for s in engine.scheduler.waiting][:2] == ["moved", "local0"]
+
+
+def test_async_engine_moves_queued_requests_only_while_hot(model_dir, prompts):
+    import asyncio
+
+    from cluster.engine.async_engine import AsyncEngine
+
+    hot = {"on": True}
+    eng = AsyncEngine(make_engine(model_dir, max_num_seqs=1), move_after_s=0.0,
+                      is_hot=lambda: hot["on"])
+    long = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+
+    async def run(rid, movable):
+        outs = [o async for o in eng.generate(rid, prompts[0], long, movable=movable)]
+        return outs[-1].finish_reason, sum(len(o.new_token_ids) for o in outs)
+
+    results = asyncio.run(_gather(*(run(f"r{i}", i != 3) for i in range(4))))
+    assert results[0] == ("length", 300)  # started at once: never moved
+    assert results[1] == results[2] == ("moved", 0)
+    assert results[3] == ("length", 300)  # not movable: served here
+    hot["on"] = False
+    cool = asyncio.run(_gather(run("c0", True), run("c1", True)))
+    assert cool == [("length", 300), ("length", 300)]
+
+
+async def _gather(*coros):
+    import asyncio
+
+    return list(await asyncio.gather(*coros))

@@ -33,6 +33,16 @@ def test_least_load_prefers_short_queue_and_free_kv():
     assert LeastLoad().rank(loads, [])[0] == 2
 
 
+def test_least_load_weighs_queues_by_replica_speed():
+    slow = ReplicaLoad(running=4, max_num_seqs=32, step_s=0.04)
+    fast = ReplicaLoad(running=12, max_num_seqs=32, step_s=0.02)
+    assert LeastLoad().rank([slow, fast], [])[0] == 1  # longer queue, shorter wait
+    swamped = ReplicaLoad(running=32, waiting=64, max_num_seqs=32, step_s=0.02)
+    assert LeastLoad().rank([slow, swamped], [])[0] == 0
+    unknown = ReplicaLoad(running=12, max_num_seqs=32)  # no step time yet: queues only
+    assert LeastLoad().rank([slow, unknown], [])[0] == 0
+
+
 def test_power_of_two_never_picks_the_worst_of_two():
     loads = [busy(30), busy(1)]
     assert all(PowerOfTwo().rank(loads, [])[0] == 1 for _ in range(20))
@@ -79,3 +89,51 @@ def test_prefix_aware_routes_shared_prefixes_to_the_caching_replica(client):
 def test_decisions_spread_without_prefixes():
     picks = Counter(LeastLoad().rank([IDLE] * 4, [])[0] for _ in range(400))
     assert len(picks) == 4 and min(picks.values()) > 50  # ties broken at random
+
+
+def test_hot_replica_gets_no_new_work_and_hands_its_queue_to_a_cool_one(app_url):
+    """Two replicas, one throttled to crawl, a load-blind policy (round robin): once the slow
+    one is hot it gets no new requests and its queued ones move; every answer is whole."""
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import urlparse
+
+    from openai import OpenAI
+    from ray import serve
+
+    from cluster import local_cluster
+    from cluster.config import load_serve_config
+    from tests.conftest import TEST_CONFIG
+    from tests.helpers import model_replica_stats
+
+    doc, _ = load_serve_config(TEST_CONFIG)
+    app = doc["applications"][0]
+    app.update(name="rebalance", route_prefix="/rebalance")
+    app["args"]["engine"].update(max_num_seqs=2, slow_replica_ranks=[0], slow_step_delay_s=0.1)
+    app["args"]["model_pool"].update(num_gpus=0)
+    app["args"]["tokenizer_pool"].update(num_replicas=1)
+    app["args"]["router"] = {"policy": "round_robin", "stats_period_s": 0.25, "score_hot": 1.5,
+                             "move_after_s": 0.3}
+    from cluster.config import AppConfig
+
+    cfg = AppConfig.model_validate(app["args"])
+    url = local_cluster.deploy(doc, cfg, http_port=urlparse(app_url).port) + "/rebalance"
+    try:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def ask(i):
+            return client.completions.create(model="tandem-tiny", prompt="Tell me a story",
+                                             max_tokens=12, temperature=0)
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(ask, range(36)))
+        stats = {s["rank"]: s for s in model_replica_stats("rebalance")}
+    finally:
+        serve.delete("rebalance")
+    assert {a.choices[0].text for a in answers} == {answers[0].choices[0].text}
+    assert all(a.usage.completion_tokens == 12 for a in answers)  # nothing lost or repeated
+    slow, fast = stats[0], stats[1]
+    served = {r: s["requests"] - s["moved"] for r, s in stats.items()}
+    assert sum(served.values()) == len(answers)  # each served exactly once
+    assert slow["moved"] > 0, stats  # queued work left the hot replica
+    assert served[0] < 0.35 * len(answers), served  # blind round robin alone would give half
+    assert fast["requests"] > slow["requests"]

@@ -2,12 +2,15 @@
 
     python -m cluster.bench.routing [--quick] [--json]
 
-A local multi-node cluster (head, Kunpeng node, model node) runs two CPU model replicas of
+A local multi-node cluster (head, Kunpeng node, model node) runs three CPU model replicas of
 the default model, one throttled (it sleeps after every engine step, so it runs at roughly
 half speed). For each policy the app is redeployed and driven over HTTP with Poisson arrivals
-at each request rate, on a workload of shared prefixes (a few long system prompts, many
-short user turns) and one without. Printed per policy: output tok/s, TTFT p50/p99, end-to-end
-p99, prefix-cache hit rate (cached prompt tokens / prompt tokens) and requests per replica.
+at each request rate, on a workload of shared prefixes (12 long system prompts, many short
+user turns) and one without. Each replica's KV cache holds about half of the system prompts,
+as a real fleet's cache holds a fraction of its traffic's prefixes: a router that keeps each
+prefix on one replica uses the fleet's whole cache. Printed per policy: output tok/s, TTFT
+p50/p99, end-to-end p99, prefix-cache hit rate (cached prompt tokens / prompt tokens) and
+requests per replica.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import sys
 import time
 
@@ -24,6 +26,8 @@ import httpx
 import numpy as np
 
 POLICIES = ["prefix_aware", "least_load", "power_of_two", "round_robin", "serve_default"]
+SYSTEMS, SYSTEM_WORDS = 12, 120  # ~17 KV blocks of 16 tokens each
+REPLICAS, KV_BLOCKS = 3, 112  # per replica: ~5 system prompts beside the running requests
 
 
 def workloads(n: int, seed: int) -> dict[str, list[str]]:
@@ -34,9 +38,9 @@ def workloads(n: int, seed: int) -> dict[str, list[str]]:
     def text(k: int) -> str:
         return " ".join(rng.choice(words) for _ in range(k))
 
-    systems = [f"System {i}: " + text(90) for i in range(4)]
+    systems = [f"System {i}: " + text(SYSTEM_WORDS) for i in range(SYSTEMS)]
     return {"shared_prefix": [rng.choice(systems) + " User: " + text(8) for _ in range(n)],
-            "no_prefix": [text(98) for _ in range(n)]}
+            "no_prefix": [text(SYSTEM_WORDS + 8) for _ in range(n)]}
 
 
 async def drive(url: str, prompts: list[str], rate: float, max_tokens: int) -> dict:
@@ -98,13 +102,8 @@ def replica_requests() -> list[int]:
 def decision_time(n_replicas: int = 64, prompt_tokens: int = 2048, rounds: int = 2000) -> dict:
     """Microseconds per routing decision as the router makes it: loads of n replicas (each
     reporting a full prefix summary), the prompt's block hashes, then the policy's order."""
-    from cluster.router import (
-        PREFIX_SUMMARY_BLOCKS,
-        ReplicaLoad,
-        make_policy,
-        order_replicas,
-        prompt_hashes,
-    )
+    from cluster.load import PREFIX_SUMMARY_BLOCKS, ReplicaLoad, prompt_hashes
+    from cluster.router import make_policy, order_replicas
 
     rng = random.Random(0)
     now = time.time()
@@ -167,19 +166,17 @@ def main(argv=None) -> int:
     build_model(DEFAULT_MODEL_DIR)
     cluster = local_cluster.start(local_cluster.LocalClusterSpec(model_cpus=4))
     ray.init(address=cluster.address, log_to_driver=False)  # stdout carries the JSON
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = local_cluster.free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/bench"
     results: dict = {}
     try:
         for policy in args.policies:
             cfg = parse_app_config({
-                "engine": {"max_model_len": 512, "max_num_seqs": 16, "num_kv_blocks": 256,
+                "engine": {"max_model_len": 512, "max_num_seqs": 16, "num_kv_blocks": KV_BLOCKS,
                            "max_num_batched_tokens": 512, "torch_threads": 1,
                            "slow_replica_ranks": [0], "slow_step_delay_s": 0.02},
-                "model_pool": {"num_replicas": 2, "num_cpus": 1},
+                "model_pool": {"num_replicas": REPLICAS, "num_cpus": 1},
                 "router": {"policy": policy, "stats_period_s": 0.5}})
             serve.run(build(cfg), name="bench", route_prefix="/bench")
             res = {}

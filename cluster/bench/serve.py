@@ -74,30 +74,66 @@ def pcts(xs: list[float]) -> dict:
     return {f"p{q}": float(np.percentile(xs, q)) * 1000 for q in (50, 90, 99)}
 
 
-# PromQL over Ray's exported series: mean GPU busy share of the model replicas, CPU use by node
-# role (Ray's node CPU series carry no role label: read all nodes)
-UTILIZATION = {"gpu_util_perc": "avg(ray_tandem_gpu_utilization_perc)",
-               "cpu_util_perc": "avg(ray_node_cpu_utilization)"}
+# Ray's exported series: mean GPU busy share of the model replicas (NVML), CPU use of the
+# nodes (Ray's node CPU series carry no role label: all nodes). As PromQL for a Prometheus
+# server, and as metric names for scraping Ray's per-node endpoints directly.
+UTILIZATION = {"gpu_util_perc": ("avg(ray_tandem_gpu_utilization_perc)",
+                                 "ray_tandem_gpu_utilization_perc"),
+               "cpu_util_perc": ("avg(ray_node_cpu_utilization)", "ray_node_cpu_utilization")}
+RAY_TARGETS = "/tmp/ray/prom_metrics_service_discovery.json"
 
 
-async def sample_utilization(prom: str, stop: asyncio.Event, every_s: float = 2.0) -> dict:
+async def from_prometheus(client: httpx.AsyncClient, prom: str) -> dict[str, float]:
+    out = {}
+    for key, (query, _) in UTILIZATION.items():
+        r = await client.get(f"{prom}/api/v1/query", params={"query": query})
+        result = r.json()["data"]["result"]
+        if result:
+            out[key] = float(result[0]["value"][1])
+    return out
+
+
+async def from_ray_nodes(client: httpx.AsyncClient, targets_file: str) -> dict[str, float]:
+    """The same averages from every node's metrics endpoint (the targets Ray writes for
+    Prometheus' file discovery), for machines without a Prometheus server."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {name: key for key, (_, name) in UTILIZATION.items()}
+    seen: dict[str, list[float]] = {}
+    with open(targets_file) as f:
+        targets = [t for group in json.load(f) for t in group["targets"]]
+    for target in targets:
+        text = (await client.get(f"http://{target}/metrics")).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in names:
+                    seen.setdefault(names[sample.name], []).append(sample.value)
+    return {k: float(np.mean(v)) for k, v in seen.items()}
+
+
+async def sample_utilization(read, stop: asyncio.Event, every_s: float = 2.0) -> dict:
     seen: dict[str, list[float]] = {k: [] for k in UTILIZATION}
     async with httpx.AsyncClient(timeout=5) as client:
         while not stop.is_set():
-            for key, q in UTILIZATION.items():
-                try:
-                    r = await client.get(f"{prom}/api/v1/query", params={"query": q})
-                    result = r.json()["data"]["result"]
-                    if result:
-                        seen[key].append(float(result[0]["value"][1]))
-                except (httpx.HTTPError, KeyError, ValueError):
-                    pass
+            try:
+                for key, value in (await read(client)).items():
+                    seen[key].append(value)
+            except (httpx.HTTPError, OSError, KeyError, ValueError):
+                pass
             try:
                 await asyncio.wait_for(stop.wait(), every_s)
             except (asyncio.TimeoutError, TimeoutError):
                 pass
     return {k: {"mean": float(np.mean(v)), "max": float(np.max(v))} if v else None
             for k, v in seen.items()}
+
+
+def utilization_reader(args):
+    if args.prometheus:
+        return lambda client: from_prometheus(client, args.prometheus)
+    if args.ray_metrics:
+        return lambda client: from_ray_nodes(client, args.ray_metrics)
+    return None
 
 
 async def run(args) -> dict:
@@ -110,8 +146,8 @@ async def run(args) -> dict:
     start = time.perf_counter()
     limits = httpx.Limits(max_connections=args.concurrency + 8)
     stop = asyncio.Event()
-    sampler = asyncio.create_task(sample_utilization(args.prometheus, stop)) \
-        if args.prometheus else None
+    read = utilization_reader(args)
+    sampler = asyncio.create_task(sample_utilization(read, stop)) if read else None
 
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
         async def task(p: str, n: int) -> None:
@@ -219,6 +255,9 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=None, help="PNG of latency against load (a sweep)")
     ap.add_argument("--prometheus", default=None,
                     help="Prometheus URL: sample GPU/CPU utilization during the run")
+    ap.add_argument("--ray-metrics", nargs="?", const=RAY_TARGETS, default=None,
+                    metavar="TARGETS_JSON", help="no Prometheus server: scrape Ray's node "
+                    f"endpoints listed in this file (default {RAY_TARGETS}) instead")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     results = sweep(args) if args.sweep_rates else [asyncio.run(run(args))]

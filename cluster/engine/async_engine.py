@@ -2,7 +2,10 @@
 
 The step loop never waits on the event loop: requests and aborts arrive through a queue,
 outputs leave through call_soon_threadsafe. A caller that stops listening aborts its request,
-which frees its KV blocks on the next loop turn.
+which frees its KV blocks on the next loop turn. While `is_hot()` says this replica is
+overloaded, requests that queued longer than `move_after_s` without starting are handed back
+(finish_reason "moved") for the caller to send elsewhere; that happens on this thread,
+between steps, so a request is either moved or scheduled, never both.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 from cluster.engine.engine import LLMEngine, RequestOutput
 from cluster.engine.sequence import SamplingParams
@@ -24,8 +28,13 @@ class EngineError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    MOVE_CHECK_S = 0.1
+
+    def __init__(self, engine: LLMEngine, move_after_s: float | None = None,
+                 is_hot: Callable[[], bool] = lambda: False):
         self.engine = engine
+        self.move_after_s, self.is_hot = move_after_s, is_hot
+        self._next_move_check = 0.0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -33,11 +42,12 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, queued_s: float = 0.0,
+                       movable: bool = False) -> AsyncIterator[RequestOutput]:
         """Yields outputs as steps produce them, merging whatever piled up since the last."""
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
-        self._post(("add", request_id, prompt_token_ids, params))
+        self._post(("add", request_id, prompt_token_ids, params, queued_s, movable))
         done = False
         try:
             while not done:
@@ -75,9 +85,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if msg[0] == "add":
-                _, rid, ids, params = msg
+                _, rid, *args = msg
                 try:
-                    self.engine.add_request(rid, ids, params)
+                    self.engine.add_request(rid, *args)
                 except Exception as err:  # a bad request must never stop the step loop
                     self._emit(RequestOutput(rid, [], "error", error=str(err)))
             else:
@@ -99,4 +109,14 @@ class AsyncEngine:
                     self._emit(RequestOutput(rid, [], "error", error=f"engine error: {err}"))
                 continue
             for out in outputs:
+                self._emit(out)
+            self._maybe_move()
+
+    def _maybe_move(self) -> None:
+        now = time.monotonic()
+        if self.move_after_s is None or now < self._next_move_check:
+            return
+        self._next_move_check = now + self.MOVE_CHECK_S
+        if self.is_hot():
+            for out in self.engine.release_waiting(self.move_after_s):
                 self._emit(out)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class RequestOutput:
     request_id: str
     new_token_ids: list[int]
-    finish_reason: str | None = None  # stop | length | abort | error
+    finish_reason: str | None = None  # stop | length | abort | error | moved
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
@@ -44,6 +44,7 @@ class EngineStats:
     preemptions: int
     generated_tokens: int
     steps: int
+    step_s: float  # recent wall time of one step (moving average)
 
     @property
     def kv_usage(self) -> float:
@@ -121,6 +122,7 @@ class LLMEngine:
         self.idle_gaps: deque[float] = deque(maxlen=4096)
         self._prev_end: float | None = None
         self.step_delay_s = 0.0  # set only to emulate a slower replica in benchmarks
+        self.step_s = 0.0
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                  self.arch.architecture, self.device, dtype, num_blocks, cfg.block_size,
                  self.max_model_len)
@@ -146,7 +148,8 @@ class LLMEngine:
         return max(1, min(int(budget // per_block), needed))
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams) -> None:
+                    params: SamplingParams, queued_s: float = 0.0, movable: bool = False) -> None:
+        """queued_s: how long the request already waited in another replica's queue."""
         if request_id in self.seqs:
             raise ValueError(f"duplicate request id {request_id}")
         if not prompt_token_ids:
@@ -157,7 +160,8 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < self.arch.vocab_size]
         if bad:
             raise ValueError(f"token ids out of vocabulary: {bad[:5]}")
-        seq = Sequence(request_id, list(prompt_token_ids), params)
+        seq = Sequence(request_id, list(prompt_token_ids), params, movable=movable)
+        seq.arrival -= max(0.0, queued_s)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self.seqs[request_id] = seq
@@ -173,10 +177,19 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def release_waiting(self, min_wait_s: float) -> list[RequestOutput]:
+        """Hands back queued requests that waited at least min_wait_s and have not started:
+        each ends here with finish_reason "moved" and no tokens, for another replica."""
+        seqs = self.scheduler.release_waiting(time.monotonic() - min_wait_s)
+        for seq in seqs:
+            del self.seqs[seq.request_id]
+        return [RequestOutput(s.request_id, [], "moved", s.num_prompt_tokens) for s in seqs]
+
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        t0 = time.perf_counter()
         try:
             tokens = self.runner.run(batch)
             end = time.perf_counter()
@@ -194,6 +207,8 @@ class LLMEngine:
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         self.steps += 1
+        dt = time.perf_counter() - t0
+        self.step_s = dt if not self.step_s else 0.9 * self.step_s + 0.1 * dt
         outputs = []
         for seq, n, tok in zip(batch.seqs, batch.num_new_tokens, tokens, strict=True):
             seq.num_computed_tokens += n
@@ -242,7 +257,7 @@ class LLMEngine:
             kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
             prefix_queries=self.blocks.prefix_queries, prefix_hits=self.blocks.prefix_hits,
             preemptions=s.num_preemptions, generated_tokens=self.generated_tokens,
-            steps=self.steps)
+            steps=self.steps, step_s=self.step_s)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Offline helper: runs prompts to completion, returns the output token ids."""

@@ -40,7 +40,27 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queues by arrival: a request moved here from another replica's queue keeps its
+        place in line instead of starting over at the back."""
+        i = len(self.waiting)
+        while i > 0 and self.waiting[i - 1].arrival > seq.arrival \
+                and self.waiting[i - 1].first_scheduled is None:
+            i -= 1
+        self.waiting.insert(i, seq)
+
+    def release_waiting(self, older_than: float) -> list[Sequence]:
+        """Takes out movable requests that arrived before `older_than` and have not started
+        prefill (nothing computed, nothing sent): another replica can serve them whole."""
+        out, stay = [], deque()
+        for seq in self.waiting:
+            moves = seq.movable and seq.first_scheduled is None and seq.arrival < older_than
+            (out if moves else stay).append(seq)
+        self.waiting = stay
+        for seq in out:
+            seq.status = SeqStatus.FINISHED
+            seq.finish_reason = "moved"
+            self.blocks.free(seq)
+        return out
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

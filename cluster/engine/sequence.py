@@ -46,6 +46,7 @@ class Sequence:
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.monotonic)
     first_scheduled: float | None = None  # start of its prefill: the end of its queue time
+    movable: bool = False  # may leave this replica's queue for another before its prefill
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = self.num_prompt_tokens or len(self.token_ids)

@@ -1,0 +1,67 @@
+"""A model replica's load as the router sees it, and when a replica counts as hot.
+
+Both the router (in every caller) and the replica itself (deciding to hand queued requests
+back) judge load by these rules, so they agree on which replica is hot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster.engine.block_manager import block_hash
+
+PREFIX_SUMMARY_BLOCKS = 4096  # newest cached block hashes a replica reports
+
+
+@dataclass
+class ReplicaLoad:
+    running: float = 0.0
+    waiting: float = 0.0
+    waiting_tokens: float = 0.0
+    kv_usage: float = 0.0
+    max_num_seqs: float = 1.0
+    in_flight: float = 0.0
+    prefix: frozenset = field(default_factory=frozenset)
+    age_s: float = 0.0
+    step_s: float = 0.0  # the replica's recent engine step time; 0: not known yet
+
+    @classmethod
+    def of(cls, stats: dict, in_flight: float, prefix: frozenset, now: float) -> ReplicaLoad:
+        if not stats:
+            return cls(in_flight=in_flight)
+        return cls(stats.get("running", 0.0), stats.get("waiting", 0.0),
+                   stats.get("waiting_tokens", 0.0),
+                   stats.get("kv_used", 0.0) / max(1.0, stats.get("kv_total", 1.0)),
+                   max(1.0, stats.get("max_num_seqs", 1.0)), in_flight, prefix,
+                   now - stats.get("ts", now), stats.get("step_s", 0.0))
+
+    def score(self) -> float:
+        """Roughly 'how many batches of work are ahead of a new request' here."""
+        queued = max(self.running + self.waiting, self.in_flight)
+        return queued / self.max_num_seqs + self.waiting_tokens / 8192 + 2.0 * self.kv_usage ** 2
+
+    def wait_s(self) -> float:
+        """Seconds until a new request's first token here, roughly: the batches ahead of it
+        and its own, at this replica's step time. A replica half as fast waits twice as long
+        for the same queue, which queue length alone does not see."""
+        return (self.score() + 1.0) * self.step_s
+
+    def is_hot(self, kv_hot: float, score_hot: float) -> bool:
+        return self.kv_usage >= kv_hot or self.score() >= score_hot
+
+    def cached_blocks(self, hashes: list[int]) -> int:
+        n = 0
+        for h in hashes:
+            if h not in self.prefix:
+                break
+            n += 1
+        return n
+
+
+def prompt_hashes(token_ids: list[int], block_size: int) -> list[int]:
+    """The chained block hashes a replica's prefix cache would hold for this prompt."""
+    out, h = [], 0
+    for i in range(len(token_ids) // block_size):
+        h = block_hash(h, token_ids[i * block_size : (i + 1) * block_size])
+        out.append(h)
+    return out
