@@ -45,6 +45,9 @@ class EngineConfig(Strict):
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs (ranks) of one replica")
+    stream_interval_s: float = Field(0.0, ge=0, le=1, description="after its first token a "
+                                     "stream sends at most one message per interval, tokens "
+                                     "merged: fewer messages through Serve with many streams")
     # benchmarks of uneven replicas: these replica ranks sleep this long after every step
     slow_replica_ranks: list[int] = Field(default_factory=list)
     slow_step_delay_s: float = Field(0.0, ge=0)
@@ -89,6 +92,8 @@ class RouterConfig(Strict):
 
 
 class IngressConfig(Strict):
+    num_replicas: int = Field(1, ge=1, description="HTTP handlers behind Serve's proxy: one "
+                              "Python process each, which many streams can saturate")
     num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(512, ge=1)
     max_in_flight: int = Field(256, ge=1, description="generation requests per ingress "

@@ -92,6 +92,7 @@ def build(cfg: AppConfig) -> Application:
         **spread(cfg.tokenizer_pool),
     ).bind(conf, model)
     return Ingress.options(
+        num_replicas=cfg.ingress.num_replicas,
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
         logging_config=QUIET,
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},

@@ -291,3 +291,20 @@ async def _gather(*coros):
     import asyncio
 
     return list(await asyncio.gather(*coros))
+
+
+def test_stream_interval_merges_tokens_into_fewer_messages(model_dir, prompts):
+    import asyncio
+
+    from cluster.engine.async_engine import AsyncEngine
+
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+
+    async def messages(interval):
+        eng = AsyncEngine(make_engine(model_dir, stream_interval_s=interval))
+        return [o.new_token_ids async for o in eng.generate("r", prompts[0], params)]
+
+    plain, merged = asyncio.run(messages(0.0)), asyncio.run(messages(0.05))
+    assert sum(plain, []) == sum(merged, [])  # the same tokens, in order
+    assert len(merged[0]) == 1  # the first token is not held back
+    assert len(merged) < len(plain) / 2, (len(merged), len(plain))

@@ -3,6 +3,9 @@ load; the series exist through its HTTP API with values that match what the clie
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import shutil
 import subprocess
 import time
@@ -136,3 +139,23 @@ def test_stage_series_under_load(prometheus, metrics_client):
     assert 0 < p50 < 2.5
     roles = httpx.get(f"{prometheus}/api/v1/label/node_role/values", timeout=10).json()
     assert "model" in roles["data"]
+
+
+def test_serving_benchmark_with_client_processes_and_node_metrics(app_url, tmp_path):
+    """The serving benchmark end to end: two client processes share the requests, and the
+    utilization comes straight from Ray's node endpoints (no Prometheus server)."""
+    from cluster.bench.serve import main
+
+    targets = tmp_path / "targets.json"
+    targets.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": [
+        f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes()
+        if n["Alive"]]}]))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["--url", app_url, "--num-requests", "12", "--concurrency", "4",
+                   "--workers", "2", "--input-len", "8", "16", "--output-len", "4", "8",
+                   "--ray-metrics", str(targets), "--json"])
+    res = json.loads(buf.getvalue())
+    assert rc == 0 and res["requests"] == 12 and res["errors"] == 0
+    assert res["output_tok_s"] > 0 and res["ttft_ms"]["p99"] >= res["ttft_ms"]["p50"] > 0
+    assert 0 < res["utilization"]["cpu_util_perc"]["mean"] <= 100

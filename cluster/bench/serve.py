@@ -19,13 +19,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import os
 import random
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import httpx
 import numpy as np
 
+CLIENT_STREAMS = 200  # concurrent streams per client process
 WORDS = ("the of and to in is was for on that with as by at from it an be this are or "
          "model cluster token replica serve node cache stream batch kernel").split()
 
@@ -136,36 +140,72 @@ def utilization_reader(args):
     return None
 
 
-async def run(args) -> dict:
-    prompts = make_prompts(args.num_requests, tuple(args.input_len), args.shared_prefix,
-                           args.seed)
-    rng = random.Random(args.seed + 1)
-    lens = [rng.randint(*args.output_len) for _ in prompts]
-    sem = asyncio.Semaphore(args.concurrency)
+async def drive(args, prompts: list[str], lens: list[int], concurrency: int,
+                rate: float | None, seed: int, progress: bool) -> list[dict]:
+    """One client process's requests: at most `concurrency` in flight, Poisson arrivals at
+    `rate` when given."""
+    sem = asyncio.Semaphore(concurrency)
     results: list[dict] = []
     start = time.perf_counter()
-    limits = httpx.Limits(max_connections=args.concurrency + 8)
-    stop = asyncio.Event()
-    read = utilization_reader(args)
-    sampler = asyncio.create_task(sample_utilization(read, stop)) if read else None
-
+    limits = httpx.Limits(max_connections=concurrency + 8)
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
         async def task(p: str, n: int) -> None:
             async with sem:
                 results.append(await one(client, args.url, args.model, p, n, args.api_key))
                 done = len(results)
-                if done % max(1, len(prompts) // 50) == 0 or done == len(prompts):
+                if progress and (done % max(1, len(prompts) // 50) == 0 or
+                                 done == len(prompts)):
                     print(f"\r{done}/{len(prompts)} requests", end="", file=sys.stderr)
 
         tasks = []
-        arrivals = np.random.default_rng(args.seed)
+        arrivals = np.random.default_rng(seed)
         for p, n in zip(prompts, lens, strict=True):
             if args.duration and time.perf_counter() - start > args.duration:
                 break
             tasks.append(asyncio.create_task(task(p, n)))
-            if args.request_rate:
-                await asyncio.sleep(arrivals.exponential(1.0 / args.request_rate))
+            if rate:
+                await asyncio.sleep(arrivals.exponential(1.0 / rate))
         await asyncio.gather(*tasks)
+    return results
+
+
+def drive_shard(args, prompts, lens, shard: int, workers: int) -> list[dict]:
+    """Worker process: every workers-th request, its share of the concurrency and rate."""
+    conc = -(-args.concurrency // workers)
+    rate = args.request_rate / workers if args.request_rate else None
+    return asyncio.run(drive(args, prompts[shard::workers], lens[shard::workers], conc, rate,
+                             args.seed + shard, progress=False))
+
+
+def client_processes(args) -> int:
+    """One Python client tops out near a few hundred streams (it parses every SSE event):
+    more streams get more processes, so that the client is never what is measured."""
+    if args.workers:
+        return args.workers
+    return max(1, min(os.cpu_count() or 1, -(-args.concurrency // CLIENT_STREAMS)))
+
+
+async def run(args) -> dict:
+    prompts = make_prompts(args.num_requests, tuple(args.input_len), args.shared_prefix,
+                           args.seed)
+    rng = random.Random(args.seed + 1)
+    lens = [rng.randint(*args.output_len) for _ in prompts]
+    stop = asyncio.Event()
+    read = utilization_reader(args)
+    sampler = asyncio.create_task(sample_utilization(read, stop)) if read else None
+    workers = client_processes(args)
+    start = time.perf_counter()
+    if workers == 1:
+        results = await drive(args, prompts, lens, args.concurrency, args.request_rate,
+                              args.seed, progress=True)
+    else:
+        print(f"{workers} client processes", file=sys.stderr)
+        loop = asyncio.get_running_loop()
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            shards = await asyncio.gather(*(loop.run_in_executor(
+                pool, drive_shard, args, prompts, lens, i, workers) for i in range(workers)))
+        results = [r for shard in shards for r in shard]
     wall = time.perf_counter() - start
     stop.set()
     utilization = await sampler if sampler else None
@@ -258,6 +298,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ray-metrics", nargs="?", const=RAY_TARGETS, default=None,
                     metavar="TARGETS_JSON", help="no Prometheus server: scrape Ray's node "
                     f"endpoints listed in this file (default {RAY_TARGETS}) instead")
+    ap.add_argument("--workers", type=int, default=0,
+                    help=f"client processes (default: one per {CLIENT_STREAMS} streams)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     results = sweep(args) if args.sweep_rates else [asyncio.run(run(args))]

@@ -33,6 +33,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, move_after_s: float | None = None,
                  is_hot: Callable[[], bool] = lambda: False):
         self.engine = engine
+        self.stream_interval_s = engine.cfg.stream_interval_s
         self.move_after_s, self.is_hot = move_after_s, is_hot
         self._next_move_check = 0.0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -48,10 +49,16 @@ class AsyncEngine:
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
         self._post(("add", request_id, prompt_token_ids, params, queued_s, movable))
-        done = False
+        done, last = False, None
         try:
             while not done:
                 out = await q.get()
+                if last is not None and self.stream_interval_s and not out.finish_reason:
+                    # every message costs a hop through Serve per stage: with many streams,
+                    # fewer, fuller messages keep the stages from becoming the bottleneck
+                    await asyncio.sleep(max(0.0, last + self.stream_interval_s -
+                                            time.monotonic()))
+                last = time.monotonic()
                 while not q.empty() and not out.finish_reason:
                     nxt = q.get_nowait()
                     out.new_token_ids += nxt.new_token_ids
