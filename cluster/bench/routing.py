@@ -88,15 +88,16 @@ async def drive(url: str, prompts: list[str], rate: float, max_tokens: int) -> d
             "prefix_hit_rate": cached / max(1, prompt_tok), "requests_failed": failed}
 
 
-def replica_requests() -> list[int]:
+def replica_requests() -> dict[str, int]:
+    """Requests each model replica has served so far, by replica."""
     import ray
     from ray.util.state import list_actors
 
     actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[
         ("class_name", "=", "ServeReplica:bench:ModelReplica"), ("state", "=", "ALIVE")])
-    handles = [ray.get_actor(a.name, namespace="serve") for a in actors]
-    return sorted((s["requests"] for s in ray.get(
-        [h.record_routing_stats.remote() for h in handles])), reverse=True)
+    stats = ray.get([ray.get_actor(a.name, namespace="serve").record_routing_stats.remote()
+                     for a in actors])
+    return {a.name: s["requests"] - s["moved"] for a, s in zip(actors, stats, strict=True)}
 
 
 def decision_time(n_replicas: int = 64, prompt_tokens: int = 2048, rounds: int = 2000) -> dict:
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one rate, fewer requests (<5 min)")
-    ap.add_argument("--rates", type=float, nargs="+", default=[2.0, 4.0])
+    ap.add_argument("--rates", type=float, nargs="+", default=[4.0, 8.0])
     ap.add_argument("--requests", type=int, default=60)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--policies", nargs="+", default=POLICIES)
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
                   f"p99 {r['us_p99']:7.1f} us per decision")
         return 0
     if args.quick:
-        args.rates, args.requests = [3.0], 30
+        args.rates, args.requests = [8.0], 45
 
     import ray
     from ray import serve
@@ -185,8 +186,8 @@ def main(argv=None) -> int:
                     before = replica_requests()
                     r = asyncio.run(drive(url, prompts, rate, args.max_tokens))
                     after = replica_requests()
-                    r["requests_per_replica"] = [a - b for a, b in zip(after, before,
-                                                                        strict=False)]
+                    r["requests_per_replica"] = sorted(
+                        (n - before.get(name, 0) for name, n in after.items()), reverse=True)
                     res[f"{wl}@{rate:g}"] = r
                     print(f"{policy:14s} {wl:14s} rate {rate:4g}: "
                           f"{r['output_tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_ms_p50']:7.1f}"
