@@ -308,3 +308,30 @@ def test_stream_interval_merges_tokens_into_fewer_messages(model_dir, prompts):
     assert sum(plain, []) == sum(merged, [])  # the same tokens, in order
     assert len(merged[0]) == 1  # the first token is not held back
     assert len(merged) < len(plain) / 2, (len(merged), len(plain))
+
+
+def test_steps_run_one_ahead_with_the_same_tokens(model_dir, prompts, hf_greedy):
+    """Greedy decode steps launched before the previous step's tokens are read: the same
+    tokens as HF, a request that stops mid-way drops its extra row, no block leaks."""
+    eng = make_engine(model_dir)
+    launches = {"ahead": 0}
+    launch = eng.runner.launch
+
+    def counting(batch, prev=None):
+        launches["ahead"] += prev is not None
+        return launch(batch, prev)
+
+    eng.runner.launch = counting
+    stop = hf_greedy[0][5]  # request 0 ends on its sixth token, its batch mates go on
+    first = hf_greedy[0].index(stop) + 1
+    for i, p in enumerate(prompts):
+        stops = [stop] if i == 0 else []
+        eng.add_request(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=24,
+                                                  ignore_eos=True, stop_token_ids=stops))
+    out = _drain(eng)
+    assert out["r0"][0] == hf_greedy[0][:first] and out["r0"][1] == "stop"
+    for i in range(1, len(prompts)):
+        assert out[f"r{i}"][0] == hf_greedy[i]
+    assert launches["ahead"] > 10 and eng.blocks.num_used == 0
+    off = make_engine(model_dir, overlap_steps=False)
+    assert off.generate(prompts, GREEDY) == hf_greedy

@@ -14,7 +14,7 @@ from cluster.engine.block_manager import BlockManager
 from cluster.engine.model import ModelArch
 from cluster.engine.model_runner import DTYPES, ModelRunner
 from cluster.engine.sampler import NAN_TOKEN
-from cluster.engine.scheduler import Scheduler
+from cluster.engine.scheduler import ScheduledBatch, Scheduler
 from cluster.engine.sequence import SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ class LLMEngine:
         self._prev_end: float | None = None
         self.step_delay_s = 0.0  # set only to emulate a slower replica in benchmarks
         self.step_s = 0.0
+        self._ahead = None  # (batch, Launched): the next decode step, already on the GPU
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                  self.arch.architecture, self.device, dtype, num_blocks, cfg.block_size,
                  self.max_model_len)
@@ -186,24 +187,37 @@ class LLMEngine:
         return [RequestOutput(s.request_id, [], "moved", s.num_prompt_tokens) for s in seqs]
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:  # launched during the previous call: its tokens are due now
+            batch, launched = ahead
+        else:
+            batch, launched = self.scheduler.schedule(), None
+            if not batch.seqs:
+                return []
         t0 = time.perf_counter()
         try:
-            tokens = self.runner.run(batch)
+            if launched is None and self._overlaps(batch):
+                launched = self.runner.launch(batch)
+            if launched is not None:
+                self._ahead = self._launch_next(batch, launched)
+                tokens = launched.result()
+            else:
+                tokens = self.runner.run(batch)
             end = time.perf_counter()
             if self._prev_end is not None:
-                self.idle_gaps.append(self.runner.last_launch - self._prev_end)
+                # a step launched ahead was queued on the GPU: no gap for it to idle through
+                gap = 0.0 if ahead is not None else self.runner.last_launch - self._prev_end
+                self.idle_gaps.append(gap)
             self._prev_end = end
         except Exception as err:  # e.g. CUDA out of memory: fail this step's requests only
+            self._ahead = None
             if self.runner.peers is not None:
                 raise  # ranks of a tensor-parallel group are out of step now: restart them all
             log.exception("engine step failed; failing its %d requests", len(batch.seqs))
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             return [self._fail(seq, f"engine error: {type(err).__name__}: {err}")
-                    for seq in batch.seqs]
+                    for seq in batch.seqs if not seq.is_finished]
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         self.steps += 1
@@ -211,6 +225,8 @@ class LLMEngine:
         self.step_s = dt if not self.step_s else 0.9 * self.step_s + 0.1 * dt
         outputs = []
         for seq, n, tok in zip(batch.seqs, batch.num_new_tokens, tokens, strict=True):
+            if seq.is_finished:  # ended (stop token, abort) while this step ran ahead
+                continue
             seq.num_computed_tokens += n
             self.blocks.register_full_blocks(seq)
             if tok is None:
@@ -235,6 +251,29 @@ class LLMEngine:
         if not self.has_work():
             self._prev_end = None  # an empty queue is not a gap between steps
         return outputs
+
+    def _overlaps(self, batch) -> bool:
+        """Steps run one ahead for greedy decode batches on one rank (sampled tokens would
+        need the sampler on the device; TP peers run steps in lockstep)."""
+        return (self.cfg.overlap_steps and self.runner.peers is None and all(
+            seq.params.greedy and seq.num_computed_tokens + 1 == seq.num_tokens
+            for seq in batch.seqs))
+
+    def _launch_next(self, batch, launched):
+        """Launches the same sequences' next decode step before this one's tokens are read,
+        when nothing waits to be admitted and no sequence ends by length with this token.
+        A sequence that stops on this token wastes one row of the next step, dropped."""
+        if self.scheduler.waiting:
+            return None
+        for seq in batch.seqs:
+            if seq.is_finished or seq.num_output_tokens + 1 >= seq.params.max_tokens or \
+                    seq.num_tokens + 1 >= self.max_model_len:
+                return None
+        for seq in batch.seqs:
+            if not self.blocks.allocate(seq, seq.num_computed_tokens + 2):
+                return None
+        nxt = ScheduledBatch(list(batch.seqs), [1] * len(batch.seqs))
+        return nxt, self.runner.launch(nxt, prev=launched)
 
     def _fail(self, seq: Sequence, why: str) -> RequestOutput:
         self.scheduler.finish(seq, "error")

@@ -18,7 +18,7 @@ from cluster.engine.attention import (
 from cluster.engine.loader import iter_checkpoint, load_weights
 from cluster.engine.model import CausalLM, ModelArch, Ops
 from cluster.engine.parallel import TP
-from cluster.engine.sampler import sample
+from cluster.engine.sampler import NAN_TOKEN, sample
 from cluster.engine.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,23 @@ def synthetic_weights(model: CausalLM, seed: int):
             continue
         g = torch.Generator(device=dev).manual_seed(seed * 100003 + i)
         yield name, (torch.randn(shape, generator=g, device=dev) * 0.02).to(dtype)
+
+
+@dataclass
+class Launched:
+    """A greedy decode step on its way: the GPU may still be running it."""
+
+    inp: StepInputs
+    tokens: torch.Tensor  # [n] next token per row, on the device (NAN_TOKEN: not finite)
+    host: torch.Tensor | None = None  # pinned copy, filled when `event` fires
+    event: torch.cuda.Event | None = None
+
+    def result(self) -> list[int]:
+        """Waits for the step; its tokens."""
+        if self.event is None:
+            return self.tokens.tolist()
+        self.event.synchronize()
+        return self.host[: len(self.tokens)].tolist()
 
 
 @dataclass
@@ -220,6 +237,48 @@ class ModelRunner:
                 out[i] = tok
         return out
 
+    # One step ahead: a greedy decode step is launched with its input tokens still on the GPU
+    # (the previous step's argmax), so the host prepares and launches step N+1 while the GPU
+    # runs step N, and only then waits for N's tokens. The GPU no longer idles through the
+    # host's bookkeeping between steps.
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, prev: Launched | None = None) -> Launched:
+        """A greedy decode step (every row emits a token), not waited for. With `prev`, the
+        same sequences one token later: input ids are prev's tokens, taken on the device."""
+        inp = self.make_inputs(batch) if prev is None else self.next_decode_inputs(prev.inp,
+                                                                                  batch)
+        if prev is not None and (self.device.type != "cuda" or inp.graph_bs is None):
+            inp.input_ids = [max(t, 0) for t in prev.result()]  # no overlap: plain order
+            prev = None
+        self.last_launch = time.perf_counter()
+        if prev is not None:
+            logits = self._replay(inp, ids_on_device=prev.tokens)
+        else:
+            logits = self.execute(inp)
+        top, argmax = logits.max(dim=-1)
+        tokens = torch.where(torch.isfinite(top), argmax, NAN_TOKEN)
+        if inp.graph_bs is None:  # eager (CPU, or a batch beyond the graphs): read it plainly
+            return Launched(inp, tokens)
+        # two host buffers in turn: step N's is read only after step N+1 was launched
+        self.flip ^= 1
+        host = self.h_tokens[self.flip]
+        host[: len(tokens)].copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return Launched(inp, tokens, host, event)
+
+    def next_decode_inputs(self, prev: StepInputs, batch: ScheduledBatch) -> StepInputs:
+        """prev's decode rows one position later (their blocks already allocated)."""
+        bs = self.block_size
+        pos = [p + 1 for p in prev.positions]
+        tables = [seq.block_table for seq in batch.seqs]
+        inp = StepInputs([0] * len(pos), pos, [t[p // bs] * bs + p % bs
+                                                for t, p in zip(tables, pos, strict=True)],
+                         tables, list(prev.cu_q), [c + 1 for c in prev.ctx], list(prev.rows),
+                         prev.graph_bs)
+        return inp
+
     # CUDA graphs for decode: a small model's eager decode step is bound by kernel launches
     # (~10 us each, hundreds per step), so each batch size bucket is captured once at start
     # and replayed with its inputs copied into static buffers.
@@ -241,11 +300,16 @@ class ModelRunner:
         self.g_ctx = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self.g_cu = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         # host staging buffers: pinned, so the copies to the GPU are asynchronous
-        self.h_ids = torch.zeros(max_bs, dtype=torch.int64, pin_memory=True)
-        self.h_pos = torch.zeros(max_bs, dtype=torch.int64, pin_memory=True)
-        self.h_slots = torch.full((max_bs,), self.pad_slot, dtype=torch.int64, pin_memory=True)
-        self.h_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, pin_memory=True)
-        self.h_ctx = torch.zeros(max_bs, dtype=torch.int32, pin_memory=True)
+        # two sets, used in turn: with steps launched one ahead, step N's copies may still
+        # be queued while the host fills step N+1's inputs
+        self.h_ids = torch.zeros(2, max_bs, dtype=torch.int64, pin_memory=True)
+        self.h_pos = torch.zeros(2, max_bs, dtype=torch.int64, pin_memory=True)
+        self.h_slots = torch.full((2, max_bs), self.pad_slot, dtype=torch.int64,
+                                  pin_memory=True)
+        self.h_tables = torch.zeros(2, max_bs, max_blocks, dtype=torch.int32, pin_memory=True)
+        self.h_ctx = torch.zeros(2, max_bs, dtype=torch.int32, pin_memory=True)
+        self.h_tokens = torch.zeros(2, max_bs, dtype=torch.int64, pin_memory=True)
+        self.flip = self.staged = 0
         pool = None
         for bs in reversed(sizes):
             meta = AttentionMetadata(
@@ -267,24 +331,31 @@ class ModelRunner:
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", sizes)
 
-    def _replay(self, inp: StepInputs) -> torch.Tensor:
+    def _replay(self, inp: StepInputs, ids_on_device: torch.Tensor | None = None
+                ) -> torch.Tensor:
         n, bs = len(inp.tables), inp.graph_bs
         width = max(map(len, inp.tables))
         # one tensor per field, not one write per element: this runs every decode step
-        self.h_ids[:n] = torch.tensor(inp.input_ids)
-        self.h_pos[:n] = torch.tensor(inp.positions)
-        self.h_slots[:n] = torch.tensor(inp.slots)
-        self.h_slots[n:bs].fill_(self.pad_slot)
-        self.h_ctx[:n] = torch.tensor(inp.ctx, dtype=torch.int32)
-        self.h_ctx[n:bs].zero_()
+        self.staged ^= 1
+        h_ids, h_pos, h_slots, h_ctx, h_tables = (
+            t[self.staged] for t in (self.h_ids, self.h_pos, self.h_slots, self.h_ctx,
+                                     self.h_tables))
+        h_ids[:n] = torch.tensor(inp.input_ids)
+        h_pos[:n] = torch.tensor(inp.positions)
+        h_slots[:n] = torch.tensor(inp.slots)
+        h_slots[n:bs].fill_(self.pad_slot)
+        h_ctx[:n] = torch.tensor(inp.ctx, dtype=torch.int32)
+        h_ctx[n:bs].zero_()
         tables = np.zeros((n, width), dtype=np.int32)  # numpy fills rows from lists in C
         for i, t in enumerate(inp.tables):
             tables[i, : len(t)] = t
-        self.h_tables[:n, :width] = torch.from_numpy(tables)
-        for dst, src in ((self.g_ids, self.h_ids), (self.g_pos, self.h_pos),
-                         (self.g_slots, self.h_slots), (self.g_ctx, self.h_ctx),
-                         (self.g_tables, self.h_tables)):
+        h_tables[:n, :width] = torch.from_numpy(tables)
+        for dst, src in ((self.g_ids, h_ids), (self.g_pos, h_pos),
+                         (self.g_slots, h_slots), (self.g_ctx, h_ctx),
+                         (self.g_tables, h_tables)):
             dst[:bs].copy_(src[:bs], non_blocking=True)
+        if ids_on_device is not None:  # a failed row's NAN_TOKEN is no token id: its output
+            torch.clamp(ids_on_device, min=0, out=self.g_ids[:n])  # is dropped anyway
         g = self.graphs[bs]
         g.graph.replay()
         return g.logits[:n]
