@@ -6,8 +6,10 @@
 Fixed concurrency, or Poisson arrivals at --request-rate (then --concurrency caps requests in
 flight); always bounded by --num-requests or --duration. `--sweep-rates 1 2 4 8` runs the
 workload at each rate and `--plot latency.png` draws latency against load. `--prometheus URL`
-samples GPU and CPU utilization from the cluster's metrics during the run, for experiments
-such as 1,000 concurrent streams (`--concurrency 1000 --num-requests 5000`).
+(or `--ray-metrics`, straight from Ray's node endpoints) samples GPU and CPU utilization from
+the cluster's metrics during the run, for experiments such as 1,000 concurrent streams
+(`--concurrency 1000 --num-requests 5000`); the load comes from one client process per 200
+streams (`--workers`), so that the client is not what gets measured.
 
 Streams every request (SSE) and measures, like vLLM's serving benchmark: TTFT (to the first
 content), ITL (gaps between content chunks), TPOT ((e2e - TTFT) / (output tokens - 1)),
