@@ -88,16 +88,11 @@ async def drive(url: str, prompts: list[str], rate: float, max_tokens: int) -> d
             "prefix_hit_rate": cached / max(1, prompt_tok), "requests_failed": failed}
 
 
-def replica_requests() -> dict[str, int]:
-    """Requests each model replica has served so far, by replica."""
-    import ray
-    from ray.util.state import list_actors
+def replica_requests() -> dict[int, int]:
+    """Requests each model replica has served so far, by replica rank."""
+    from cluster.local_cluster import model_replica_stats
 
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[
-        ("class_name", "=", "ServeReplica:bench:ModelReplica"), ("state", "=", "ALIVE")])
-    stats = ray.get([ray.get_actor(a.name, namespace="serve").record_routing_stats.remote()
-                     for a in actors])
-    return {a.name: s["requests"] - s["moved"] for a, s in zip(actors, stats, strict=True)}
+    return {s["rank"]: s["requests"] - s["moved"] for s in model_replica_stats("bench")}
 
 
 def decision_time(n_replicas: int = 64, prompt_tokens: int = 2048, rounds: int = 2000) -> dict:
@@ -187,7 +182,7 @@ def main(argv=None) -> int:
                     r = asyncio.run(drive(url, prompts, rate, args.max_tokens))
                     after = replica_requests()
                     r["requests_per_replica"] = sorted(
-                        (n - before.get(name, 0) for name, n in after.items()), reverse=True)
+                        (n - before.get(rank, 0) for rank, n in after.items()), reverse=True)
                     res[f"{wl}@{rate:g}"] = r
                     print(f"{policy:14s} {wl:14s} rate {rate:4g}: "
                           f"{r['output_tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_ms_p50']:7.1f}"

@@ -18,7 +18,7 @@ from cluster.engine.attention import (
 from cluster.engine.loader import iter_checkpoint, load_weights
 from cluster.engine.model import CausalLM, ModelArch, Ops
 from cluster.engine.parallel import TP
-from cluster.engine.sampler import NAN_TOKEN, sample
+from cluster.engine.sampler import greedy_tokens, sample
 from cluster.engine.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
@@ -256,8 +256,7 @@ class ModelRunner:
             logits = self._replay(inp, ids_on_device=prev.tokens)
         else:
             logits = self.execute(inp)
-        top, argmax = logits.max(dim=-1)
-        tokens = torch.where(torch.isfinite(top), argmax, NAN_TOKEN)
+        tokens = greedy_tokens(logits)
         if inp.graph_bs is None:  # eager (CPU, or a batch beyond the graphs): read it plainly
             return Launched(inp, tokens)
         # two host buffers in turn: step N's is read only after step N+1 was launched
@@ -273,11 +272,10 @@ class ModelRunner:
         bs = self.block_size
         pos = [p + 1 for p in prev.positions]
         tables = [seq.block_table for seq in batch.seqs]
-        inp = StepInputs([0] * len(pos), pos, [t[p // bs] * bs + p % bs
-                                                for t, p in zip(tables, pos, strict=True)],
-                         tables, list(prev.cu_q), [c + 1 for c in prev.ctx], list(prev.rows),
-                         prev.graph_bs)
-        return inp
+        return StepInputs([0] * len(pos), pos, [t[p // bs] * bs + p % bs
+                                                 for t, p in zip(tables, pos, strict=True)],
+                          tables, list(prev.cu_q), [c + 1 for c in prev.ctx], list(prev.rows),
+                          prev.graph_bs)
 
     # CUDA graphs for decode: a small model's eager decode step is bound by kernel launches
     # (~10 us each, hundreds per step), so each batch size bucket is captured once at start

@@ -9,12 +9,16 @@ from cluster.engine.sequence import Sequence
 NAN_TOKEN = -1  # not a token: the model's logits for this row were not finite
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax, on the logits' device; NAN_TOKEN where the row is not finite."""
+    top, argmax = logits.max(dim=-1)  # a NaN anywhere in a row makes its max NaN
+    return torch.where(torch.isfinite(top), argmax, NAN_TOKEN)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """logits: [batch, vocab] float32 for the sequences that produce a token this step.
     A row with NaN/inf logits gets NAN_TOKEN: that request fails, the batch goes on."""
-    top, argmax = logits.max(dim=-1)  # a NaN anywhere in a row makes its max NaN
-    finite = torch.isfinite(top)
-    greedy = torch.where(finite, argmax, NAN_TOKEN)
+    greedy = greedy_tokens(logits)
     if all(s.params.greedy for s in seqs):
         return greedy.tolist()
     temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=logits.device)

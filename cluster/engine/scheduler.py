@@ -57,9 +57,7 @@ class Scheduler:
             (out if moves else stay).append(seq)
         self.waiting = stay
         for seq in out:
-            seq.status = SeqStatus.FINISHED
-            seq.finish_reason = "moved"
-            self.blocks.free(seq)
+            self._close(seq, "moved")
         return out
 
     def has_work(self) -> bool:
@@ -125,6 +123,9 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
+        self._close(seq, reason)
+
+    def _close(self, seq: Sequence, reason: str) -> None:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         self.blocks.free(seq)
