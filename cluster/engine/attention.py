@@ -29,6 +29,9 @@ class AttentionMetadata:
     max_query_len: int = 1
     max_context_len: int = 1
     is_decode: bool = False  # every sequence has exactly one query token
+    # leading sequences with one query token (the scheduler puts them first)
+    num_decodes: int = 0
+    prefill_tiles: tuple | None = None  # built by the Triton backend at its first layer
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -261,9 +261,12 @@ class LLMEngine:
 
     def _launch_next(self, batch, launched):
         """Launches the same sequences' next decode step before this one's tokens are read,
-        when nothing waits to be admitted and no sequence ends by length with this token.
-        A sequence that stops on this token wastes one row of the next step, dropped."""
-        if self.scheduler.waiting:
+        when no waiting request could be admitted (none waits, or the batch is full) and no
+        sequence ends by length with this token. A sequence that stops on this token wastes
+        one row of the next step, dropped, and a request waiting for its place is admitted
+        one step later."""
+        s = self.scheduler
+        if s.waiting and len(s.running) < s.max_num_seqs:
             return None
         for seq in batch.seqs:
             if seq.is_finished or seq.num_output_tokens + 1 >= seq.params.max_tokens or \

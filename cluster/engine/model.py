@@ -80,8 +80,9 @@ class ModelArch:
 
 
 # The small elementwise ops below are many kernels each when eager; on the GPU they are
-# compiled (torch.compile -> one fused Triton kernel each), which matters because a small
-# model's decode step is bound by kernel count even inside a CUDA graph.
+# replaced by one Triton kernel each (`triton_ops.py`), which matters because a small
+# model's decode step is bound by kernel count even inside a CUDA graph. (RoPE is fused with
+# the KV-cache write on the GPU: `triton_attention.rope_store_kv`.)
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x = x.float()
@@ -107,7 +108,8 @@ def _rope(q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor, sin_table: 
 
 
 class Ops:
-    """The fused-op implementations a model instance uses (eager on CPU, compiled on GPU)."""
+    """The fused-op implementations a model instance uses (plain PyTorch on the CPU, Triton
+    kernels on the GPU)."""
 
     rms_norm = staticmethod(_rms_norm)
     add_rms_norm = staticmethod(_add_rms_norm)
@@ -115,9 +117,11 @@ class Ops:
     rope = staticmethod(_rope)
 
     @classmethod
-    def compile(cls) -> None:
-        for name in ("rms_norm", "add_rms_norm", "silu_and_mul", "rope"):
-            setattr(cls, name, staticmethod(torch.compile(getattr(cls, name), dynamic=True)))
+    def use_triton(cls) -> None:
+        from cluster.engine import triton_ops
+
+        for name in ("rms_norm", "add_rms_norm", "silu_and_mul"):
+            setattr(cls, name, staticmethod(getattr(triton_ops, name)))
 
 
 class RMSNorm(nn.Module):
@@ -202,15 +206,18 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        o = backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        o = backend.forward(q, k, v, positions, self.rotary, self.k_cache, self.v_cache, meta,
+                            self.scale)
         return self.tp.all_reduce(self.o_proj(o.reshape(-1, self.q_size)))
 
 
 class AttentionBackend:
-    """CPU/reference backend; the GPU runner swaps in Triton kernels with the same contract."""
+    """CPU/reference backend; the GPU runner swaps in Triton kernels with the same contract:
+    rotate q and k, write k and v to the cache, attend."""
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, q, k, v, positions, rotary: Rotary, k_cache, v_cache,
+                meta: AttentionMetadata, scale: float):
+        q, k = rotary(positions, q, k)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return paged_attention_ref(q, k_cache, v_cache, meta.block_tables,
                                    meta.cu_seqlens_q_host, meta.context_lens_host, scale)

@@ -29,7 +29,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class GatherBackend:
     """GPU attention without Triton: PyTorch gather for decode, per-sequence SDPA otherwise."""
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, q, k, v, positions, rotary, k_cache, v_cache, meta: AttentionMetadata,
+                scale: float):
+        q, k = rotary(positions, q, k)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode:
             return paged_decode_gather(q, k_cache, v_cache, meta.block_tables,
@@ -46,14 +48,31 @@ class TritonBackend:
 
         self.ops = triton_attention
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        self.ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    def forward(self, q, k, v, positions, rotary, k_cache, v_cache, meta: AttentionMetadata,
+                scale: float):
+        # one kernel rotates q in place and writes rotated k and v to their cache slots:
+        # three kernels fewer per layer, which counts in a small model's decode step
+        q = self.ops.rope_store_kv(q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache,
+                                   meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, meta, scale)
+
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         if meta.is_decode:
             return self.ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables,
                                                    meta.context_lens, scale)
+        # a mixed step: its decode rows (first) go to the decode kernel, which reads each
+        # KV head once for all the query heads sharing it; the prefill kernel reads it once
+        # per query head, 4-7x the traffic for a one-row query
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            self.ops.paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
+                                            meta.context_lens[:nd], scale, out=out[:nd])
+        if meta.prefill_tiles is None:  # the same for every layer of the step
+            meta.prefill_tiles = self.ops.prefill_tiles(meta.cu_seqlens_q_host, q.device, nd)
         return self.ops.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables,
                                                 meta.cu_seqlens_q, meta.context_lens, scale,
-                                                cu_seqlens_q_host=meta.cu_seqlens_q_host)
+                                                out=out, tiles=meta.prefill_tiles)
 
 
 @dataclass
@@ -104,6 +123,13 @@ def synthetic_weights(model: CausalLM, seed: int):
         yield name, (torch.randn(shape, generator=g, device=dev) * 0.02).to(dtype)
 
 
+def _leading_ones(xs: list[int]) -> int:
+    n = 0
+    while n < len(xs) and xs[n] == 1:
+        n += 1
+    return n
+
+
 @dataclass
 class Launched:
     """A greedy decode step on its way: the GPU may still be running it."""
@@ -125,6 +151,7 @@ class Launched:
 class DecodeGraph:
     graph: torch.cuda.CUDAGraph
     logits: torch.Tensor
+    tokens: torch.Tensor  # greedy picks, taken inside the graph (no eager kernels after it)
 
 
 class ModelRunner:
@@ -151,11 +178,11 @@ class ModelRunner:
             load_weights(self.model, weights or iter_checkpoint(model_dir), model_dir)
         self.model.eval()
         if device.type == "cuda":
-            Ops.compile()
             try:
                 self.model.backend = TritonBackend()
+                Ops.use_triton()
             except ImportError as err:
-                log.warning("Triton attention unavailable (%s): using the gather fallback", err)
+                log.warning("Triton unavailable (%s): gather attention, eager ops", err)
                 self.model.backend = GatherBackend()
         self.peers = None  # tensor-parallel ranks 1..N-1 (cluster.engine.tp_workers)
         self.k_caches: list[torch.Tensor] = []
@@ -201,27 +228,32 @@ class ModelRunner:
         def t(x, dtype):
             return torch.tensor(x, dtype=dtype, device=self.device)
 
-        width = max(map(len, inp.tables))
-        tables = [tb + [0] * (width - len(tb)) for tb in inp.tables]
+        tables = np.zeros((len(inp.tables), max(map(len, inp.tables))), dtype=np.int32)
+        for i, tb in enumerate(inp.tables):  # numpy fills rows from lists in C
+            tables[i, : len(tb)] = tb
         q_lens = [b - a for a, b in zip(inp.cu_q, inp.cu_q[1:], strict=False)]
         meta = AttentionMetadata(
-            slot_mapping=t(inp.slots, torch.int64), block_tables=t(tables, torch.int32),
+            slot_mapping=t(inp.slots, torch.int64),
+            block_tables=torch.from_numpy(tables).to(self.device, non_blocking=True),
             context_lens=t(inp.ctx, torch.int32), cu_seqlens_q=t(inp.cu_q, torch.int32),
             context_lens_host=inp.ctx, cu_seqlens_q_host=inp.cu_q,
             max_query_len=max(q_lens), max_context_len=max(inp.ctx),
-            is_decode=max(q_lens) == 1)
-        return t(inp.input_ids, torch.int64), t(inp.positions, torch.int64), meta
+            is_decode=max(q_lens) == 1, num_decodes=_leading_ones(q_lens))
+        # the rows whose logits are taken, made here with the other inputs: an index list
+        # given to the hidden states later would be copied with a wait for the whole step
+        rows = t([inp.cu_q[i + 1] - 1 for i in inp.rows], torch.int64)
+        return t(inp.input_ids, torch.int64), t(inp.positions, torch.int64), meta, rows
 
     @torch.inference_mode()
     def execute(self, inp: StepInputs) -> torch.Tensor | None:
         """One forward pass on this rank; logits of the rows that emit a token."""
         if inp.graph_bs is not None:
-            return self._replay(inp)
-        input_ids, positions, meta = self._tensors(inp)
+            return self._replay(inp).logits[: len(inp.tables)]
+        input_ids, positions, meta, rows = self._tensors(inp)
         hidden = self.model(input_ids, positions, meta)
         if not inp.rows:
             return None
-        return self.model.compute_logits(hidden[[inp.cu_q[i + 1] - 1 for i in inp.rows]])
+        return self.model.compute_logits(hidden.index_select(0, rows))
 
     def run(self, batch: ScheduledBatch) -> list[int | None]:
         """Returns the sampled token per sequence, None where a prefill chunk is unfinished."""
@@ -252,13 +284,9 @@ class ModelRunner:
             inp.input_ids = [max(t, 0) for t in prev.result()]  # no overlap: plain order
             prev = None
         self.last_launch = time.perf_counter()
-        if prev is not None:
-            logits = self._replay(inp, ids_on_device=prev.tokens)
-        else:
-            logits = self.execute(inp)
-        tokens = greedy_tokens(logits)
         if inp.graph_bs is None:  # eager (CPU, or a batch beyond the graphs): read it plainly
-            return Launched(inp, tokens)
+            return Launched(inp, greedy_tokens(self.execute(inp)))
+        tokens = self._replay(inp, None if prev is None else prev.tokens).tokens[: len(inp.rows)]
         # two host buffers in turn: step N's is read only after step N+1 was launched
         self.flip ^= 1
         host = self.h_tokens[self.flip]
@@ -317,20 +345,22 @@ class ModelRunner:
 
             def step(bs=bs, meta=meta):
                 hidden = self.model(self.g_ids[:bs], self.g_pos[:bs], meta)
-                return self.model.compute_logits(hidden)
+                logits = self.model.compute_logits(hidden)
+                return logits, greedy_tokens(logits)
 
             step()  # warm up (Triton autotuning, allocator) outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = step()
+                logits, tokens = step()
             pool = graph.pool() if pool is None else pool
-            self.graphs[bs] = DecodeGraph(graph, logits)
+            self.graphs[bs] = DecodeGraph(graph, logits, tokens)
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", sizes)
 
     def _replay(self, inp: StepInputs, ids_on_device: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                ) -> DecodeGraph:
+        """Replays the step's graph; its outputs are valid until the next replay."""
         n, bs = len(inp.tables), inp.graph_bs
         width = max(map(len, inp.tables))
         # one tensor per field, not one write per element: this runs every decode step
@@ -356,4 +386,4 @@ class ModelRunner:
             torch.clamp(ids_on_device, min=0, out=self.g_ids[:n])  # is dropped anyway
         g = self.graphs[bs]
         g.graph.replay()
-        return g.logits[:n]
+        return g

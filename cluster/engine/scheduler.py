@@ -104,7 +104,9 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
-        return ScheduledBatch(seqs, counts)
+        # one-token rows first: attention serves them with the decode kernel in a mixed step
+        order = sorted(range(len(seqs)), key=lambda i: counts[i] != 1)
+        return ScheduledBatch([seqs[i] for i in order], [counts[i] for i in order])
 
     def _reset(self, seq: Sequence) -> None:
         self.blocks.free(seq)

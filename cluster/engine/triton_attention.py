@@ -4,7 +4,8 @@ whose PyTorch functions are the reference these are tested against (tests/gpu).
 - decode: one query per sequence, flash-decoding style. The KV range of a sequence is cut
   into `num_splits` pieces handled by separate programs (so a small batch with long contexts
   still fills the GPU); all query heads that share a KV head are one program (GQA packing),
-  so each K/V tile is read once. A second kernel merges the pieces by their log-sum-exp.
+  so each K/V tile is read once. A second kernel merges the pieces by their log-sum-exp
+  (with one piece the first kernel writes the output itself).
   Grid and split count depend only on tensor shapes, never on context lengths, so the kernel
   is captured in CUDA graphs.
 - prefill: flash-attention forward over query tiles of varlen sequences, reading K/V through
@@ -21,9 +22,9 @@ import triton.language as tl
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, mid_o_ptr, mid_lse_ptr, scale,
+    q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, mid_o_ptr, mid_lse_ptr, out_ptr, scale,
     stride_qb, stride_qh, stride_kslot, stride_kh, stride_tb,
-    stride_mb, stride_mh, stride_ms,
+    stride_mb, stride_mh, stride_ms, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -62,12 +63,18 @@ def _decode_split_kernel(
         m = m_new
     has = ell > 0
     out = acc / tl.where(has, ell, 1.0)[:, None]
-    lse = tl.where(has, m + tl.log(tl.where(has, ell, 1.0)), float("-inf"))
-    base = b * stride_mb + heads * stride_mh + split * stride_ms
-    tl.store(mid_o_ptr + base[:, None] + d[None, :], out, mask=(g < GROUP)[:, None])
-    # mid_lse is [batch, heads, splits]: mid_o's strides without the head_dim factor
-    tl.store(mid_lse_ptr + (b * stride_mb + heads * stride_mh) // HEAD_DIM + split, lse,
-             mask=g < GROUP)
+    live = g < GROUP
+    out_at = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=live[:, None])
+    else:
+        lse = tl.where(has, m + tl.log(tl.where(has, ell, 1.0)), float("-inf"))
+        mid = b * stride_mb + heads * stride_mh
+        tl.store(mid_o_ptr + (mid + split * stride_ms)[:, None] + d[None, :], out,
+                 mask=live[:, None])
+        # mid_lse is [batch, heads, splits]: mid_o's strides without the head_dim factor
+        mid_lse = mid_lse_ptr + mid // HEAD_DIM
+        tl.store(mid_lse + split, lse, mask=live)
 
 
 @triton.jit
@@ -104,7 +111,7 @@ def _num_splits(batch: int, kv_heads: int, max_context: int) -> int:
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, out=None,
-                           num_splits=None):
+                           num_splits=None, block_n=None, num_warps=4, num_stages=2):
     batch, heads, dim = q.shape
     _, page, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
@@ -116,16 +123,17 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     k_flat = k_cache.view(-1, kv_heads, dim)
     v_flat = v_cache.view(-1, kv_heads, dim)
     _decode_split_kernel[(batch, kv_heads, splits)](
-        q, k_flat, v_flat, block_tables, context_lens, mid_o, mid_lse, scale,
+        q, k_flat, v_flat, block_tables, context_lens, mid_o, mid_lse, out, scale,
         q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1), block_tables.stride(0),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
-        PAGE=page, BLOCK_N=64 if dim <= 64 else 32, NUM_SPLITS=splits,
-        PRECISION=_precision(q), num_warps=4, num_stages=2)
-    _decode_merge_kernel[(batch, heads)](
-        mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        out.stride(0), out.stride(1), HEAD_DIM=dim, NUM_SPLITS=splits,
-        SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=1)
+        PAGE=page, BLOCK_N=block_n or (64 if dim <= 64 else 32), NUM_SPLITS=splits,
+        PRECISION=_precision(q), num_warps=num_warps, num_stages=num_stages)
+    if splits > 1:  # one split wrote `out` itself
+        _decode_merge_kernel[(batch, heads)](
+            mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+            out.stride(0), out.stride(1), HEAD_DIM=dim, NUM_SPLITS=splits,
+            SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=1)
     return out
 
 
@@ -179,10 +187,12 @@ def _prefill_kernel(
 PREFILL_BLOCK_M = 64
 
 
-def prefill_tiles(cu_seqlens_q_host: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence, first query row) of every BLOCK_M query tile, built on the host."""
+def prefill_tiles(cu_seqlens_q_host: list[int], device, first_seq: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, first query row) of every BLOCK_M query tile of sequences >= first_seq,
+    built on the host."""
     seqs, starts = [], []
-    for b in range(len(cu_seqlens_q_host) - 1):
+    for b in range(first_seq, len(cu_seqlens_q_host) - 1):
         n = cu_seqlens_q_host[b + 1] - cu_seqlens_q_host[b]
         for s in range(0, n, PREFILL_BLOCK_M):
             seqs.append(b)
@@ -192,12 +202,19 @@ def prefill_tiles(cu_seqlens_q_host: list[int], device) -> tuple[torch.Tensor, t
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
-                            scale, max_query_len=None, cu_seqlens_q_host=None):
+                            scale, max_query_len=None, cu_seqlens_q_host=None, first_seq=0,
+                            out=None, tiles=None):
+    """Sequences before `first_seq` are left out (their rows of `out` are not written).
+    tiles: prefill_tiles(...) of this step, built once for all layers."""
     tokens, heads, dim = q.shape
     _, page, kv_heads, _ = k_cache.shape
-    host = cu_seqlens_q_host if cu_seqlens_q_host is not None else cu_seqlens_q.tolist()
-    tile_seq, tile_start = prefill_tiles(host, q.device)
-    out = torch.empty_like(q)
+    if tiles is None:
+        host = cu_seqlens_q_host if cu_seqlens_q_host is not None else cu_seqlens_q.tolist()
+        tiles = prefill_tiles(host, q.device, first_seq)
+    tile_seq, tile_start = tiles
+    out = torch.empty_like(q) if out is None else out
+    if tile_seq.numel() == 0:
+        return out
     k_flat = k_cache.view(-1, kv_heads, dim)
     v_flat = v_cache.view(-1, kv_heads, dim)
     _prefill_kernel[(tile_seq.numel(), heads)](
@@ -226,9 +243,69 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, stride_kt, stride_
 def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     """One kernel writes K and V ([tokens, kv_heads, dim]) to their slots; slots < 0 skip."""
     tokens, kv_heads, dim = k.shape
+    if tokens == 0:
+        return
     k2, v2 = k.reshape(tokens, -1), v.reshape(tokens, -1)
     assert k2.stride(1) == 1 and v2.stride(1) == 1
     width = kv_heads * dim
     _store_kv_kernel[(tokens,)](k2, v2, k_cache, v_cache, slot_mapping, k2.stride(0),
                                 v2.stride(0), width,
                                 WIDTH=width, WIDTH_PAD=triton.next_power_of_2(width))
+
+
+@triton.jit
+def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
+                          slots_ptr, stride_qt, stride_kt, stride_vt, stride_ct, stride_cos,
+                          HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                          HEADS_PAD: tl.constexpr, KV_PAD: tl.constexpr):
+    t = tl.program_id(0)
+    pos = tl.load(pos_ptr + t)
+    j = tl.arange(0, HALF)[None, :]
+    cos = tl.load(cos_ptr + pos * stride_cos + j)
+    sin = tl.load(sin_ptr + pos * stride_cos + j)
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    qm = h < HEADS
+    qa = q_ptr + t * stride_qt + h * (2 * HALF) + j
+    x1 = tl.load(qa, mask=qm).to(tl.float32)
+    x2 = tl.load(qa + HALF, mask=qm).to(tl.float32)
+    tl.store(qa, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty), mask=qm)
+    tl.store(qa + HALF, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty), mask=qm)
+    slot = tl.load(slots_ptr + t)
+    if slot >= 0:
+        kh = tl.arange(0, KV_PAD)[:, None]
+        km = kh < KV_HEADS
+        ka = k_ptr + t * stride_kt + kh * (2 * HALF) + j
+        y1 = tl.load(ka, mask=km).to(tl.float32)
+        y2 = tl.load(ka + HALF, mask=km).to(tl.float32)
+        ca = kc_ptr + slot * stride_ct + kh * (2 * HALF) + j
+        tl.store(ca, (y1 * cos - y2 * sin).to(kc_ptr.dtype.element_ty), mask=km)
+        tl.store(ca + HALF, (y2 * cos + y1 * sin).to(kc_ptr.dtype.element_ty), mask=km)
+        jj = tl.arange(0, 2 * HALF)[None, :]
+        tl.store(vc_ptr + slot * stride_ct + kh * (2 * HALF) + jj,
+                 tl.load(v_ptr + t * stride_vt + kh * (2 * HALF) + jj, mask=km), mask=km)
+
+
+def rope_store_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):
+    """Rotate-half RoPE on q (in place, returned) and k, then k and v written to their cache
+    slots (slots < 0 skip), in one kernel. q, k, v: [tokens, heads, dim], rows may be strided
+    (views into the fused qkv output); cos, sin: [positions, dim / 2] float32 tables."""
+    tokens, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    half = dim // 2
+    if tokens == 0:
+        return q
+    if half & (half - 1) or q.stride(2) != 1 or q.stride(1) != dim or k.stride(1) != dim \
+            or v.stride(1) != dim or k.stride(2) != 1 or v.stride(2) != 1:
+        from cluster.engine.model import _rope  # odd head sizes or layouts: the plain path
+
+        q, k = _rope(q, k, cos, sin, positions)
+        store_kv(k, v, k_cache, v_cache, slot_mapping)
+        return q
+    kc = k_cache.view(-1, kv_heads * dim)
+    vc = v_cache.view(-1, kv_heads * dim)
+    _rope_store_kv_kernel[(tokens,)](
+        q, k, v, positions, cos, sin, kc, vc, slot_mapping, q.stride(0), k.stride(0),
+        v.stride(0), kc.stride(0), cos.stride(0), HEADS=heads, KV_HEADS=kv_heads, HALF=half,
+        HEADS_PAD=triton.next_power_of_2(heads), KV_PAD=triton.next_power_of_2(kv_heads),
+        num_warps=4 if heads * dim <= 4096 else 8)
+    return q

@@ -93,3 +93,56 @@ def test_decode_in_cuda_graph_follows_new_inputs():
         live = [i for i, c in enumerate(ctxs) if c > 0]
         assert rel_err(out[live], ref[live]) < 1e-2
         assert out[[i for i, c in enumerate(ctxs) if c == 0]].abs().sum() == 0
+
+
+@pytest.mark.parametrize("group", [1, 7])
+def test_mixed_step_decode_rows_then_prefill_rows(group):
+    """A mixed step's leading one-query rows go to the decode kernel, the rest to the prefill
+    kernel, into one output: together they must equal the reference on every row."""
+    from cluster.engine.attention import AttentionMetadata
+    from cluster.engine.model_runner import TritonBackend
+
+    ctxs, q_lens = [300, 1, 2049, 700, 64, 5], [1, 1, 1, 200, 64, 1]
+    q, kc, vc, bt, cu, ref = make(2 * group, 2, 128, ctxs, q_lens)
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.int64, device="cuda"), block_tables=bt,
+        context_lens=torch.tensor(ctxs, dtype=torch.int32, device="cuda"),
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device="cuda"),
+        context_lens_host=ctxs, cu_seqlens_q_host=cu, num_decodes=3)
+    out = TritonBackend().attend(q, kc, vc, meta, 128 ** -0.5)
+    assert rel_err(out, ref) < 1e-2
+    for b in range(len(ctxs)):  # each row on its own, so a skipped row cannot hide
+        assert rel_err(out[cu[b]:cu[b + 1]], ref[cu[b]:cu[b + 1]]) < 1e-2
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(14, 2, 64), (32, 8, 128)])
+def test_rope_store_kv_matches_rope_then_store(heads, kv_heads, dim):
+    """The fused kernel against the plain path: q rotated in place (a strided view into the
+    fused qkv rows, as in the model), k rotated and v copied into their slots, slot -1
+    skipped, every other slot untouched."""
+    from cluster.engine.model import _rope
+    from cluster.engine.triton_attention import rope_store_kv
+
+    tokens, blocks = 9, 4
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k, v = (x.view(tokens, -1, dim) for x in (q, k, v))
+    freqs = torch.outer(torch.arange(4096.0, device="cuda"),
+                        1e4 ** -(torch.arange(0, dim, 2, device="cuda") / dim))
+    cos, sin = freqs.cos(), freqs.sin()
+    pos = torch.tensor([0, 5, 4095, 7, 1, 2, 3, 100, 9], device="cuda")
+    slots = torch.tensor([3, 17, -1, 0, 60, 61, 62, 63, 20], device="cuda")
+    want_q, want_k = _rope(q.clone(), k.clone(), cos, sin, pos)
+    kc = torch.zeros(blocks, PAGE, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    vc = torch.zeros_like(kc)
+    v_want = v.clone()
+    got_q = rope_store_kv(q, k, v, pos, cos, sin, kc, vc, slots)
+    assert torch.allclose(got_q.float(), want_q.float(), atol=1e-2)
+    assert got_q.data_ptr() == q.data_ptr()  # in place
+    flat_k, flat_v = kc.view(-1, kv_heads, dim), vc.view(-1, kv_heads, dim)
+    live = [i for i, s in enumerate(slots.tolist()) if s >= 0]
+    assert torch.allclose(flat_k[slots[live]].float(), want_k[live].float(), atol=1e-2)
+    assert torch.equal(flat_v[slots[live]], v_want[live])
+    untouched = torch.ones(blocks * PAGE, dtype=torch.bool, device="cuda")
+    untouched[slots[live]] = False
+    assert flat_k[untouched].abs().sum() == 0 and flat_v[untouched].abs().sum() == 0
