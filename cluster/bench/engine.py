@@ -8,6 +8,8 @@
 Presets are model shapes with seeded random weights (speed does not depend on the values);
 `default` is the built-in checkpoint; a folder path is any HF checkpoint. The same weights go
 to both engines, so greedy outputs are compared: the run exits non-zero when they disagree.
+The timed run then uses an engine built after transformers is freed (its own checkpoint, or
+seeded random weights for a shape).
 """
 
 from __future__ import annotations
@@ -343,19 +345,26 @@ def main(argv=None) -> int:
                        max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        cuda_graphs=not args.no_cuda_graphs, torch_threads=None)
-    weights = list(hf.state_dict().items())
-    engine = LLMEngine(folder, cfg, weights=weights)
-    del weights, hf
-    got = engine.generate(check, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    # The check runs on an engine holding transformers' weights and a small KV cache. The
+    # timed engine is built after transformers is freed, so that its KV cache is sized as in
+    # a replica (an 8B model alive beside it would take 16 GB of it); a shape preset gets
+    # seeded random weights there (speed does not depend on the values), a checkpoint its own.
+    checker = LLMEngine(folder, cfg.model_copy(update={
+        "num_kv_blocks": -(-args.max_model_len // cfg.block_size) + 64,
+        "max_num_seqs": max(1, len(check))}), weights=list(hf.state_dict().items()))
+    del hf
+    got = checker.generate(check, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     matched = [g == e for g, e in zip(got, expected, strict=True)]
     tol = 0.0 if dtype_name == "float32" else 0.1
     gaps = [greedy_gap(hf_check, args.device, p, g) for p, g in zip(check, got, strict=True)]
     # a failed request ends short: that is wrong however close its few tokens are
     within = [len(g) == 32 and gap <= allowed_gap(tol, scale)
               for g, (gap, scale) in zip(got, gaps, strict=True)]
-    del hf_check
+    del hf_check, checker
     if args.device == "cuda":
         torch.cuda.empty_cache()
+    checkpoint = any(Path(folder).glob("*.safetensors"))
+    engine = LLMEngine(folder, cfg, weights=None if checkpoint else f"synthetic:{args.seed}")
     correct = all(within)
     result["engine"] = run_engine(engine, prompts, out_lens)
     correct = correct and result["engine"]["output_tokens"] == sum(out_lens)  # none failed
