@@ -44,9 +44,9 @@ class EngineConfig(Strict):
     cpu_kv_cache_gib: float = Field(0.25, gt=0.0, description="KV cache size on the CPU")
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True
-    overlap_steps: bool = Field(True, description="launch a greedy decode step before the "
-                                "previous one's tokens are read (the host works while the "
-                                "GPU runs)")
+    overlap_steps: bool = Field(True, description="schedule and launch each greedy step "
+                                "before the previous one's tokens are read (the host works "
+                                "while the GPU runs)")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs (ranks) of one replica")
     stream_interval_s: float = Field(0.0, ge=0, le=1, description="after its first token a "
                                      "stream sends at most one message per interval, tokens "

@@ -200,16 +200,18 @@ def test_failed_step_fails_its_requests_and_the_engine_serves_on(model_dir, prom
     with the error's text; the engine frees their blocks and serves the next ones."""
     eng = make_engine(model_dir)
     params = SamplingParams(max_tokens=6, temperature=0.0)
-    run = eng.runner.run
     calls = {"n": 0}
 
-    def oom_on_second_step(batch):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return run(batch)
+    def oom_on_second_step(step):  # greedy steps are launched, others run
+        def wrapped(*args):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return step(*args)
+        return wrapped
 
-    eng.runner.run = oom_on_second_step
+    eng.runner.run = oom_on_second_step(eng.runner.run)
+    eng.runner.launch = oom_on_second_step(eng.runner.launch)
     for i, p in enumerate(prompts[:2]):
         eng.add_request(f"r{i}", p, params)
     out = _drain(eng)
@@ -335,3 +337,37 @@ def test_steps_run_one_ahead_with_the_same_tokens(model_dir, prompts, hf_greedy)
     assert launches["ahead"] > 10 and eng.blocks.num_used == 0
     off = make_engine(model_dir, overlap_steps=False)
     assert off.generate(prompts, GREEDY) == hf_greedy
+
+
+def test_mixed_steps_launched_ahead_match_step_by_step(model_dir, prompts):
+    """Every greedy step is launched before the previous one's tokens are read, mixed ones
+    too: prefill chunks beside decodes, admissions from the queue, preemption under a tiny
+    KV cache, a stop token and a length end while the next step is in flight. The tokens and
+    finish reasons must equal step-by-step execution exactly (fp32), with no block leak."""
+    many = [p * (1 + i % 3) for i, p in enumerate(prompts * 3)]  # 1-3x long: chunked
+
+    def serve(overlap: bool):
+        eng = make_engine(model_dir, overlap_steps=overlap, max_num_seqs=4, num_kv_blocks=36)
+        kinds = {"mixed_ahead": 0}
+        launch = eng.runner.launch
+
+        def counting(batch, prev=None):
+            kinds["mixed_ahead"] += prev is not None and not batch.is_decode
+            return launch(batch, prev)
+
+        eng.runner.launch = counting
+        stop = eng.generate([many[0]], GREEDY)[0][3]
+        for i, p in enumerate(many):
+            eng.add_request(f"r{i}", p, SamplingParams(
+                temperature=0.0, max_tokens=20 if i == 0 else 3 + 5 * (i % 4), ignore_eos=True,
+                stop_token_ids=[stop] if i == 0 else []))
+        out = _drain(eng)
+        assert eng.blocks.num_used == 0 and not eng.seqs
+        return out, kinds["mixed_ahead"], eng.scheduler.num_preemptions
+
+    ahead, mixed, preempted = serve(True)
+    plain, _, _ = serve(False)
+    assert ahead == plain
+    assert mixed > 5 and preempted > 0, (mixed, preempted)
+    assert ahead["r0"][1] == "stop" and len(ahead["r0"][0]) <= 4
+    assert all(ahead[f"r{i}"][1] == "length" for i in range(1, len(many)))

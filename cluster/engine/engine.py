@@ -12,10 +12,10 @@ import torch
 from cluster.config import EngineConfig
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.model import ModelArch
-from cluster.engine.model_runner import DTYPES, ModelRunner
+from cluster.engine.model_runner import DTYPES, Launched, ModelRunner
 from cluster.engine.sampler import NAN_TOKEN
 from cluster.engine.scheduler import ScheduledBatch, Scheduler
-from cluster.engine.sequence import SamplingParams, Sequence
+from cluster.engine.sequence import PENDING, SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,22 @@ class RequestOutput:
     error: str | None = None
     queue_s: float | None = None  # with a request's first token: time waiting to be scheduled
     prefill_s: float | None = None  # and from then to its first token
+
+
+@dataclass
+class Flight:
+    """A step on the GPU whose tokens were not read yet."""
+
+    batch: ScheduledBatch
+    launched: Launched
+    at: list[int | None]  # per sequence: the place of its token (None: a prefill chunk)
+
+    def tokens(self) -> list[int | None]:
+        """Waits for the step; its token per sequence."""
+        out: list[int | None] = [None] * len(self.batch.seqs)
+        for i, tok in zip(self.launched.inp.rows, self.launched.result(), strict=True):
+            out[i] = tok
+        return out
 
 
 @dataclass
@@ -123,7 +139,8 @@ class LLMEngine:
         self._prev_end: float | None = None
         self.step_delay_s = 0.0  # set only to emulate a slower replica in benchmarks
         self.step_s = 0.0
-        self._ahead = None  # (batch, Launched): the next decode step, already on the GPU
+        self._next: ScheduledBatch | None = None  # scheduled during the last call
+        self._flight: Flight | None = None  # _next, when it was launched too
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                  self.arch.architecture, self.device, dtype, num_blocks, cfg.block_size,
                  self.max_model_len)
@@ -187,96 +204,124 @@ class LLMEngine:
         return [RequestOutput(s.request_id, [], "moved", s.num_prompt_tokens) for s in seqs]
 
     def step(self) -> list[RequestOutput]:
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:  # launched during the previous call: its tokens are due now
-            batch, launched = ahead
-        else:
-            batch, launched = self.scheduler.schedule(), None
-            if not batch.seqs:
-                return []
+        """Runs one step and returns its tokens. Greedy steps are launched one ahead: the
+        next step is scheduled and sent to the GPU before this one's tokens are read, so the
+        host's work between steps (reading tokens, bookkeeping, scheduling, building inputs)
+        overlaps the GPU's."""
+        batch, flight = self._next, self._flight
+        self._next = self._flight = None
+        if flight is None:  # a batch scheduled last call but not launched: drop what ended
+            batch = batch.live() if batch is not None else None
+            if batch is None or not batch.seqs:
+                batch = self.scheduler.schedule()
+                if not batch.seqs:
+                    return []
         t0 = time.perf_counter()
         try:
-            if launched is None and self._overlaps(batch):
-                launched = self.runner.launch(batch)
-            if launched is not None:
-                self._ahead = self._launch_next(batch, launched)
-                tokens = launched.result()
-            else:
+            ahead = flight is not None
+            if flight is None and self._overlaps(batch):
+                flight = self._launch(batch, None)
+            if flight is None:
                 tokens = self.runner.run(batch)
+                at = self._advance(batch)
+            else:
+                self._schedule_next(flight)
+                tokens, at = flight.tokens(), flight.at
             end = time.perf_counter()
             if self._prev_end is not None:
                 # a step launched ahead was queued on the GPU: no gap for it to idle through
-                gap = 0.0 if ahead is not None else self.runner.last_launch - self._prev_end
-                self.idle_gaps.append(gap)
+                self.idle_gaps.append(0.0 if ahead else self.runner.last_launch - self._prev_end)
             self._prev_end = end
         except Exception as err:  # e.g. CUDA out of memory: fail this step's requests only
-            self._ahead = None
+            dropped = [] if self._next is None else self._next.seqs
+            self._next = self._flight = None
             if self.runner.peers is not None:
                 raise  # ranks of a tensor-parallel group are out of step now: restart them all
             log.exception("engine step failed; failing its %d requests", len(batch.seqs))
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            hit = {id(seq): seq for seq in batch.seqs + dropped}  # the step and the next one
             return [self._fail(seq, f"engine error: {type(err).__name__}: {err}")
-                    for seq in batch.seqs if not seq.is_finished]
+                    for seq in hit.values() if not seq.is_finished]
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         self.steps += 1
         dt = time.perf_counter() - t0
         self.step_s = dt if not self.step_s else 0.9 * self.step_s + 0.1 * dt
-        outputs = []
-        for seq, n, tok in zip(batch.seqs, batch.num_new_tokens, tokens, strict=True):
-            if seq.is_finished:  # ended (stop token, abort) while this step ran ahead
-                continue
+        outputs = self._emit(batch, tokens, at)
+        if not self.has_work():
+            self._prev_end = None  # an empty queue is not a gap between steps
+        return outputs
+
+    def _overlaps(self, batch: ScheduledBatch) -> bool:
+        """Greedy steps on one rank run one ahead (sampling reads its logits on the host
+        first; TP peers run steps in lockstep)."""
+        return self.cfg.overlap_steps and self.runner.peers is None and all(
+            seq.params.greedy for seq in batch.seqs)
+
+    def _launch(self, batch: ScheduledBatch, prev: Flight | None) -> Flight:
+        """Sends a step to the GPU without waiting, then counts its tokens as computed:
+        the scheduler's next call sees the sequences as they will be after it."""
+        launched = self.runner.launch(batch, None if prev is None else prev.launched)
+        return Flight(batch, launched, self._advance(batch))
+
+    def _schedule_next(self, flight: Flight) -> None:
+        """Schedules the step after `flight` and, when greedy, launches it before flight's
+        tokens are read; its decode rows take flight's tokens on the device."""
+        nxt = self.scheduler.schedule()
+        if nxt.seqs:
+            self._next = nxt
+            if self._overlaps(nxt):
+                self._flight = self._launch(nxt, flight)
+
+    def _advance(self, batch: ScheduledBatch) -> list[int | None]:
+        """Counts a step's tokens as computed; a sequence whose row emits a token gets a
+        PENDING place for it. Returns that place per sequence (None for a prefill chunk)."""
+        at: list[int | None] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-            self.blocks.register_full_blocks(seq)
-            if tok is None:
+            if seq.num_computed_tokens < seq.num_tokens:
+                at.append(None)
+                continue
+            seq.token_ids.append(PENDING)
+            at.append(seq.num_tokens - 1)
+            if seq.num_output_tokens >= seq.params.max_tokens or \
+                    seq.num_tokens >= self.max_model_len:
+                seq.closing = True  # this token ends it: it is not scheduled again
+        return at
+
+    def _emit(self, batch: ScheduledBatch, tokens: list[int | None],
+              at: list[int | None]) -> list[RequestOutput]:
+        """Puts a step's tokens in their places, ends sequences, makes the outputs. A
+        sequence that ended (stop token, abort) after a later step was launched for it has
+        that step's row dropped here."""
+        outputs = []
+        for seq, tok, i in zip(batch.seqs, tokens, at, strict=True):
+            if seq.is_finished:
+                continue
+            if i is None:
+                self.blocks.register_full_blocks(seq)
                 continue
             if tok == NAN_TOKEN:
                 outputs.append(self._fail(seq, "numerical error: the model's logits for this "
                                                "request were not finite (NaN/inf)"))
                 continue
-            seq.token_ids.append(tok)
+            seq.token_ids[i] = tok
+            self.blocks.register_full_blocks(seq)
             self.generated_tokens += 1
-            reason = self._finish_reason(seq, tok)
+            n_out = i + 1 - seq.num_prompt_tokens
+            reason = self._finish_reason(seq.params, tok, n_out, i + 1)
             if reason:
                 self.scheduler.finish(seq, reason)
                 del self.seqs[seq.request_id]
             out = RequestOutput(seq.request_id, [tok], reason, seq.num_prompt_tokens,
                                 seq.num_cached_prompt_tokens)
-            if seq.num_output_tokens == 1:
+            if n_out == 1:
                 now = time.monotonic()
                 out.queue_s = seq.first_scheduled - seq.arrival
                 out.prefill_s = now - seq.first_scheduled
             outputs.append(out)
-        if not self.has_work():
-            self._prev_end = None  # an empty queue is not a gap between steps
         return outputs
-
-    def _overlaps(self, batch) -> bool:
-        """Steps run one ahead for greedy decode batches on one rank (sampled tokens would
-        need the sampler on the device; TP peers run steps in lockstep)."""
-        return (self.cfg.overlap_steps and self.runner.peers is None and all(
-            seq.params.greedy and seq.num_computed_tokens + 1 == seq.num_tokens
-            for seq in batch.seqs))
-
-    def _launch_next(self, batch, launched):
-        """Launches the same sequences' next decode step before this one's tokens are read,
-        when no waiting request could be admitted (none waits, or the batch is full) and no
-        sequence ends by length with this token. A sequence that stops on this token wastes
-        one row of the next step, dropped, and a request waiting for its place is admitted
-        one step later."""
-        s = self.scheduler
-        if s.waiting and len(s.running) < s.max_num_seqs:
-            return None
-        for seq in batch.seqs:
-            if seq.is_finished or seq.num_output_tokens + 1 >= seq.params.max_tokens or \
-                    seq.num_tokens + 1 >= self.max_model_len:
-                return None
-        for seq in batch.seqs:
-            if not self.blocks.allocate(seq, seq.num_computed_tokens + 2):
-                return None
-        nxt = ScheduledBatch(list(batch.seqs), [1] * len(batch.seqs))
-        return nxt, self.runner.launch(nxt, prev=launched)
 
     def _fail(self, seq: Sequence, why: str) -> RequestOutput:
         self.scheduler.finish(seq, "error")
@@ -284,11 +329,11 @@ class LLMEngine:
         return RequestOutput(seq.request_id, [], "error", seq.num_prompt_tokens,
                              seq.num_cached_prompt_tokens, error=why)
 
-    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
-        p = seq.params
+    def _finish_reason(self, p: SamplingParams, tok: int, n_out: int, n_tokens: int
+                       ) -> str | None:
         if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
             return "stop"
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if n_out >= p.max_tokens or n_tokens >= self.max_model_len:
             return "length"
         return None
 

@@ -20,6 +20,7 @@ from cluster.engine.model import CausalLM, ModelArch, Ops
 from cluster.engine.parallel import TP
 from cluster.engine.sampler import greedy_tokens, sample
 from cluster.engine.scheduler import ScheduledBatch
+from cluster.engine.sequence import PENDING, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +133,11 @@ def _leading_ones(xs: list[int]) -> int:
 
 @dataclass
 class Launched:
-    """A greedy decode step on its way: the GPU may still be running it."""
+    """A greedy step on its way: the GPU may still be running it."""
 
     inp: StepInputs
-    tokens: torch.Tensor  # [n] next token per row, on the device (NAN_TOKEN: not finite)
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # next token per emitting row, on the device (NAN_TOKEN: not finite)
     host: torch.Tensor | None = None  # pinned copy, filled when `event` fires
     event: torch.cuda.Event | None = None
 
@@ -184,6 +186,8 @@ class ModelRunner:
             except ImportError as err:
                 log.warning("Triton unavailable (%s): gather attention, eager ops", err)
                 self.model.backend = GatherBackend()
+        self.h_tokens = torch.zeros(2, 0, dtype=torch.int64)  # pinned when first needed
+        self.flip = 0
         self.peers = None  # tensor-parallel ranks 1..N-1 (cluster.engine.tp_workers)
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
@@ -224,9 +228,12 @@ class ModelRunner:
             inp.graph_bs = min(b for b in self.graphs if b >= n)
         return inp
 
+    def _to_device(self, x, dtype) -> torch.Tensor:
+        # not a blocking copy: that would wait for the step still running on the GPU
+        return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
+
     def _tensors(self, inp: StepInputs):
-        def t(x, dtype):
-            return torch.tensor(x, dtype=dtype, device=self.device)
+        t = self._to_device
 
         tables = np.zeros((len(inp.tables), max(map(len, inp.tables))), dtype=np.int32)
         for i, tb in enumerate(inp.tables):  # numpy fills rows from lists in C
@@ -245,11 +252,13 @@ class ModelRunner:
         return t(inp.input_ids, torch.int64), t(inp.positions, torch.int64), meta, rows
 
     @torch.inference_mode()
-    def execute(self, inp: StepInputs) -> torch.Tensor | None:
+    def execute(self, inp: StepInputs, fill=None) -> torch.Tensor | None:
         """One forward pass on this rank; logits of the rows that emit a token."""
         if inp.graph_bs is not None:
-            return self._replay(inp).logits[: len(inp.tables)]
+            return self._replay(inp, fill).logits[: len(inp.tables)]
         input_ids, positions, meta, rows = self._tensors(inp)
+        if fill is not None:
+            self._fill(input_ids, fill)
         hidden = self.model(input_ids, positions, meta)
         if not inp.rows:
             return None
@@ -269,41 +278,66 @@ class ModelRunner:
                 out[i] = tok
         return out
 
-    # One step ahead: a greedy decode step is launched with its input tokens still on the GPU
-    # (the previous step's argmax), so the host prepares and launches step N+1 while the GPU
-    # runs step N, and only then waits for N's tokens. The GPU no longer idles through the
-    # host's bookkeeping between steps.
+    # One step ahead: a greedy step is launched with some of its input tokens still on the
+    # GPU (the previous step's picks, not read yet), so the host schedules and launches step
+    # N+1 while the GPU runs step N, and only then waits for N's tokens. The GPU no longer
+    # idles through the host's work between steps.
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: Launched | None = None) -> Launched:
-        """A greedy decode step (every row emits a token), not waited for. With `prev`, the
-        same sequences one token later: input ids are prev's tokens, taken on the device."""
-        inp = self.make_inputs(batch) if prev is None else self.next_decode_inputs(prev.inp,
-                                                                                  batch)
-        if prev is not None and (self.device.type != "cuda" or inp.graph_bs is None):
-            inp.input_ids = [max(t, 0) for t in prev.result()]  # no overlap: plain order
-            prev = None
+        """A greedy step, not waited for. Input tokens that are PENDING (the last token of a
+        sequence that emitted in `prev`) are prev's picks, taken on the device."""
+        inp = self.make_inputs(batch)
+        fill = self._pending_inputs(inp, batch, prev)
         self.last_launch = time.perf_counter()
-        if inp.graph_bs is None:  # eager (CPU, or a batch beyond the graphs): read it plainly
-            return Launched(inp, greedy_tokens(self.execute(inp)))
-        tokens = self._replay(inp, None if prev is None else prev.tokens).tokens[: len(inp.rows)]
-        # two host buffers in turn: step N's is read only after step N+1 was launched
-        self.flip ^= 1
-        host = self.h_tokens[self.flip]
-        host[: len(tokens)].copy_(tokens, non_blocking=True)
+        if inp.graph_bs is not None:
+            tokens = self._replay(inp, fill).tokens[: len(inp.rows)]
+        else:
+            logits = self.execute(inp, fill)
+            tokens = (greedy_tokens(logits) if logits is not None else
+                      torch.empty(0, dtype=torch.int64, device=self.device))
+        if self.device.type != "cuda":
+            return Launched(inp, batch.seqs, tokens)
+        host = self._host_tokens(len(tokens))
+        host.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return Launched(inp, tokens, host, event)
+        return Launched(inp, batch.seqs, tokens, host, event)
 
-    def next_decode_inputs(self, prev: StepInputs, batch: ScheduledBatch) -> StepInputs:
-        """prev's decode rows one position later (their blocks already allocated)."""
-        bs = self.block_size
-        pos = [p + 1 for p in prev.positions]
-        tables = [seq.block_table for seq in batch.seqs]
-        return StepInputs([0] * len(pos), pos, [t[p // bs] * bs + p % bs
-                                                 for t, p in zip(tables, pos, strict=True)],
-                          tables, list(prev.cu_q), [c + 1 for c in prev.ctx], list(prev.rows),
-                          prev.graph_bs)
+    def _pending_inputs(self, inp: StepInputs, batch: ScheduledBatch, prev: Launched | None):
+        """(prev's picks, input positions, prev's rows) for the input tokens not known yet;
+        None when all are known."""
+        dst, src = [], []
+        row_of = None
+        for i, seq in enumerate(batch.seqs):
+            last = inp.cu_q[i + 1] - 1
+            if inp.input_ids[last] != PENDING:
+                continue
+            if row_of is None:
+                row_of = {id(prev.seqs[r]): k for k, r in enumerate(prev.inp.rows)}
+            dst.append(last)
+            src.append(row_of[id(seq)])
+            inp.input_ids[last] = 0
+        return (prev.tokens, dst, src) if dst else None
+
+    def _host_tokens(self, n: int) -> torch.Tensor:
+        """A pinned buffer for n picks; two in turn, since step N's is read only after step
+        N+1 was launched."""
+        if self.h_tokens.shape[1] < n:
+            self.h_tokens = torch.zeros(2, max(n, 2 * self.h_tokens.shape[1]),
+                                        dtype=torch.int64, pin_memory=True)
+        self.flip ^= 1
+        return self.h_tokens[self.flip, :n]
+
+    def _fill(self, ids: torch.Tensor, fill) -> None:
+        """Writes prev's picks into this step's input ids on the device."""
+        picks, dst, src = fill
+        if dst == src == list(range(len(dst))):  # the same rows one token later
+            torch.clamp(picks[: len(dst)], min=0, out=ids[: len(dst)])
+            return
+        # a failed row's NAN_TOKEN is no token id: clamped, its output is dropped anyway
+        taken = picks.index_select(0, self._to_device(src, torch.int64)).clamp_(min=0)
+        ids.index_copy_(0, self._to_device(dst, torch.int64), taken)
 
     # CUDA graphs for decode: a small model's eager decode step is bound by kernel launches
     # (~10 us each, hundreds per step), so each batch size bucket is captured once at start
@@ -335,7 +369,7 @@ class ModelRunner:
         self.h_tables = torch.zeros(2, max_bs, max_blocks, dtype=torch.int32, pin_memory=True)
         self.h_ctx = torch.zeros(2, max_bs, dtype=torch.int32, pin_memory=True)
         self.h_tokens = torch.zeros(2, max_bs, dtype=torch.int64, pin_memory=True)
-        self.flip = self.staged = 0
+        self.staged = 0
         pool = None
         for bs in reversed(sizes):
             meta = AttentionMetadata(
@@ -358,8 +392,7 @@ class ModelRunner:
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", sizes)
 
-    def _replay(self, inp: StepInputs, ids_on_device: torch.Tensor | None = None
-                ) -> DecodeGraph:
+    def _replay(self, inp: StepInputs, fill=None) -> DecodeGraph:
         """Replays the step's graph; its outputs are valid until the next replay."""
         n, bs = len(inp.tables), inp.graph_bs
         width = max(map(len, inp.tables))
@@ -382,8 +415,8 @@ class ModelRunner:
                          (self.g_slots, h_slots), (self.g_ctx, h_ctx),
                          (self.g_tables, h_tables)):
             dst[:bs].copy_(src[:bs], non_blocking=True)
-        if ids_on_device is not None:  # a failed row's NAN_TOKEN is no token id: its output
-            torch.clamp(ids_on_device, min=0, out=self.g_ids[:n])  # is dropped anyway
+        if fill is not None:
+            self._fill(self.g_ids, fill)
         g = self.graphs[bs]
         g.graph.replay()
         return g

@@ -29,6 +29,12 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
+    def live(self) -> ScheduledBatch:
+        """Without the sequences that ended since it was scheduled."""
+        keep = [i for i, seq in enumerate(self.seqs) if not seq.is_finished]
+        return ScheduledBatch([self.seqs[i] for i in keep],
+                              [self.num_new_tokens[i] for i in keep])
+
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
@@ -72,6 +78,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.closing:  # its last token is still on the GPU; it ends when read
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.blocks.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running.pop()

@@ -24,6 +24,9 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+PENDING = -2  # a token chosen by a step still on the GPU (its place in token_ids)
+
+
 class SeqStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -47,6 +50,7 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_scheduled: float | None = None  # start of its prefill: the end of its queue time
     movable: bool = False  # may leave this replica's queue for another before its prefill
+    closing: bool = False  # the token being computed ends it (by length)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = self.num_prompt_tokens or len(self.token_ids)
