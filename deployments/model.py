@@ -50,7 +50,9 @@ class ModelReplica:
             self._load_report(), 0, frozenset(), time.time()).is_hot(r.kv_hot, r.score_hot))
         self.requests = 0
         self.moved = 0
-        self.tok_mark = (time.monotonic(), 0)  # (when, tokens generated) at the last report
+        # (when, tokens generated), sampled each second: the replica's recent tokens/s, the
+        # same whoever reads the stats and how often
+        self.tok_samples: deque[tuple[float, int]] = deque(maxlen=10)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.ttfts: deque[tuple[float, float]] = deque(maxlen=1024)  # (when, seconds)
         replica = serve.get_replica_context().replica_tag
@@ -62,7 +64,9 @@ class ModelReplica:
 
     async def _sample_forever(self) -> None:
         while True:
-            self.metrics.sample(self.engine.engine.stats(), self.engine.engine.idle_gaps)
+            eng = self.engine.engine
+            self.metrics.sample(eng.stats(), eng.idle_gaps)
+            self.tok_samples.append((time.monotonic(), eng.generated_tokens))
             await asyncio.sleep(1.0)
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[dict]:
@@ -112,11 +116,17 @@ class ModelReplica:
     def record_routing_stats(self) -> dict:
         # the newest cached block hashes: the router matches prompt prefixes against them
         hashes = self.engine.engine.blocks.cached_hashes()[-PREFIX_SUMMARY_BLOCKS:]
-        now, generated = time.monotonic(), self.engine.engine.generated_tokens
-        (t0, g0), self.tok_mark = self.tok_mark, (now, generated)
         return {**self._load_report(), "prefix": hashes, "requests": self.requests,
                 "moved": self.moved, "rank": self.rank, "rss_mb": rss_mb(),
-                "tok_s": (generated - g0) / max(1e-3, now - t0), **self.metrics.gpu_reading()}
+                "tok_s": self._tok_s(), **self.metrics.gpu_reading()}
+
+    def _tok_s(self) -> float:
+        """Tokens per second over the last ~10 s (0 before the first request)."""
+        if not self.tok_samples:
+            return 0.0
+        t0, g0 = self.tok_samples[0]
+        now, generated = time.monotonic(), self.engine.engine.generated_tokens
+        return (generated - g0) / max(1e-3, now - t0)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         s = self.engine.engine.stats()

@@ -127,6 +127,7 @@ def test_hot_replica_gets_no_new_work_and_hands_its_queue_to_a_cool_one(app_url)
         with ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(ask, range(36)))
         stats = {s["rank"]: s for s in model_replica_stats("rebalance")}
+        again = {s["rank"]: s for s in model_replica_stats("rebalance")}
     finally:
         serve.delete("rebalance")
     assert {a.choices[0].text for a in answers} == {answers[0].choices[0].text}
@@ -137,3 +138,5 @@ def test_hot_replica_gets_no_new_work_and_hands_its_queue_to_a_cool_one(app_url)
     assert slow["moved"] > 0, stats  # queued work left the hot replica
     assert served[0] < 0.35 * len(answers), served  # blind round robin alone would give half
     assert fast["requests"] > slow["requests"]
+    # tokens/s comes from the replica's own 1 s samples: a second reader does not zero it
+    assert fast["tok_s"] > 0 and again[1]["tok_s"] > 0.5 * fast["tok_s"], (fast, again[1])
