@@ -371,3 +371,43 @@ def test_mixed_steps_launched_ahead_match_step_by_step(model_dir, prompts):
     assert mixed > 5 and preempted > 0, (mixed, preempted)
     assert ahead["r0"][1] == "stop" and len(ahead["r0"][0]) <= 4
     assert all(ahead[f"r{i}"][1] == "length" for i in range(1, len(many)))
+
+
+def test_queue_never_stalls_on_prefixes_held_by_waiting_requests():
+    """A queued request that matched cached blocks but could not start keeps them; when a
+    request overtakes it in line (a move keeps its earlier arrival) and nothing runs, those
+    blocks must not starve the new head forever: the scheduler drops the queue's held
+    prefixes, and both requests start."""
+    from cluster.engine.block_manager import BlockManager
+    from cluster.engine.scheduler import Scheduler
+    from cluster.engine.sequence import Sequence
+
+    blocks = BlockManager(8, 4, True)
+    sched = Scheduler(blocks, 4, 64)
+    once = SamplingParams(max_tokens=1)
+    cached = Sequence("cached", list(range(21)), once)  # leaves a 5-block prefix cached
+    sched.add(cached)
+    sched.schedule()
+    cached.num_computed_tokens = 21
+    blocks.register_full_blocks(cached)
+    sched.finish(cached, "stop")
+    runner = Sequence("running", [100 + i for i in range(16)], once)
+    sched.add(runner)
+    sched.schedule()
+    runner.num_computed_tokens = 16
+    holder = Sequence("holder", list(range(21)) + [7] * 8, once)  # matches the prefix, waits
+    sched.add(holder)
+    assert holder not in sched.schedule().seqs and holder.block_table
+    ahead = Sequence("ahead", [200 + i for i in range(28)], once)
+    ahead.arrival = 0.0  # moved here from another replica: first in line
+    sched.add(ahead)
+    sched.finish(runner, "stop")
+    started = []
+    for _ in range(4):
+        batch = sched.schedule()
+        started += [s.request_id for s in batch.seqs]
+        for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            s.num_computed_tokens += n
+            if s.num_computed_tokens == s.num_tokens:
+                sched.finish(s, "length")
+    assert started[0] == "ahead" and "holder" in started, started

@@ -239,6 +239,10 @@ class LLMEngine:
                 raise  # ranks of a tensor-parallel group are out of step now: restart them all
             log.exception("engine step failed; failing its %d requests", len(batch.seqs))
             if self.device.type == "cuda":
+                try:  # a step launched ahead may still read pinned buffers the next one reuses
+                    torch.cuda.synchronize()
+                except Exception:  # noqa: BLE001 - the device itself failed: nothing to wait for
+                    log.exception("device synchronize after a failed step")
                 torch.cuda.empty_cache()
             hit = {id(seq): seq for seq in batch.seqs + dropped}  # the step and the next one
             return [self._fail(seq, f"engine error: {type(err).__name__}: {err}")

@@ -124,6 +124,12 @@ def synthetic_weights(model: CausalLM, seed: int):
         yield name, (torch.randn(shape, generator=g, device=dev) * 0.02).to(dtype)
 
 
+def _emitting(out: torch.Tensor, inp: StepInputs) -> torch.Tensor:
+    """A decode graph's per-row output, for the rows that emit a token."""
+    n = len(inp.tables)
+    return out[:n] if len(inp.rows) == n else out[:n][inp.rows]
+
+
 def _leading_ones(xs: list[int]) -> int:
     n = 0
     while n < len(xs) and xs[n] == 1:
@@ -254,8 +260,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, inp: StepInputs, fill=None) -> torch.Tensor | None:
         """One forward pass on this rank; logits of the rows that emit a token."""
-        if inp.graph_bs is not None:
-            return self._replay(inp, fill).logits[: len(inp.tables)]
+        if inp.graph_bs is not None:  # a one-token prefill chunk may emit nothing
+            return _emitting(self._replay(inp, fill).logits, inp)
         input_ids, positions, meta, rows = self._tensors(inp)
         if fill is not None:
             self._fill(input_ids, fill)
@@ -291,7 +297,7 @@ class ModelRunner:
         fill = self._pending_inputs(inp, batch, prev)
         self.last_launch = time.perf_counter()
         if inp.graph_bs is not None:
-            tokens = self._replay(inp, fill).tokens[: len(inp.rows)]
+            tokens = _emitting(self._replay(inp, fill).tokens, inp)
         else:
             logits = self.execute(inp, fill)
             tokens = (greedy_tokens(logits) if logits is not None else

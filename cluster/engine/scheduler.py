@@ -102,8 +102,10 @@ class Scheduler:
                 self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.blocks.allocate(seq, seq.num_computed_tokens + n):
-                if not self.running:  # nothing will free blocks: drop the cached prefix too
-                    self._reset(seq)
+                if not self.running:  # nothing will free blocks: drop the cached prefixes
+                    for w in self.waiting:  # that queued requests matched and hold
+                        if w.block_table:
+                            self._reset(w)
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
