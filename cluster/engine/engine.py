@@ -289,8 +289,7 @@ class LLMEngine:
                 continue
             seq.token_ids.append(PENDING)
             at.append(seq.num_tokens - 1)
-            if seq.num_output_tokens >= seq.params.max_tokens or \
-                    seq.num_tokens >= self.max_model_len:
+            if self._ends_by_length(seq.params, seq.num_output_tokens, seq.num_tokens):
                 seq.closing = True  # this token ends it: it is not scheduled again
         return at
 
@@ -337,9 +336,11 @@ class LLMEngine:
                        ) -> str | None:
         if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
             return "stop"
-        if n_out >= p.max_tokens or n_tokens >= self.max_model_len:
-            return "length"
-        return None
+        return "length" if self._ends_by_length(p, n_out, n_tokens) else None
+
+    def _ends_by_length(self, p: SamplingParams, n_out: int, n_tokens: int) -> bool:
+        """Known before the token's value: what `_advance` marks as closing."""
+        return n_out >= p.max_tokens or n_tokens >= self.max_model_len
 
     def stats(self) -> EngineStats:
         s = self.scheduler

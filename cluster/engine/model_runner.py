@@ -124,6 +124,15 @@ def synthetic_weights(model: CausalLM, seed: int):
         yield name, (torch.randn(shape, generator=g, device=dev) * 0.02).to(dtype)
 
 
+def _padded(tables: list[list[int]]) -> np.ndarray:
+    """Block tables as one int32 array, rows padded with 0 (numpy fills rows from lists in C:
+    this runs every step)."""
+    out = np.zeros((len(tables), max(map(len, tables))), dtype=np.int32)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = t
+    return out
+
+
 def _emitting(out: torch.Tensor, inp: StepInputs) -> torch.Tensor:
     """A decode graph's per-row output, for the rows that emit a token."""
     n = len(inp.tables)
@@ -241,9 +250,7 @@ class ModelRunner:
     def _tensors(self, inp: StepInputs):
         t = self._to_device
 
-        tables = np.zeros((len(inp.tables), max(map(len, inp.tables))), dtype=np.int32)
-        for i, tb in enumerate(inp.tables):  # numpy fills rows from lists in C
-            tables[i, : len(tb)] = tb
+        tables = _padded(inp.tables)
         q_lens = [b - a for a, b in zip(inp.cu_q, inp.cu_q[1:], strict=False)]
         meta = AttentionMetadata(
             slot_mapping=t(inp.slots, torch.int64),
@@ -374,7 +381,7 @@ class ModelRunner:
                                   pin_memory=True)
         self.h_tables = torch.zeros(2, max_bs, max_blocks, dtype=torch.int32, pin_memory=True)
         self.h_ctx = torch.zeros(2, max_bs, dtype=torch.int32, pin_memory=True)
-        self.h_tokens = torch.zeros(2, max_bs, dtype=torch.int64, pin_memory=True)
+        self._host_tokens(max_bs)  # the picks' buffer, sized now rather than on first use
         self.staged = 0
         pool = None
         for bs in reversed(sizes):
@@ -401,7 +408,6 @@ class ModelRunner:
     def _replay(self, inp: StepInputs, fill=None) -> DecodeGraph:
         """Replays the step's graph; its outputs are valid until the next replay."""
         n, bs = len(inp.tables), inp.graph_bs
-        width = max(map(len, inp.tables))
         # one tensor per field, not one write per element: this runs every decode step
         self.staged ^= 1
         h_ids, h_pos, h_slots, h_ctx, h_tables = (
@@ -413,10 +419,8 @@ class ModelRunner:
         h_slots[n:bs].fill_(self.pad_slot)
         h_ctx[:n] = torch.tensor(inp.ctx, dtype=torch.int32)
         h_ctx[n:bs].zero_()
-        tables = np.zeros((n, width), dtype=np.int32)  # numpy fills rows from lists in C
-        for i, t in enumerate(inp.tables):
-            tables[i, : len(t)] = t
-        h_tables[:n, :width] = torch.from_numpy(tables)
+        tables = _padded(inp.tables)
+        h_tables[:n, : tables.shape[1]] = torch.from_numpy(tables)
         for dst, src in ((self.g_ids, h_ids), (self.g_pos, h_pos),
                          (self.g_slots, h_slots), (self.g_ctx, h_ctx),
                          (self.g_tables, h_tables)):
