@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cluster.engine.block_manager import block_hash
-
-PREFIX_SUMMARY_BLOCKS = 4096  # newest cached block hashes a replica reports
+PREFIX_SUMMARY_BLOCKS = 4096  # newest cached block digests a replica reports to routers
 
 
 @dataclass
@@ -26,14 +24,17 @@ class ReplicaLoad:
     step_s: float = 0.0  # the replica's recent engine step time; 0: not known yet
 
     @classmethod
-    def of(cls, stats: dict, in_flight: float, prefix: frozenset, now: float) -> ReplicaLoad:
+    def of(cls, stats: dict, in_flight: float = 0.0, prefix: frozenset = frozenset(),
+           age_s: float = 0.0) -> ReplicaLoad:
+        """age_s: how long ago the receiver got this report, by its own clock (the
+        replica's clock may be skewed against the router's host)."""
         if not stats:
             return cls(in_flight=in_flight)
         return cls(stats.get("running", 0.0), stats.get("waiting", 0.0),
                    stats.get("waiting_tokens", 0.0),
                    stats.get("kv_used", 0.0) / max(1.0, stats.get("kv_total", 1.0)),
                    max(1.0, stats.get("max_num_seqs", 1.0)), in_flight, prefix,
-                   now - stats.get("ts", now), stats.get("step_s", 0.0))
+                   age_s, stats.get("step_s", 0.0))
 
     def score(self) -> float:
         """Roughly 'how many batches of work are ahead of a new request' here."""
@@ -56,12 +57,3 @@ class ReplicaLoad:
                 break
             n += 1
         return n
-
-
-def prompt_hashes(token_ids: list[int], block_size: int) -> list[int]:
-    """The chained block hashes a replica's prefix cache would hold for this prompt."""
-    out, h = [], 0
-    for i in range(len(token_ids) // block_size):
-        h = block_hash(h, token_ids[i * block_size : (i + 1) * block_size])
-        out.append(h)
-    return out

@@ -29,12 +29,28 @@ class APIError(Exception):
         return cls(e["message"], status, e["type"], e.get("param"), e.get("code"))
 
 
+class ReplicaUnhealthy(RuntimeError):
+    """A model replica whose engine stopped: a request it did not start may go elsewhere.
+    args: (message, the replica's id), so that it pickles across processes as it is."""
+
+    @property
+    def replica_id(self) -> str:
+        return self.args[1] if len(self.args) > 1 else ""
+
+
+def _problem(e: dict) -> str:
+    where = ".".join(str(p) for p in e["loc"]) or "body"
+    if e["type"] == "extra_forbidden":  # a parameter we do not implement: say so, never ignore
+        return f"{where}: this parameter is not supported by this server"
+    return f"{where}: {e['msg']}"
+
+
 def validation_error(err: ValidationError) -> APIError:
     first = err.errors()[0]
     param = ".".join(str(p) for p in first["loc"]) or None
-    msg = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
-                    for e in err.errors()[:5])
-    return APIError(msg, 400, param=param)
+    code = "unsupported_parameter" if first["type"] == "extra_forbidden" else None
+    return APIError("; ".join(_problem(e) for e in err.errors()[:5]), 400, param=param,
+                    code=code)
 
 
 class StreamOptions(BaseModel):
@@ -42,7 +58,9 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # a field not declared here is refused with 400 (it would change the answer, and we do
+    # not implement it); the few that change nothing are declared and then left unused
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -59,7 +77,15 @@ class SamplingFields(BaseModel):
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported")
     logprobs: Any = None
+    cache_salt: str | None = Field(None, min_length=1, max_length=256, description=(
+        "prefix-cache salt: requests with different salts never share cached KV"))
+    # accepted and unused: they change nothing in the answer
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -114,7 +140,7 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # tool_calls & co. are refused, never dropped
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -144,6 +170,7 @@ class GenerateRequest:
     params: SamplingParams
     max_tokens: int | None  # None: up to the context length
     stop: list[str] = field(default_factory=list)
+    cache_salt: str = ""  # the tenant's (API key) and the request's, combined
 
 
 @dataclass
@@ -155,7 +182,9 @@ class EngineRequest:
     params: SamplingParams
     movable: bool = True  # a hot replica may hand it back before its prefill (once)
     queued_s: float = 0.0  # time already spent in other replicas' queues
-    avoid_replica: str = ""  # the replica that handed it back: route elsewhere
+    # replicas (Serve replica ids or actor ids) that handed it back or failed it: elsewhere
+    avoid: tuple[str, ...] = ()
+    cache_salt: str = ""
 
 
 @dataclass

@@ -8,7 +8,9 @@ in flight per replica keeps a burst from piling onto the replica that looked idl
 
 Every policy ranks the same candidates; replicas that are hot (KV cache or queue above a
 threshold) get no new work while a cool one exists, and replicas whose report is stale rank
-last (a replica that stopped reporting is as good as gone).
+last (a replica that stopped reporting is as good as gone). A report's age is judged by this
+router's own clock, from when it first saw that report: the replica's host clock may be
+skewed against this one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import time
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from cluster.load import ReplicaLoad, prompt_hashes
+from cluster.load import ReplicaLoad
+from cluster.prefix_hash import prompt_digests
 
 
 class Policy:
@@ -106,6 +109,12 @@ def order_replicas(policy: Policy, loads: list[ReplicaLoad], hashes: list[int],
     return order + rest, bool(cool and hot)
 
 
+def _ids(r: RunningReplica) -> set[str]:
+    """The names a caller may know a replica by: its Serve replica id or its actor id (what
+    a Ray actor error carries)."""
+    return {r.replica_id.unique_id, r.actor_id.hex()}
+
+
 class LoadAwareRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, policy: str = "prefix_aware", block_size: int = 16,
                          prefix_margin: float = 1.0, kv_hot: float = 0.95,
@@ -113,32 +122,47 @@ class LoadAwareRouter(FIFOMixin, RequestRouter):
         self.policy = make_policy(policy, prefix_margin)
         self.block_size = block_size
         self.kv_hot, self.score_hot, self.stale_s = kv_hot, score_hot, stale_after_s
-        self._prefix_sets: dict = {}  # replica id -> (the stats dict it came from, set)
+        # replica id -> (the report last seen, when first seen by our clock, its prefix set)
+        self._reports: dict = {}
         self.metrics = None
 
-    def _prefix(self, r: RunningReplica) -> frozenset:
+    def _report(self, r: RunningReplica, now: float) -> tuple[dict, float, frozenset]:
         stats = r.routing_stats or {}
-        cached = self._prefix_sets.get(r.replica_id)
-        if cached is None or cached[0] is not stats:
-            cached = (stats, frozenset(stats.get("prefix", ())))
-            self._prefix_sets[r.replica_id] = cached
-        return cached[1]
+        seen = self._reports.get(r.replica_id)
+        if seen is None or seen[0] is not stats:  # a new report (each one is a new dict)
+            seen = (stats, now, frozenset(stats.get("prefix", ())))
+            self._reports[r.replica_id] = seen
+        return seen
+
+    def _forget_gone(self, candidates: list[RunningReplica]) -> None:
+        """Drops what we keep of replicas that left (autoscaling churn, restarts)."""
+        if len(self._reports) > len(candidates):
+            live = {r.replica_id for r in candidates}
+            self._reports = {k: v for k, v in self._reports.items() if k in live}
+
+    def load_of(self, r: RunningReplica, now: float) -> ReplicaLoad:
+        stats, first_seen, prefix = self._report(r, now)
+        # a replica with no report yet is not stale: it has only just started
+        age = now - first_seen if stats else 0.0
+        return ReplicaLoad.of(stats, self.replica_queue_len_cache.get(r.replica_id) or 0,
+                              prefix, age)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
                               ) -> list[list[RunningReplica]]:
-        now = time.time()
-        loads = [ReplicaLoad.of(r.routing_stats, self.replica_queue_len_cache.get(r.replica_id)
-                                or 0, self._prefix(r), now) for r in candidate_replicas]
+        now = time.monotonic()
+        self._forget_gone(candidate_replicas)
+        loads = [self.load_of(r, now) for r in candidate_replicas]
         req = pending_request.args[0] if pending_request and pending_request.args else None
         hashes = []
         if self.policy.name == "prefix_aware" and getattr(req, "prompt_token_ids", None):
-            hashes = prompt_hashes(req.prompt_token_ids, self.block_size)
+            hashes = prompt_digests(req.prompt_token_ids, self.block_size,
+                                    getattr(req, "cache_salt", ""))
         order, rebalanced = order_replicas(self.policy, loads, hashes, self.kv_hot,
                                            self.score_hot, self.stale_s)
-        avoid = getattr(req, "avoid_replica", "")
-        if avoid and len(order) > 1:  # handed back by that replica: anywhere else first
-            away = [i for i in order if candidate_replicas[i].replica_id.unique_id != avoid]
+        avoid = set(getattr(req, "avoid", ()))
+        if avoid and len(order) > 1:  # handed back or failed by those: anywhere else first
+            away = [i for i in order if not avoid & _ids(candidate_replicas[i])]
             order = away + [i for i in order if i not in away]
         self._record(candidate_replicas[order[0]], loads[order[0]], rebalanced)
         return [[candidate_replicas[i]] for i in order]

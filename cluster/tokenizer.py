@@ -38,9 +38,6 @@ class Tokenizer:
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self.chat_template = env.from_string(template) if template else None
-        self.special_ids = {self.tok.token_to_id(t) for t in self.tok.get_vocab()
-                            if t in {a.content for a in self.tok.get_added_tokens_decoder()
-                                     .values() if a.special}}
         self.vocab_size = self.tok.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -121,3 +118,27 @@ class StopStrings:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+class TextStream:
+    """One generation's text: token ids in, text deltas out, ended at a stop string.
+
+    Detokenizes incrementally (UTF-8 safe) and cuts at the first stop string, including one
+    that only the final flush completes (held-back bytes at the very end)."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: list[str]):
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stops = StopStrings(stops)
+
+    def push(self, ids: list[int], finish_reason: str | None) -> tuple[str, str | None]:
+        """The text these ids add and the finish reason now ("stop" on a stop string)."""
+        text, hit = self.stops.feed(self.detok.push(ids))
+        if hit:
+            return text, "stop"
+        if finish_reason:  # the end: what was held back, which may complete a stop string
+            tail, hit = self.stops.feed(self.detok.flush())
+            text += tail
+            if hit:
+                return text, "stop"
+            text += self.stops.flush()
+        return text, finish_reason

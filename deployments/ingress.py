@@ -5,6 +5,7 @@ No `from __future__ import annotations` here: FastAPI must see the real `Request
 
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -89,6 +90,29 @@ def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+class OwnedStream(StreamingResponse):
+    """A streamed response that owns its request's admission slot and generation: both are
+    released when the response ends, also when its client left before the body started (an
+    async generator that never started runs no `finally`, so the body alone cannot)."""
+
+    def __init__(self, content, release, **kw):
+        super().__init__(content, **kw)
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
+def tenant_salt(api_key: str | None, asked: str | None) -> str:
+    """Prefix-cache salt: per API key when keys are configured (tenants never share KV),
+    and the request's own `cache_salt` on top."""
+    tenant = hashlib.sha256(api_key.encode()).hexdigest()[:32] if api_key else ""
+    return f"{tenant}:{asked or ''}" if tenant or asked else ""
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
@@ -101,12 +125,17 @@ class Ingress:
         self.keys = ApiKeys(ing.api_keys_file, ing.api_keys_env)
         self.gate = Gate(ing.max_in_flight)
 
-    def _check_key(self, request: Request, open_route: bool = False) -> None:
+    def _check_key(self, request: Request, open_route: bool = False) -> str | None:
+        """The caller's API key (None when no keys are configured)."""
         if open_route and not self.cfg.ingress.protect_health_and_metrics:
-            return
-        if self.keys.enabled and not self.keys.allows(request.headers.get("authorization")):
+            return None
+        if not self.keys.enabled:
+            return None
+        auth = request.headers.get("authorization")
+        if not self.keys.allows(auth):
             raise APIError("missing or invalid API key (Authorization: Bearer <key>)", 401,
                            "authentication_error", code="invalid_api_key")
+        return auth.partition(" ")[2]
 
     @api.get("/health")
     async def health(self, request: Request) -> dict:
@@ -132,8 +161,9 @@ class Ingress:
     async def chat(self, request: Request) -> Response:
         return await self._serve(request, ChatCompletionRequest, "chat")
 
-    async def _parse(self, request: Request, model: type[SamplingFields]) -> SamplingFields:
-        self._check_key(request)
+    async def _parse(self, request: Request, model: type[SamplingFields]
+                     ) -> tuple[SamplingFields, str | None]:
+        key = self._check_key(request)
         limit = self.cfg.ingress.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -158,7 +188,7 @@ class Ingress:
         if req.model != self.model_name:
             raise APIError(f"the model '{req.model}' does not exist; this server serves "
                            f"'{self.model_name}'", 404, param="model", code="model_not_found")
-        return req
+        return req, key
 
     def _deadline(self, request: Request) -> float:
         limit = self.cfg.ingress.request_timeout_s
@@ -175,7 +205,7 @@ class Ingress:
     async def _serve(self, request: Request, model: type[SamplingFields], kind: str) -> Response:
         endpoint = request.url.path
         try:
-            req = await self._parse(request, model)
+            req, key = await self._parse(request, model)
             deadline = self._deadline(request)
             ticket = self.gate.try_enter(deadline)
             if ticket is None:
@@ -188,43 +218,58 @@ class Ingress:
                 resp.headers["Retry-After"] = "1"
             return resp
         try:
-            return await self._generate(req, kind, endpoint, deadline, ticket)
-        except BaseException:
+            return await self._generate(req, kind, endpoint, deadline, ticket,
+                                        tenant_salt(key, req.cache_salt))
+        except BaseException:  # includes the cancellation of a client that went away
             self.gate.leave(ticket)
             raise
 
     async def _generate(self, req, kind: str, endpoint: str, deadline: float,
-                        ticket: int) -> Response:
+                        ticket: int, salt: str) -> Response:
         """Owns one gate slot: released when the response (or its stream) is over.
 
         A stage that fails before anything reached the client (a tokenizer replica died, or a
         model replica failed a whole non-streamed request) is retried once from the start, on
         replicas Serve picks afresh: the client sees one answer, never a duplicate."""
-        gen = self._to_engine(req, kind)
+        gen = self._to_engine(req, kind, salt)
         start = time.monotonic()
-        for attempt in range(2):
-            stream = self.tokenizer.generate.remote(gen)
-            head: TextDelta = await self._next(stream, deadline)
-            if head.error and head.status in RETRYABLE and attempt == 0:
-                gen = replace(gen, request_id=new_id(kind))
-                continue
-            if head.error:
+        stream = None
+        try:
+            for attempt in range(2):
+                stream = self.tokenizer.generate.remote(gen)
+                head: TextDelta = await self._next(stream, deadline)
+                if head.error and head.status in RETRYABLE and attempt == 0:
+                    stream.cancel()
+                    gen = replace(gen, request_id=new_id(kind))
+                    continue
+                if head.error:
+                    self.gate.leave(ticket)
+                    self.metrics.request(endpoint, head.status)
+                    return JSONResponse(head.error, status_code=head.status)
+                meta = {"id": gen.request_id, "created": int(time.time()),
+                        "model": self.model_name}
+                if req.stream:
+                    self.metrics.request(endpoint, 200)
+
+                    def release(stream=stream) -> None:
+                        self.gate.leave(ticket)
+                        stream.cancel()
+
+                    return OwnedStream(
+                        self._sse(stream, meta, kind, req.include_usage(), start, deadline,
+                                  ticket), release, media_type="text/event-stream")
+                status, body = await self._collect(stream, meta, kind, head, start, deadline)
+                if status in RETRYABLE and attempt == 0:
+                    stream.cancel()
+                    gen = replace(gen, request_id=new_id(kind))
+                    continue
                 self.gate.leave(ticket)
-                self.metrics.request(endpoint, head.status)
-                return JSONResponse(head.error, status_code=head.status)
-            meta = {"id": gen.request_id, "created": int(time.time()), "model": self.model_name}
-            if req.stream:
-                self.metrics.request(endpoint, 200)
-                return StreamingResponse(
-                    self._sse(stream, meta, kind, req.include_usage(), start, deadline, ticket),
-                    media_type="text/event-stream")
-            status, body = await self._collect(stream, meta, kind, head, start, deadline)
-            if status in RETRYABLE and attempt == 0:
-                gen = replace(gen, request_id=new_id(kind))
-                continue
-            self.gate.leave(ticket)
-            self.metrics.request(endpoint, status)
-            return JSONResponse(body, status_code=status)
+                self.metrics.request(endpoint, status)
+                return JSONResponse(body, status_code=status)
+        except BaseException:  # a client that left mid-request: its generation ends too
+            if stream is not None:
+                stream.cancel()
+            raise
         raise AssertionError("unreachable: the second attempt always returns")
 
     @staticmethod
@@ -246,18 +291,19 @@ class Ingress:
                            "retry it", 503, "server_error", code="replica_failed")
             return TextDelta(finish_reason="error", error=err.body(), status=503)
 
-    def _to_engine(self, req: SamplingFields, kind: str) -> GenerateRequest:
+    def _to_engine(self, req: SamplingFields, kind: str, salt: str) -> GenerateRequest:
         params = SamplingParams(
             temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k),
             seed=req.seed, stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos)
         rid = new_id(kind)
         if isinstance(req, ChatCompletionRequest):
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            messages = [{"role": m.role, "content": m.text(),
+                         **({"name": m.name} if m.name else {})} for m in req.messages]
             return GenerateRequest(rid, "chat", None, messages, params, req.max_new_tokens(),
-                                   req.stop_list())
+                                   req.stop_list(), salt)
         return GenerateRequest(rid, "completion", req.prompt, None, params, req.max_tokens,
-                               req.stop_list())
+                               req.stop_list(), salt)
 
     @staticmethod
     def _usage(d: TextDelta) -> dict:

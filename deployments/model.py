@@ -14,10 +14,10 @@ import ray
 from ray import serve
 
 from cluster.config import AppConfig
-from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.async_engine import AsyncEngine, EngineDead
 from cluster.engine.engine import LLMEngine
-from cluster.load import PREFIX_SUMMARY_BLOCKS, ReplicaLoad
-from cluster.protocol import EngineRequest
+from cluster.load import ReplicaLoad
+from cluster.protocol import EngineRequest, ReplicaUnhealthy
 from cluster.stage_metrics import EngineMetrics, base_tags
 
 log = logging.getLogger("ray.serve")
@@ -47,7 +47,8 @@ class ModelReplica:
         r = cfg.router
         move = r.move_after_s if r.policy != "serve_default" else None  # Serve's own: as is
         self.engine = AsyncEngine(engine, move, lambda: ReplicaLoad.of(
-            self._load_report(), 0, frozenset(), time.time()).is_hot(r.kv_hot, r.score_hot))
+            self._load_report()).is_hot(r.kv_hot, r.score_hot), cfg.engine.stall_timeout_s)
+        self.fault_injection = cfg.engine.fault_injection
         self.requests = 0
         self.moved = 0
         # (when, tokens generated), sampled each second: the replica's recent tokens/s, the
@@ -65,9 +66,27 @@ class ModelReplica:
     async def _sample_forever(self) -> None:
         while True:
             eng = self.engine.engine
-            self.metrics.sample(eng.stats(), eng.idle_gaps)
-            self.tok_samples.append((time.monotonic(), eng.generated_tokens))
+            try:
+                self.metrics.sample(eng.snapshot, eng.idle_gaps)
+                self.tok_samples.append((time.monotonic(), eng.generated_tokens))
+            except Exception:  # one bad reading must not freeze the metrics for good
+                log.exception("model replica metrics sample failed")
             await asyncio.sleep(1.0)
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose engine stopped (or stalled, or lost a
+        tensor-parallel peer) fails it and is replaced."""
+        problem = self.engine.health()
+        if problem:
+            raise RuntimeError(f"model replica unhealthy: {problem}")
+
+    def inject_fault(self) -> str:
+        """Breaks the engine loop (tests of the health check; off unless configured).
+        Returns this replica's id."""
+        if not self.fault_injection:
+            raise PermissionError("fault injection is off (engine.fault_injection)")
+        self.engine.inject_fault()
+        return self.replica_id
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[dict]:
         if self._sampler is None:
@@ -77,7 +96,8 @@ class ModelReplica:
         last = start
         try:
             async for out in self.engine.generate(req.request_id, req.prompt_token_ids,
-                                                  req.params, req.queued_s, req.movable):
+                                                  req.params, req.queued_s, req.movable,
+                                                  req.cache_salt):
                 now = time.monotonic()
                 if out.finish_reason == "moved":  # the caller sends it to another replica
                     self.moved += 1
@@ -98,6 +118,9 @@ class ModelReplica:
                 yield {"token_ids": out.new_token_ids, "finish_reason": out.finish_reason,
                        "prompt_tokens": out.num_prompt_tokens,
                        "cached_tokens": out.num_cached_tokens}
+        except EngineDead as err:  # the caller may retry it elsewhere if nothing was sent
+            reason = "error"
+            raise ReplicaUnhealthy(str(err), self.replica_id) from None
         except Exception:
             reason = "error"
             raise
@@ -108,15 +131,15 @@ class ModelReplica:
 
     def _load_report(self) -> dict:
         eng = self.engine.engine
-        s = eng.stats()
+        s = eng.snapshot
         return {"running": s.running, "waiting": s.waiting, "waiting_tokens": s.waiting_tokens,
                 "kv_used": s.kv_blocks_used, "kv_total": s.kv_blocks_total,
-                "max_num_seqs": eng.cfg.max_num_seqs, "step_s": s.step_s, "ts": time.time()}
+                "max_num_seqs": eng.cfg.max_num_seqs, "step_s": s.step_s}
 
     def record_routing_stats(self) -> dict:
-        # the newest cached block hashes: the router matches prompt prefixes against them
-        hashes = self.engine.engine.blocks.cached_hashes()[-PREFIX_SUMMARY_BLOCKS:]
-        return {**self._load_report(), "prefix": hashes, "requests": self.requests,
+        # short digests of the newest cached blocks: routers match prompt prefixes on them
+        digests = list(self.engine.engine.prefix_digests)
+        return {**self._load_report(), "prefix": digests, "requests": self.requests,
                 "moved": self.moved, "rank": self.rank, "rss_mb": rss_mb(),
                 "tok_s": self._tok_s(), **self.metrics.gpu_reading()}
 
@@ -129,14 +152,14 @@ class ModelReplica:
         return (generated - g0) / max(1e-3, now - t0)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        s = self.engine.engine.stats()
+        s = self.engine.engine.snapshot
         now = time.monotonic()
         recent = sorted(t for when, t in self.ttfts if now - when < 30.0)
         p95 = recent[int(0.95 * (len(recent) - 1))] * 1000 if recent else 0.0
         return {"kv_usage": s.kv_usage, "waiting": float(s.waiting), "ttft_p95_ms": p95}
 
     def stats(self) -> dict:
-        s = self.engine.engine.stats()
+        s = self.engine.engine.snapshot
         return {**s.__dict__, "device": str(self.engine.engine.device),
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "node_labels": self.node_labels}

@@ -20,11 +20,19 @@ from ray.serve.handle import DeploymentHandle
 from cluster.config import AppConfig
 from cluster.engine.engine import resolve_max_model_len
 from cluster.engine.model import ModelArch
-from cluster.protocol import APIError, EngineRequest, GenerateRequest, TextDelta
+from cluster.protocol import APIError, EngineRequest, GenerateRequest, ReplicaUnhealthy, TextDelta
 from cluster.stage_metrics import TokenizerMetrics, base_tags
-from cluster.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
+from cluster.tokenizer import TextStream, Tokenizer
 
 log = logging.getLogger("ray.serve")
+
+
+def _failed_replica(err: Exception) -> str:
+    """The id of the replica a failure came from, for the router to pass over."""
+    cause = getattr(err, "cause", None) or err  # Ray wraps a replica's own exception
+    if isinstance(cause, ReplicaUnhealthy):
+        return cause.replica_id
+    return getattr(err, "actor_id", None) or ""
 
 
 @serve.deployment(name="TokenizerPool")
@@ -80,19 +88,15 @@ class TokenizerPool:
         yield TextDelta(prompt_tokens=len(ids))
 
         params = replace(req.params, max_tokens=max_tokens)
-        engine_req = EngineRequest(req.request_id, ids, params)
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopStrings(req.stop)
+        engine_req = EngineRequest(req.request_id, ids, params, cache_salt=req.cache_salt)
+        texts = TextStream(self.tokenizer, req.stop)
         n_out = 0
         outputs = self._retrying(engine_req)
         self.in_flight += 1
         try:
             async for out in outputs:
                 n_out += len(out["token_ids"])
-                text, hit = stops.feed(detok.push(out["token_ids"]))
-                reason = "stop" if hit else out["finish_reason"]
-                if reason and not hit:
-                    text += stops.feed(detok.flush())[0] + stops.flush()
+                text, reason = texts.push(out["token_ids"], out["finish_reason"])
                 if text or reason:
                     yield TextDelta(text, reason, len(ids), n_out, out["cached_tokens"])
                 if reason:
@@ -108,11 +112,13 @@ class TokenizerPool:
             await outputs.aclose()
 
     async def _retrying(self, engine_req: EngineRequest):
-        """The model's outputs. A replica that fails before its first token (it died, or was
-        being replaced) is retried once on another, which the router picks afresh; after the
-        first token a retry could duplicate text, so then the error goes to the client. A hot
-        replica may hand the request back unstarted ("moved"): it is sent again, once, to a
-        replica the router picks without that one, keeping its time in line."""
+        """The model's outputs. A replica that fails before its first token (it died, its
+        engine stopped, or it was being replaced) is retried once on another: the old stream
+        is cancelled (it must not go on holding KV somewhere) and the router passes over the
+        failed replica. After the first token a retry could duplicate text, so then the
+        error goes to the client. A hot replica may hand the request back unstarted
+        ("moved"): it is sent again, once, to a replica the router picks without that one,
+        keeping its time in line."""
         first, retried = True, False
         stream = self.model.generate.remote(engine_req)
         try:
@@ -128,13 +134,17 @@ class TokenizerPool:
                     if moved is None:
                         return
                     engine_req = replace(engine_req, movable=False, queued_s=moved["queued_s"],
-                                         avoid_replica=moved["moved"])
-                except (RayActorError, ActorUnavailableError, ActorDiedError) as err:
+                                         avoid=(*engine_req.avoid, moved["moved"]))
+                except (RayActorError, ActorUnavailableError, ActorDiedError,
+                        ReplicaUnhealthy) as err:
                     if not first or retried:
                         raise
                     retried = True
-                    log.warning("request %s: model replica failed before its first token "
-                                "(%s); retrying on another", engine_req.request_id, err)
+                    failed = _failed_replica(err)
+                    log.warning("request %s: model replica %s failed before its first token "
+                                "(%s); retrying on another", engine_req.request_id, failed, err)
+                    engine_req = replace(engine_req, avoid=(*engine_req.avoid, failed))
+                stream.cancel()
                 stream = self.model.generate.remote(engine_req)
         finally:
             stream.cancel()  # no-op once the stream is done; frees KV if we stopped early

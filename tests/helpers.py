@@ -19,10 +19,10 @@ def node_labels() -> dict[str, dict]:
     return {n["NodeID"]: n.get("Labels", {}) for n in ray.nodes() if n["Alive"]}
 
 
-def wait_kv_free(timeout_s: float = 20) -> list[dict]:
+def wait_kv_free(timeout_s: float = 20, app: str = "tandem") -> list[dict]:
     deadline = time.monotonic() + timeout_s
     while True:
-        stats = model_replica_stats()
+        stats = model_replica_stats(app)
         if all(s["kv_used"] == 0 and s["running"] == 0 for s in stats) \
                 or time.monotonic() > deadline:
             return stats

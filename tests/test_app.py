@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -147,6 +148,20 @@ BAD = [
     ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions",
      {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n"),
+    ("/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "assistant", "content": "x",
+                                    "tool_calls": [{"id": "1", "type": "function"}]}]},
+     400, "messages.0.tool_calls"),
+] + [
+    # parameters that change the answer and are not implemented yet: refused, never ignored
+    (path, {"model": MODEL, **base, name: value}, 400, name)
+    for path, base in (("/v1/completions", {"prompt": "x"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}))
+    for name, value in (("tools", [{"type": "function", "function": {"name": "f"}}]),
+                        ("tool_choice", "auto"), ("response_format", {"type": "json_object"}),
+                        ("logit_bias", {"5": 10}), ("best_of", 2), ("suffix", "end"),
+                        ("top_logprobs", 2), ("min_p", 0.1), ("repetition_penalty", 1.2),
+                        ("made_up_parameter", 1))
 ]
 
 
@@ -166,6 +181,37 @@ def test_nan_temperature_is_rejected(app_url):
                    content=b'{"model": "tandem-tiny", "prompt": "x", "temperature": NaN}',
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and json.loads(r.text)["error"]["param"] == "temperature"
+
+
+def test_unsupported_parameter_error_names_it(app_url):
+    r = httpx.post(f"{app_url}/v1/completions", timeout=30,
+                   json={"model": MODEL, "prompt": "x", "response_format": {"type": "json"}})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "response_format"
+    assert err["code"] == "unsupported_parameter" and "not supported" in err["message"]
+
+
+def test_parameters_that_change_nothing_are_accepted(client):
+    r = client.completions.create(model=MODEL, prompt="fine", max_tokens=2, user="u-1",
+                                  extra_body={"metadata": {"k": "v"}, "store": False})
+    assert r.usage.completion_tokens >= 1
+
+
+def test_cache_salt_keeps_prefixes_apart(client):
+    """Requests share cached prompt blocks only under the same cache salt."""
+    prompt = "A long shared system prompt for salted caching. " * 10
+
+    def cached(salt):
+        extra = {"cache_salt": salt} if salt else {}
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
+                                      extra_body=extra)
+        time.sleep(1.2)  # the holder's prefix report reaches the router
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("salt-a") == 0
+    assert cached("salt-b") == 0
+    assert cached("salt-a") >= 64
+    assert cached(None) == 0
 
 
 def test_service_still_serves_after_bad_input(client):

@@ -131,7 +131,7 @@ def test_block_manager_prefix_sharing_and_lru_eviction():
     a = _seq("a", 9)  # 2 full blocks + 1 token
     bm.allocate(a, 9)
     a.num_computed_tokens = 9
-    bm.register_full_blocks(a)
+    bm.register_full_blocks(a, 9)
     b = _seq("b", 9)
     bm.match_prefix(b)
     assert b.block_table == a.block_table[:2] and b.num_computed_tokens == 8
@@ -389,7 +389,7 @@ def test_queue_never_stalls_on_prefixes_held_by_waiting_requests():
     sched.add(cached)
     sched.schedule()
     cached.num_computed_tokens = 21
-    blocks.register_full_blocks(cached)
+    blocks.register_full_blocks(cached, 21)
     sched.finish(cached, "stop")
     runner = Sequence("running", [100 + i for i in range(16)], once)
     sched.add(runner)

@@ -61,13 +61,22 @@ def test_tp_needs_a_placement_group(model_dir):
         LLMEngine(str(model_dir), EngineConfig(**CFG, tensor_parallel_size=2))
 
 
-def test_tp2_serve_replica_answers_like_tp1(app_url, app_config):
+def test_tp2_serve_replica_answers_like_tp1_and_is_replaced_when_a_peer_dies(app_url,
+                                                                            app_config):
     """A TP=2 model replica as Serve deploys it (placement group bundles, rank 0 in the
-    replica) serves the same greedy text over HTTP as the TP=1 replicas of the main app."""
+    replica) serves the same greedy text over HTTP as the TP=1 replicas of the main app.
+    When its peer rank's process dies, the replica fails its health check, Serve replaces
+    it (a new rank 0 and a new peer), and new requests get the same text again."""
+    import os
+    import signal
+    import time
+
     import httpx
     from ray import serve
+    from ray.util.state import list_actors
 
     from deployments.app import build
+    from tests.helpers import replica_actors
 
     _, cfg = app_config
     tp_cfg = cfg.model_copy(deep=True)
@@ -81,6 +90,24 @@ def test_tp2_serve_replica_answers_like_tp1(app_url, app_config):
         two = httpx.post(f"{app_url}/tp/v1/completions", json=body, timeout=120).json()
         assert two["choices"][0]["text"] == one["choices"][0]["text"]
         assert two["usage"] == one["usage"]
+        (replica,) = replica_actors("ModelReplica", "tp")
+        (peer,) = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,
+                              filters=[("class_name", "=", "TPWorker"), ("state", "=", "ALIVE")])
+        os.kill(peer.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while True:
+            now = replica_actors("ModelReplica", "tp")
+            if len(now) == 1 and now[0].actor_id != replica.actor_id:
+                break
+            assert time.monotonic() < deadline, "the replica with a dead peer was not replaced"
+            time.sleep(1)
+        while True:  # the new replica answers once its own peer has joined
+            r = httpx.post(f"{app_url}/tp/v1/completions", json=body, timeout=120)
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == one["choices"][0]["text"]
     finally:
         serve.delete("tp")
 

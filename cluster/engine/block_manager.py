@@ -1,8 +1,9 @@
 """Paged KV cache bookkeeping: fixed-size blocks, reference counts and a prefix cache.
 
-A full block is identified by a hash chained with its predecessor's, so equal hashes mean
-equal token prefixes. Blocks whose reference count drops to zero keep their contents and
-stay findable until they are reused (least recently freed first).
+A full block is identified by a digest chained with its predecessor's (cluster.prefix_hash:
+SHA-256 over token ids, salted per tenant), so equal digests mean equal token prefixes.
+Blocks whose reference count drops to zero keep their contents and stay findable until they
+are reused (least recently freed first).
 """
 
 from __future__ import annotations
@@ -10,10 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 
 from cluster.engine.sequence import Sequence
-
-
-def block_hash(prev: int, tokens: list[int]) -> int:
-    return hash((prev, tuple(tokens)))
+from cluster.prefix_hash import block_hash, salt_digest, short_digest
 
 
 class BlockManager:
@@ -22,8 +20,8 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
-        self.block_to_hash: dict[int, int] = {}
-        self.hash_to_block: dict[int, int] = {}
+        self.block_to_hash: dict[int, bytes] = {}
+        self.hash_to_block: dict[bytes, int] = {}
         self.free_blocks: deque[int] = deque(range(num_blocks))  # never held a cached prefix
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; LRU first
         self.prefix_queries = 0  # prompt blocks looked up
@@ -45,7 +43,8 @@ class BlockManager:
         assert not seq.block_table
         if not self.enable_prefix_caching:
             return
-        bs, h = self.block_size, 0
+        bs = self.block_size
+        h = seq.prefix_hash = salt_digest(seq.cache_salt)
         # leave at least one prompt token to compute: its logits give the first output token
         for i in range((seq.num_tokens - 1) // bs):
             nh = block_hash(h, seq.token_ids[i * bs : (i + 1) * bs])
@@ -60,7 +59,7 @@ class BlockManager:
             self.ref_count[block] += 1
             seq.block_table.append(block)
         seq.num_hashed_blocks = len(seq.block_table)
-        seq.prefix_hash = h if seq.block_table else 0
+        seq.prefix_hash = h
         seq.num_computed_tokens = len(seq.block_table) * bs
         seq.num_cached_prompt_tokens = seq.num_computed_tokens
 
@@ -82,12 +81,15 @@ class BlockManager:
         self.ref_count[block] = 1
         return block
 
-    def register_full_blocks(self, seq: Sequence) -> None:
-        """Publishes blocks that this step filled, so later prompts can share them."""
+    def register_full_blocks(self, seq: Sequence, num_written: int) -> None:
+        """Publishes the blocks whose KV is written, so later prompts can share them.
+        num_written: the tokens whose KV the steps completed so far hold; with steps launched
+        ahead it trails num_computed_tokens (a block whose last slot a step still on the
+        device writes must not be found: if that step fails, its KV never exists)."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        full = min(num_written // bs, len(seq.block_table))
         h = seq.prefix_hash
         for i in range(seq.num_hashed_blocks, full):
             h = block_hash(h, seq.token_ids[i * bs : (i + 1) * bs])
@@ -109,7 +111,10 @@ class BlockManager:
                     self.free_blocks.append(block)
         seq.block_table = []
         seq.num_hashed_blocks = 0
-        seq.prefix_hash = 0
+        seq.prefix_hash = b""
 
-    def cached_hashes(self) -> list[int]:
-        return list(self.hash_to_block)
+    def cached_digests(self, n: int) -> list[int]:
+        """Short digests of the n most recently published blocks (call on the engine's own
+        thread: the dict changes with every step)."""
+        keys = list(self.hash_to_block)
+        return [short_digest(h) for h in keys[-n:]]

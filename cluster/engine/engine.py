@@ -16,6 +16,7 @@ from cluster.engine.model_runner import DTYPES, Launched, ModelRunner
 from cluster.engine.sampler import NAN_TOKEN
 from cluster.engine.scheduler import ScheduledBatch, Scheduler
 from cluster.engine.sequence import PENDING, SamplingParams, Sequence
+from cluster.load import PREFIX_SUMMARY_BLOCKS
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 class RequestOutput:
     request_id: str
     new_token_ids: list[int]
-    finish_reason: str | None = None  # stop | length | abort | error | moved
+    finish_reason: str | None = None  # stop | length | abort | error | moved | dead
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
@@ -39,6 +40,7 @@ class Flight:
     batch: ScheduledBatch
     launched: Launched
     at: list[int | None]  # per sequence: the place of its token (None: a prefill chunk)
+    written: list[int]  # per sequence: tokens whose KV the cache holds once the step is done
 
     def tokens(self) -> list[int | None]:
         """Waits for the step; its token per sequence."""
@@ -48,7 +50,7 @@ class Flight:
         return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineStats:
     running: int
     waiting: int
@@ -61,6 +63,7 @@ class EngineStats:
     generated_tokens: int
     steps: int
     step_s: float  # recent wall time of one step (moving average)
+    at: float = 0.0  # time.monotonic() of this reading
 
     @property
     def kv_usage(self) -> float:
@@ -134,13 +137,17 @@ class LLMEngine:
         self.eos = set(self.arch.eos_token_ids)
         self.generated_tokens = 0
         self.steps = 0
-        # host time between steps while requests wait: the GPU idles through it
-        self.idle_gaps: deque[float] = deque(maxlen=4096)
-        self._prev_end: float | None = None
+        # device time between steps while requests wait (the GPU idles through it)
+        self.idle_gaps: deque[float] = self.runner.clock.gaps
         self.step_delay_s = 0.0  # set only to emulate a slower replica in benchmarks
         self.step_s = 0.0
         self._next: ScheduledBatch | None = None  # scheduled during the last call
         self._flight: Flight | None = None  # _next, when it was launched too
+        # what other threads read (replica stats, routing reports, metrics): published by
+        # the engine's own thread, since the scheduler's queues change under a reader
+        self.snapshot = self.stats()
+        self.prefix_digests: tuple[int, ...] = ()
+        self._digests_at = 0.0
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                  self.arch.architecture, self.device, dtype, num_blocks, cfg.block_size,
                  self.max_model_len)
@@ -166,8 +173,10 @@ class LLMEngine:
         return max(1, min(int(budget // per_block), needed))
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams, queued_s: float = 0.0, movable: bool = False) -> None:
-        """queued_s: how long the request already waited in another replica's queue."""
+                    params: SamplingParams, queued_s: float = 0.0, movable: bool = False,
+                    cache_salt: str = "") -> None:
+        """queued_s: how long the request already waited in another replica's queue;
+        cache_salt: its tenant's prefix-cache salt (different salts share no KV)."""
         if request_id in self.seqs:
             raise ValueError(f"duplicate request id {request_id}")
         if not prompt_token_ids:
@@ -178,7 +187,8 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < self.arch.vocab_size]
         if bad:
             raise ValueError(f"token ids out of vocabulary: {bad[:5]}")
-        seq = Sequence(request_id, list(prompt_token_ids), params, movable=movable)
+        seq = Sequence(request_id, list(prompt_token_ids), params, movable=movable,
+                       cache_salt=cache_salt)
         seq.arrival -= max(0.0, queued_s)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -218,23 +228,19 @@ class LLMEngine:
                     return []
         t0 = time.perf_counter()
         try:
-            ahead = flight is not None
             if flight is None and self._overlaps(batch):
                 flight = self._launch(batch, None)
             if flight is None:
                 tokens = self.runner.run(batch)
-                at = self._advance(batch)
+                at, written = self._advance(batch)
             else:
                 self._schedule_next(flight)
-                tokens, at = flight.tokens(), flight.at
-            end = time.perf_counter()
-            if self._prev_end is not None:
-                # a step launched ahead was queued on the GPU: no gap for it to idle through
-                self.idle_gaps.append(0.0 if ahead else self.runner.last_launch - self._prev_end)
-            self._prev_end = end
+                tokens, at, written = flight.tokens(), flight.at, flight.written
+            self.runner.clock.collect()
         except Exception as err:  # e.g. CUDA out of memory: fail this step's requests only
             dropped = [] if self._next is None else self._next.seqs
             self._next = self._flight = None
+            self.runner.clock.reset()
             if self.runner.peers is not None:
                 raise  # ranks of a tensor-parallel group are out of step now: restart them all
             log.exception("engine step failed; failing its %d requests", len(batch.seqs))
@@ -245,16 +251,19 @@ class LLMEngine:
                     log.exception("device synchronize after a failed step")
                 torch.cuda.empty_cache()
             hit = {id(seq): seq for seq in batch.seqs + dropped}  # the step and the next one
-            return [self._fail(seq, f"engine error: {type(err).__name__}: {err}")
-                    for seq in hit.values() if not seq.is_finished]
+            outputs = [self._fail(seq, f"engine error: {type(err).__name__}: {err}")
+                       for seq in hit.values() if not seq.is_finished]
+            self.publish()
+            return outputs
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         self.steps += 1
         dt = time.perf_counter() - t0
         self.step_s = dt if not self.step_s else 0.9 * self.step_s + 0.1 * dt
-        outputs = self._emit(batch, tokens, at)
+        outputs = self._emit(batch, tokens, at, written)
         if not self.has_work():
-            self._prev_end = None  # an empty queue is not a gap between steps
+            self.runner.clock.reset()  # an empty queue is not a gap between steps
+        self.publish()
         return outputs
 
     def _overlaps(self, batch: ScheduledBatch) -> bool:
@@ -267,7 +276,7 @@ class LLMEngine:
         """Sends a step to the GPU without waiting, then counts its tokens as computed:
         the scheduler's next call sees the sequences as they will be after it."""
         launched = self.runner.launch(batch, None if prev is None else prev.launched)
-        return Flight(batch, launched, self._advance(batch))
+        return Flight(batch, launched, *self._advance(batch))
 
     def _schedule_next(self, flight: Flight) -> None:
         """Schedules the step after `flight` and, when greedy, launches it before flight's
@@ -278,12 +287,15 @@ class LLMEngine:
             if self._overlaps(nxt):
                 self._flight = self._launch(nxt, flight)
 
-    def _advance(self, batch: ScheduledBatch) -> list[int | None]:
+    def _advance(self, batch: ScheduledBatch) -> tuple[list[int | None], list[int]]:
         """Counts a step's tokens as computed; a sequence whose row emits a token gets a
-        PENDING place for it. Returns that place per sequence (None for a prefill chunk)."""
+        PENDING place for it. Returns that place per sequence (None for a prefill chunk)
+        and how many of its tokens have KV in the cache once this step is done."""
         at: list[int | None] = []
+        written: list[int] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
+            written.append(seq.num_computed_tokens)
             if seq.num_computed_tokens < seq.num_tokens:
                 at.append(None)
                 continue
@@ -291,26 +303,27 @@ class LLMEngine:
             at.append(seq.num_tokens - 1)
             if self._ends_by_length(seq.params, seq.num_output_tokens, seq.num_tokens):
                 seq.closing = True  # this token ends it: it is not scheduled again
-        return at
+        return at, written
 
-    def _emit(self, batch: ScheduledBatch, tokens: list[int | None],
-              at: list[int | None]) -> list[RequestOutput]:
+    def _emit(self, batch: ScheduledBatch, tokens: list[int | None], at: list[int | None],
+              written: list[int]) -> list[RequestOutput]:
         """Puts a step's tokens in their places, ends sequences, makes the outputs. A
         sequence that ended (stop token, abort) after a later step was launched for it has
-        that step's row dropped here."""
+        that step's row dropped here. Blocks this step completed join the prefix cache; a
+        block whose last slot the step launched after it writes waits for that step."""
         outputs = []
-        for seq, tok, i in zip(batch.seqs, tokens, at, strict=True):
+        for seq, tok, i, n_written in zip(batch.seqs, tokens, at, written, strict=True):
             if seq.is_finished:
                 continue
             if i is None:
-                self.blocks.register_full_blocks(seq)
+                self.blocks.register_full_blocks(seq, n_written)
                 continue
             if tok == NAN_TOKEN:
                 outputs.append(self._fail(seq, "numerical error: the model's logits for this "
                                                "request were not finite (NaN/inf)"))
                 continue
             seq.token_ids[i] = tok
-            self.blocks.register_full_blocks(seq)
+            self.blocks.register_full_blocks(seq, n_written)
             self.generated_tokens += 1
             n_out = i + 1 - seq.num_prompt_tokens
             reason = self._finish_reason(seq.params, tok, n_out, i + 1)
@@ -343,13 +356,24 @@ class LLMEngine:
         return n_out >= p.max_tokens or n_tokens >= self.max_model_len
 
     def stats(self) -> EngineStats:
+        """A reading now; only on the engine's own thread (other threads read `snapshot`)."""
         s = self.scheduler
         return EngineStats(
             running=len(s.running), waiting=len(s.waiting), waiting_tokens=s.num_waiting_tokens,
             kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
             prefix_queries=self.blocks.prefix_queries, prefix_hits=self.blocks.prefix_hits,
             preemptions=s.num_preemptions, generated_tokens=self.generated_tokens,
-            steps=self.steps, step_s=self.step_s)
+            steps=self.steps, step_s=self.step_s, at=time.monotonic())
+
+    PREFIX_DIGESTS_EVERY_S = 0.5  # routers read them once a second
+
+    def publish(self) -> None:
+        """Replaces `snapshot` (one attribute write: readers see the old or the new one) and,
+        every half second, the prefix digests the routers match prompts against."""
+        self.snapshot = self.stats()
+        if self.snapshot.at - self._digests_at >= self.PREFIX_DIGESTS_EVERY_S:
+            self._digests_at = self.snapshot.at
+            self.prefix_digests = tuple(self.blocks.cached_digests(PREFIX_SUMMARY_BLOCKS))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Offline helper: runs prompts to completion, returns the output token ids."""

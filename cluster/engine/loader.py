@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from cluster.engine.model import CausalLM
 
@@ -37,7 +38,9 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, object]],
     q, kv = lay.heads * arch.head_dim, lay.kv_heads * arch.head_dim
     offsets = {"qkv_proj": [0, q, q + kv], "gate_up_proj": [0, lay.intermediate]}
     loaded: set[str] = set()
-    for name, tensor in weights:
+    # progress on stderr when it is a terminal (a real checkpoint takes a while to read)
+    for name, tensor in tqdm(weights, desc=f"loading {Path(str(source)).name}", unit=" tensors",
+                             disable=None, leave=False):
         if "rotary_emb" in name:
             continue
         target = name.removeprefix("model.")
@@ -63,9 +66,24 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, object]],
                 start = offsets[target.split(".")[-2]][shard]
                 param[start : start + tensor.shape[0]].copy_(tensor)
         loaded.add(target if shard is None else f"{target}#{shard}")
-    missing = [n for n in params if n not in loaded and not any(
-        n + f"#{i}" in loaded for i in range(3))]
+    missing = [name for n in params for name in _unloaded(n, loaded)]
     if arch.tie_word_embeddings:
         missing = [n for n in missing if n != "lm_head.weight"]
     if missing:
-        raise ValueError(f"{source}: lacks {missing[:5]}")
+        raise ValueError(f"{source}: lacks {len(missing)} tensors: {missing[:5]}")
+
+
+def _unloaded(param: str, loaded: set[str]) -> list[str]:
+    """The checkpoint names of what this parameter still lacks: every part of a fused
+    parameter must have been loaded (a checkpoint without k_proj must not pass because
+    q_proj and v_proj were there)."""
+    parts = [(piece, fused, idx) for piece, (fused, idx) in _FUSED.items()
+             if f".{fused}." in param]
+    if not parts:
+        return [] if param in loaded else [_hf_name(param)]
+    return [_hf_name(param.replace(fused, piece)) for piece, fused, idx in parts
+            if f"{param}#{idx}" not in loaded]
+
+
+def _hf_name(param: str) -> str:
+    return param if param.startswith("lm_head") else f"model.{param}"

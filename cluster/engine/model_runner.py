@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +20,7 @@ from cluster.engine.parallel import TP
 from cluster.engine.sampler import greedy_tokens, sample
 from cluster.engine.scheduler import ScheduledBatch
 from cluster.engine.sequence import PENDING, Sequence
+from cluster.engine.step_clock import StepClock
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class ModelRunner:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.graphs: dict[int, DecodeGraph] = {}
-        self.last_launch = 0.0
+        self.clock = StepClock(device.type == "cuda")
         torch.set_default_dtype(dtype)
         try:
             with torch.device(device):
@@ -282,13 +282,14 @@ class ModelRunner:
         inp = self.make_inputs(batch)
         if self.peers is not None:
             self.peers.submit("execute", inp)
-        self.last_launch = time.perf_counter()  # the GPU idles from the last step's end to here
+        self.clock.begin()  # the device idled from the last step's end to here
         logits = self.execute(inp)
         out: list[int | None] = [None] * len(batch.seqs)
         if inp.rows:
             tokens = sample(logits, [batch.seqs[i] for i in inp.rows])
             for i, tok in zip(inp.rows, tokens, strict=True):
                 out[i] = tok
+        self.clock.end()
         return out
 
     # One step ahead: a greedy step is launched with some of its input tokens still on the
@@ -302,7 +303,7 @@ class ModelRunner:
         sequence that emitted in `prev`) are prev's picks, taken on the device."""
         inp = self.make_inputs(batch)
         fill = self._pending_inputs(inp, batch, prev)
-        self.last_launch = time.perf_counter()
+        self.clock.begin()
         if inp.graph_bs is not None:
             tokens = _emitting(self._replay(inp, fill).tokens, inp)
         else:
@@ -310,11 +311,13 @@ class ModelRunner:
             tokens = (greedy_tokens(logits) if logits is not None else
                       torch.empty(0, dtype=torch.int64, device=self.device))
         if self.device.type != "cuda":
+            self.clock.end()
             return Launched(inp, batch.seqs, tokens)
         host = self._host_tokens(len(tokens))
         host.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
+        self.clock.end()
         return Launched(inp, batch.seqs, tokens, host, event)
 
     def _pending_inputs(self, inp: StepInputs, batch: ScheduledBatch, prev: Launched | None):

@@ -44,7 +44,8 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V is already in the cache
     num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache
     num_hashed_blocks: int = 0  # leading blocks of block_table registered in the prefix cache
-    prefix_hash: int = 0  # chained hash of those blocks
+    prefix_hash: bytes = b""  # chained digest of those blocks (cluster.prefix_hash)
+    cache_salt: str = ""  # tenants with different salts never share cached KV
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.monotonic)

@@ -96,6 +96,11 @@ class Peers:
         self.control = control
         self.loops = [a.serve.remote() for a in self.actors]
 
+    def alive(self) -> bool:
+        """Whether every peer's command loop still runs (it returns only when it failed)."""
+        done, _ = ray.wait(self.loops, num_returns=len(self.loops), timeout=0)
+        return not done
+
     def submit(self, method: str, *args) -> None:
         """Broadcasts a command; rank 0 then runs its own part, peers run theirs."""
         done, _ = ray.wait(self.loops, num_returns=len(self.loops), timeout=0)

@@ -98,11 +98,55 @@ def test_deadline_aborts_and_frees_kv(guarded, stream):
         assert events[-1] == "data: [DONE]" and "request_timeout" in events[-2]
     else:
         assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
-    stats = wait_kv_free()
-    assert all(s["kv_used"] == 0 for s in stats), stats
+    stats = wait_kv_free(app="guarded")
+    assert stats and all(s["kv_used"] == 0 for s in stats), stats
 
 
 def test_bad_timeout_header_is_400(guarded):
     url, _ = guarded
     r = post(url, json=BODY, headers={"X-Request-Timeout": "soon"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "X-Request-Timeout"
+
+
+def _send_and_hang_up(url: str, body: dict) -> None:
+    """A client that sends a whole request and leaves before any byte of the answer."""
+    import json
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    data = json.dumps(body).encode()
+    head = (f"POST {u.path}/v1/completions HTTP/1.1\r\nHost: {u.hostname}\r\n"
+            "Authorization: Bearer key-one\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode()
+    with socket.create_connection((u.hostname, u.port)) as s:
+        s.sendall(head + data)
+        s.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_gone_before_the_body_frees_its_slot_and_generation(guarded, stream):
+    """Clients that hang up before the response starts must not keep their admission slots
+    (the guarded app admits 2) nor their generations (KV blocks) until the deadline."""
+    url, _ = guarded
+    body = {**BODY, "max_tokens": 400, "ignore_eos": True, "stream": stream,
+            "prompt": "gone " * 30}
+    for _ in range(3):
+        _send_and_hang_up(url, body)
+        time.sleep(0.3)
+
+    async def pair():
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await asyncio.gather(*(c.post(
+                f"{url}/v1/completions", json=BODY,
+                headers={"Authorization": "Bearer key-one"}) for _ in range(2)))
+
+    deadline = time.monotonic() + 10  # the slots come back soon, not at the deadline
+    while True:
+        codes = [r.status_code for r in asyncio.run(pair())]
+        if codes == [200, 200] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert codes == [200, 200], codes
+    stats = wait_kv_free(5, app="guarded")
+    assert stats and all(s["kv_used"] == 0 and s["running"] == 0 for s in stats), stats
