@@ -36,9 +36,11 @@ def _alive(pid: int) -> bool:
 
 def cmd_up(args) -> int:
     from cluster.config import ConfigError, load_serve_config
+    from cluster.local_cluster import serve_config
 
     try:
         doc, cfg = load_serve_config(args.config)
+        serve_config(doc, args.config)  # the rest of the file, as `serve deploy` reads it
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2

@@ -23,8 +23,10 @@ class Strict(BaseModel):
 
 
 class ModelConfig(Strict):
-    path: str = Field(str(DEFAULT_MODEL_DIR), description="Hugging Face checkpoint folder")
-    name: str = Field("tandem-tiny", description="model id clients send")
+    path: str = Field(str(DEFAULT_MODEL_DIR), description="Hugging Face checkpoint folder; "
+                      "default: the built-in model of `tandem model init` (`$TANDEM_HOME` "
+                      "unset: `~/.cache/tandem`)")
+    name: str = Field("tandem-tiny", description="the model id clients send")
 
     @field_validator("path")
     @classmethod
@@ -33,45 +35,63 @@ class ModelConfig(Strict):
 
 
 class EngineConfig(Strict):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_model_len: int | None = Field(None, ge=16, description="default: the model's")
-    max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=16, description="token budget per step")
-    block_size: int = Field(16, ge=1, le=256)
-    num_kv_blocks: int | None = Field(None, ge=1, description="default: sized from memory")
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    cpu_kv_cache_gib: float = Field(0.25, gt=0.0, description="KV cache size on the CPU")
-    enable_prefix_caching: bool = True
-    cuda_graphs: bool = True
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: `cuda` when "
+                                                   "the replica has a GPU, else `cpu` (logged)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="`auto`: bfloat16 on a GPU, float32 on the CPU")
+    max_model_len: int | None = Field(None, ge=16, description="context length (prompt + "
+                                      "output); null: the model's")
+    max_num_seqs: int = Field(64, ge=1, description="sequences in a batch")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="token budget per step "
+                                        "(chunked prefill)")
+    block_size: int = Field(16, ge=1, le=256, description="tokens per KV block")
+    num_kv_blocks: int | None = Field(None, ge=1, description="KV blocks; null: sized from "
+                                      "`gpu_memory_utilization` or `cpu_kv_cache_gib`")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="share of GPU "
+                                          "memory the replica may use")
+    cpu_kv_cache_gib: float = Field(0.25, gt=0.0, description="KV cache size (GiB) "
+                                    "of the CPU engine")
+    enable_prefix_caching: bool = Field(True, description="share KV blocks of equal prompt "
+                                        "prefixes")
+    cuda_graphs: bool = Field(True, description="capture decode steps in CUDA graphs")
     overlap_steps: bool = Field(True, description="schedule and launch each greedy step "
                                 "before the previous one's tokens are read (the host works "
                                 "while the GPU runs)")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs (ranks) of one replica")
-    stream_interval_s: float = Field(0.0, ge=0, le=1, description="after its first token a "
-                                     "stream sends at most one message per interval, tokens "
-                                     "merged: fewer messages through Serve with many streams")
-    # benchmarks of uneven replicas: these replica ranks sleep this long after every step
-    slow_replica_ranks: list[int] = Field(default_factory=list)
-    slow_step_delay_s: float = Field(0.0, ge=0)
-    torch_threads: int | None = Field(None, ge=1)
-    seed: int = 0
+    stall_timeout_s: float = Field(120.0, gt=0, description="a replica whose engine finishes "
+                                   "no step for this long while work waits fails its health "
+                                   "check, and Serve replaces it")
+    fault_injection: bool = Field(False, description="tests only: replicas accept "
+                                  "inject_fault() calls that break their engine loop")
+    slow_replica_ranks: list[int] = Field(default_factory=list, description="benchmarks of "
+                                          "uneven replicas: model replicas of these ranks "
+                                          "sleep `slow_step_delay_s` after every step")
+    slow_step_delay_s: float = Field(0.0, ge=0, description="the sleep of "
+                                     "`slow_replica_ranks` after every step")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads of the CPU "
+                                      "engine; null: torch's default")
+    seed: int = Field(0, description="torch's seed in each replica (requests with a "
+                      "`seed` of their own use that)")
 
 
 class PoolConfig(Strict):
     num_replicas: int = Field(1, ge=1, description="fixed size; ignored under autoscaling")
-    autoscaling: ScalingPolicy | None = None
-    num_cpus: float = Field(0.5, ge=0)
-    num_gpus: float = Field(0, ge=0)
-    max_ongoing_requests: int = Field(64, ge=1)
-    label_selector: dict[str, str] = Field(default_factory=dict)
+    autoscaling: ScalingPolicy | None = Field(None, description="our autoscaling policy "
+                                              "(its fields: see Autoscaling); null: a "
+                                              "fixed `num_replicas`")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs each replica reserves")
+    num_gpus: float = Field(0, ge=0, description="GPUs each replica reserves")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests Serve sends one "
+                                      "replica at a time")
+    label_selector: dict[str, str] = Field(default_factory=dict, description="Ray node "
+                                           "labels the node of a replica must carry")
     max_replicas_per_node: int | None = Field(
         None, ge=1, description="spread replicas over hosts, so that losing one host loses "
         "at most this many")
 
 
-def _tokenizer_pool() -> PoolConfig:
-    return PoolConfig(label_selector={"cpu-arch": "kunpeng"}, max_ongoing_requests=256)
+def _frontend_pool() -> PoolConfig:
+    return PoolConfig(label_selector={"cpu-arch": "kunpeng"}, max_ongoing_requests=512)
 
 
 def _model_pool() -> PoolConfig:
@@ -80,13 +100,17 @@ def _model_pool() -> PoolConfig:
 
 class RouterConfig(Strict):
     policy: Literal["prefix_aware", "least_load", "power_of_two", "round_robin",
-                    "serve_default"] = "prefix_aware"  # serve_default: Serve's own router
-    stats_period_s: float = Field(1.0, gt=0)
+                    "serve_default"] = Field("prefix_aware", description="replica choice "
+                                             "(see The router); `serve_default`: Serve's "
+                                             "own router")
+    stats_period_s: float = Field(1.0, gt=0, description="how often replicas report their "
+                                  "load (s)")
     prefix_margin: float = Field(1.0, ge=0, description="load-score lead the prefix holder "
                                  "may have over the least loaded replica")
     kv_hot: float = Field(0.95, gt=0, le=1, description="KV use above which a replica gets "
                           "no new work while a cooler one exists")
-    score_hot: float = Field(4.0, gt=0, description="load score above which likewise")
+    score_hot: float = Field(4.0, gt=0, description="load score above which a replica gets "
+                             "no new work while a cooler one exists")
     stale_after_s: float = Field(5.0, gt=0, description="a replica silent this long ranks "
                                  "last")
     move_after_s: float | None = Field(1.0, gt=0, description="a hot replica hands requests "
@@ -95,27 +119,41 @@ class RouterConfig(Strict):
 
 
 class IngressConfig(Strict):
-    num_replicas: int = Field(1, ge=1, description="HTTP handlers behind Serve's proxy: one "
-                              "Python process each, which many streams can saturate")
-    num_cpus: float = Field(0.25, ge=0)
-    max_ongoing_requests: int = Field(512, ge=1)
-    max_in_flight: int = Field(256, ge=1, description="generation requests per ingress "
+    max_in_flight: int = Field(256, ge=1, description="generation requests per frontend "
                                "replica; beyond: HTTP 429 with Retry-After")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="beyond: HTTP 413")
+    migration_limit: int = Field(3, ge=0, description="times a stream may move to another "
+                                 "model replica when its replica's engine is lost mid-stream "
+                                 "(it resumes from the tokens already sent)")
+    stream_buffer_chars: int = Field(1 << 20, ge=1024, description="text a stream may hold "
+                                     "for a client that stopped reading; beyond, its "
+                                     "generation ends with an error (its KV is freed)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body; "
+                                "beyond: HTTP 413")
     request_timeout_s: float = Field(600.0, gt=0, description="deadline of a request; a "
                                      "client may ask for less with X-Request-Timeout")
-    api_keys_file: str | None = Field(None, description="one key per line, re-read on change")
-    api_keys_env: str | None = Field("TANDEM_API_KEYS", description="comma-separated keys")
-    protect_health_and_metrics: bool = False
+    api_keys_file: str | None = Field(None, description="API keys, one per line, re-read on "
+                                      "change; no keys (file or variable): no "
+                                      "authentication")
+    api_keys_env: str | None = Field("TANDEM_API_KEYS", description="environment variable "
+                                     "with comma-separated API keys")
+    protect_health_and_metrics: bool = Field(False, description="require an API key on "
+                                             "/health and /metrics too (default: open to "
+                                             "probes and Prometheus)")
 
 
 class AppConfig(Strict):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    tokenizer_pool: PoolConfig = Field(default_factory=_tokenizer_pool)
-    model_pool: PoolConfig = Field(default_factory=_model_pool)
-    router: RouterConfig = Field(default_factory=RouterConfig)
-    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the checkpoint served")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="the engine of "
+                                 "each model replica")
+    frontend_pool: PoolConfig = Field(default_factory=_frontend_pool, description="the HTTP "
+                                      "frontends: OpenAI API, chat templates, tokens, stop "
+                                      "strings, on the Kunpeng CPU nodes")
+    model_pool: PoolConfig = Field(default_factory=_model_pool, description="the model "
+                                   "replicas, on the GPU nodes")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="how a "
+                                 "frontend picks a model replica for a request")
+    ingress: IngressConfig = Field(default_factory=IngressConfig, description="what the "
+                                   "frontends admit: API keys, limits, deadlines, migration")
 
 
 class ConfigError(ValueError):

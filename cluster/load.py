@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 
 PREFIX_SUMMARY_BLOCKS = 4096  # newest cached block digests a replica reports to routers
 
+# replica id -> streams this process (a frontend) has open there, which the router adds to
+# the replica's last report: between reports a burst must not pile onto the idlest-looking
+IN_FLIGHT: dict[str, int] = {}
+
 
 @dataclass
 class ReplicaLoad:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 HEAD_LABELS = {"node-role": "head"}
 KUNPENG_LABELS = {"cpu-arch": "kunpeng", "node-role": "preprocess"}
@@ -55,15 +57,20 @@ def free_port(port: int = 0) -> int:
         return s.getsockname()[1]
 
 
+def serve_env() -> dict[str, str]:
+    """Ray Serve settings every tandem node runs with (cluster/data/serve.env, which
+    infra/node.sh sources on real hosts)."""
+    lines = (Path(__file__).parent / "data" / "serve.env").read_text().splitlines()
+    return dict(ln.split("=", 1) for ln in lines if ln.strip() and not ln.startswith("#"))
+
+
 def start(spec: LocalClusterSpec | None = None):
     from ray.cluster_utils import Cluster
 
     spec = spec or LocalClusterSpec()
     use_token_auth()
-    # autoscaling signals reach the controller every second instead of every ten
-    for var in ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
-                "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
-        os.environ.setdefault(var, "1")
+    for var, value in serve_env().items():  # what every node of a real cluster sets too
+        os.environ.setdefault(var, value)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": spec.head_cpus, "labels": dict(HEAD_LABELS),
         "include_dashboard": spec.dashboard, "dashboard_port": free_port(spec.dashboard_port)})
@@ -76,21 +83,112 @@ def start(spec: LocalClusterSpec | None = None):
     return cluster
 
 
-def deploy(serve_doc: dict, cfg, http_port: int | None = None, blocking_timeout_s: float = 300):
-    """Starts Serve as the Serve config file says and runs the tandem app on it."""
-    from ray import serve
+def _models_in(annotation) -> list:
+    """The pydantic models an annotation admits (`List[X]`, `Optional[X]`, `Dict | X`)."""
+    from typing import get_args
 
-    from deployments.app import build
+    from pydantic import BaseModel
 
-    http = dict(serve_doc.get("http_options") or {})
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def _unknown_keys(model, data, loc: str = ""):
+    """Keys of `data` that `model` (a Serve schema) has no field for, recursively."""
+    if not isinstance(data, dict):
+        return
+    fields = {**model.model_fields,
+              **{f.alias: f for f in model.model_fields.values() if f.alias}}
+    for key, value in data.items():
+        where = f"{loc}.{key}" if loc else str(key)
+        if key not in fields:
+            yield f"{where} (not a field of {model.__name__})"
+            continue
+        for sub in _models_in(fields[key].annotation):
+            items = enumerate(value) if isinstance(value, list) else [(None, value)]
+            for i, v in items:
+                yield from _unknown_keys(sub, v, where if i is None else f"{where}[{i}]")
+
+
+def serve_config(serve_doc: dict, source: str, http_port: int | None = None):
+    """The Serve config file as `serve deploy` reads it: Ray Serve's own schema
+    (ServeDeploySchema). Keys the schema lacks are refused: Serve ignores them (forward
+    compatibility), so a typo such as `num_replica` would change nothing without a word."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    from cluster.config import ConfigError, describe
+
+    unknown = list(_unknown_keys(ServeDeploySchema, serve_doc))
+    if unknown:
+        raise ConfigError(f"{source}: keys that Serve's config schema does not have "
+                          "(`serve deploy` would ignore them):\n  " + "\n  ".join(unknown))
     if http_port is not None:
-        http["port"] = http_port
-    serve.start(proxy_location=serve_doc.get("proxy_location", "HeadOnly"), http_options=http)
-    app_doc = serve_doc["applications"][0]
-    serve.run(build(cfg), name=app_doc.get("name", "tandem"),
-              route_prefix=app_doc.get("route_prefix", "/"))
-    host = http.get("host", "127.0.0.1")
-    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{http.get('port', 8000)}"
+        serve_doc = {**serve_doc, "http_options": {**(serve_doc.get("http_options") or {}),
+                                                   "port": http_port}}
+    try:
+        return ServeDeploySchema.model_validate(serve_doc)
+    except ValidationError as err:
+        raise ConfigError(describe(err, source)) from None
+
+
+def deploy(serve_doc: dict, cfg, http_port: int | None = None, blocking_timeout_s: float = 300):
+    """Applies a Serve config file as `serve deploy` does (the dashboard's handler of
+    `PUT /api/serve/applications/`): Serve started from its top-level keys, then the
+    controller builds each app from its import path and `args` and applies the file's
+    `deployments:` overrides, `runtime_env` and `logging_config`. Waits until the file's apps
+    run. `cfg` is the tandem app's validated args (load_serve_config): it must be what the
+    doc says, since the doc is what gets built. One difference from `serve deploy`: apps
+    deployed earlier from other files stay (tests deploy a second app beside the first)."""
+    from ray.serve._private.api import serve_start
+
+    from cluster.config import parse_app_config
+
+    config = serve_config(serve_doc, "Serve config", http_port)
+    for app in config.applications:
+        if app.import_path == "deployments.app:app" and parse_app_config(app.args) != cfg:
+            raise ValueError(f"cfg differs from the args of app {app.name!r} in the doc")
+    client = serve_start(http_options=config.http_options.model_dump(),
+                         proxy_location=config.proxy_location,
+                         grpc_options=config.grpc_options.model_dump(),
+                         global_logging_config=config.logging_config,
+                         controller_options=config.controller_options)
+    if config.logging_config:
+        client.update_global_logging_config(config.logging_config)
+    names = [app.name for app in config.applications]
+    # a config replaces every app deployed from a config before: send those along unchanged
+    # (same code version: Serve leaves them as they are)
+    kept = [a.deployed_app_config for name, a in _details(client).applications.items()
+            if a.source == "declarative" and name not in names and a.deployed_app_config
+            and a.status != "DELETING"]
+    client.deploy_apps(config.model_copy(update={"applications": kept + config.applications}))
+    _wait_running(client, names, blocking_timeout_s)
+    host, port = config.http_options.host, config.http_options.port
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+
+
+def _details(client):
+    from ray.serve.schema import ServeInstanceDetails
+
+    return ServeInstanceDetails(**client.get_serve_details())
+
+
+def _wait_running(client, names: list[str], timeout_s: float) -> None:
+    """Until every named app is RUNNING; its error when one fails to deploy."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        time.sleep(0.5)  # a control loop first: an app redeployed may still read RUNNING
+        apps = _details(client).applications
+        states = {n: apps[n].status if n in apps else "NOT_STARTED" for n in names}
+        failed = [f"{n}: {apps[n].message}" for n, s in states.items() if s == "DEPLOY_FAILED"]
+        if failed:
+            raise RuntimeError("Serve could not deploy the config:\n" + "\n".join(failed))
+        if all(s == "RUNNING" for s in states.values()):
+            client.wait_for_proxies_serving(wait_for_applications_running=True)
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"apps not running after {timeout_s:g} s: {states}")
 
 
 @contextmanager

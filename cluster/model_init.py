@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from cluster.bench.progress import progress
+
 BOS, EOS, IM_START, IM_END = "<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
@@ -65,7 +67,7 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
     return tok
 
 
-def random_weights(cfg: dict) -> dict[str, torch.Tensor]:
+def random_weights(cfg: dict, layer_done=lambda: None) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(SEED)
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     dim = h // cfg["num_attention_heads"]
@@ -84,6 +86,7 @@ def random_weights(cfg: dict) -> dict[str, torch.Tensor]:
               p + "mlp.down_proj.weight": w(h, inter),
               p + "input_layernorm.weight": torch.ones(h),
               p + "post_attention_layernorm.weight": torch.ones(h)}
+        layer_done()
     return t
 
 
@@ -93,10 +96,19 @@ def build(out: Path, force: bool = False, shape: str = "tiny") -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     dims = SHAPES[shape]
-    tok = train_tokenizer(dims["vocab_size"])
+    # steps: the tokenizer, each layer's weights, the save
+    with progress(total=dims["num_hidden_layers"] + 2, desc=f"building {out.name}",
+                  unit="step") as bar:
+        tok = train_tokenizer(dims["vocab_size"])
+        bar.update()
+        _write(out, dims, tok, torch.float32 if shape == "tiny" else torch.bfloat16, bar)
+    return out
+
+
+def _write(out: Path, dims: dict, tok: Tokenizer, dtype: torch.dtype, bar) -> None:
+    """The checkpoint's files; model.safetensors last."""
     tok.save(str(out / "tokenizer.json"))
     eos_ids = [tok.token_to_id(EOS), tok.token_to_id(IM_END)]
-    dtype = torch.float32 if shape == "tiny" else torch.bfloat16
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **dims,
            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
            "tie_word_embeddings": False, "attention_bias": False,
@@ -110,7 +122,7 @@ def build(out: Path, force: bool = False, shape: str = "tiny") -> Path:
         "pad_token": EOS, "add_bos_token": True, "model_max_length": dims[
             "max_position_embeddings"], "chat_template": CHAT_TEMPLATE}, indent=2))
     tmp = out / "model.safetensors.tmp"
-    weights = {k: v.to(dtype) for k, v in random_weights(cfg).items()}
+    weights = {k: v.to(dtype) for k, v in random_weights(cfg, bar.update).items()}
     save_file(weights, str(tmp), metadata={"format": "pt"})
+    bar.update()
     tmp.rename(out / "model.safetensors")  # last: its presence marks a complete model
-    return out

@@ -21,7 +21,7 @@ import time
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from cluster.load import ReplicaLoad
+from cluster.load import IN_FLIGHT, ReplicaLoad
 from cluster.prefix_hash import prompt_digests
 
 
@@ -144,8 +144,9 @@ class LoadAwareRouter(FIFOMixin, RequestRouter):
         stats, first_seen, prefix = self._report(r, now)
         # a replica with no report yet is not stale: it has only just started
         age = now - first_seen if stats else 0.0
-        return ReplicaLoad.of(stats, self.replica_queue_len_cache.get(r.replica_id) or 0,
-                              prefix, age)
+        queued = max(self.replica_queue_len_cache.get(r.replica_id) or 0,
+                     IN_FLIGHT.get(r.replica_id.unique_id, 0))
+        return ReplicaLoad.of(stats, queued, prefix, age)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None

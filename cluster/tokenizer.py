@@ -75,10 +75,17 @@ class IncrementalDetokenizer:
         self.read_offset = 0
 
     def push(self, new_ids: list[int]) -> str:
-        self.ids.extend(new_ids)
+        prefix_ids, full_ids = self.extend(new_ids)
         dec = self.tokenizer.decode
-        prefix = dec(self.ids[self.prefix_offset : self.read_offset], self.skip)
-        full = dec(self.ids[self.prefix_offset :], self.skip)
+        return self.advance(dec(prefix_ids, self.skip), dec(full_ids, self.skip))
+
+    def extend(self, new_ids: list[int]) -> tuple[list[int], list[int]]:
+        """Takes new ids; returns the two id runs whose texts `advance` needs (decoded by the
+        caller, so that a step's streams decode in one batch)."""
+        self.ids.extend(new_ids)
+        return self.ids[self.prefix_offset : self.read_offset], self.ids[self.prefix_offset :]
+
+    def advance(self, prefix: str, full: str) -> str:
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return full[len(prefix) :]
@@ -132,7 +139,11 @@ class TextStream:
 
     def push(self, ids: list[int], finish_reason: str | None) -> tuple[str, str | None]:
         """The text these ids add and the finish reason now ("stop" on a stop string)."""
-        text, hit = self.stops.feed(self.detok.push(ids))
+        return self.push_text(self.detok.push(ids), finish_reason)
+
+    def push_text(self, new_text: str, finish_reason: str | None) -> tuple[str, str | None]:
+        """As push, for text already detokenized (see decode_step)."""
+        text, hit = self.stops.feed(new_text)
         if hit:
             return text, "stop"
         if finish_reason:  # the end: what was held back, which may complete a stop string
@@ -142,3 +153,15 @@ class TextStream:
                 return text, "stop"
             text += self.stops.flush()
         return text, finish_reason
+
+
+def decode_step(tokenizer: Tokenizer, streams: list[TextStream], new_ids: list[list[int]],
+                finish: list[str | None]) -> list[tuple[str, str | None]]:
+    """One engine step's tokens for many streams, detokenized in one batch call (the Rust
+    tokenizer decodes the whole batch at once instead of 2 x streams Python calls)."""
+    runs: list[list[int]] = []
+    for st, ids in zip(streams, new_ids, strict=True):
+        runs.extend(st.detok.extend(ids))
+    texts = tokenizer.tok.decode_batch(runs, skip_special_tokens=True)
+    return [st.push_text(st.detok.advance(texts[2 * i], texts[2 * i + 1]), f)
+            for i, (st, f) in enumerate(zip(streams, finish, strict=True))]

@@ -1,6 +1,9 @@
-"""The Serve application: ingress -> tokenizer pool (Kunpeng) -> model replicas (GPU).
+"""The Serve application: HTTP frontends (Kunpeng) -> model replicas (GPU).
 
-`import_path: deployments.app:app` in a Serve config; the tandem settings are its `args`.
+A frontend tokenizes, asks the load-aware router for a model replica and streams from that
+replica's engine core directly (one message per engine step); the model replicas are the
+cores' control plane. `import_path: deployments.app:app` in a Serve config; the tandem
+settings are its `args`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from ray.serve.config import RequestRouterConfig
 from cluster.config import AppConfig, PoolConfig, parse_app_config
 from deployments.ingress import Ingress
 from deployments.model import ModelReplica
-from deployments.tokenizer import TokenizerPool
 
 
 def actor_options(pool: PoolConfig) -> dict:
@@ -88,19 +90,13 @@ def build(cfg: AppConfig) -> Application:
         **spread(cfg.model_pool),
         **routing,
     ).bind(conf)
-    tokenizer = TokenizerPool.options(
-        **sizing(cfg.tokenizer_pool, drain_s=30.0),
-        max_ongoing_requests=cfg.tokenizer_pool.max_ongoing_requests,
-        logging_config=QUIET,
-        ray_actor_options=actor_options(cfg.tokenizer_pool),
-        **spread(cfg.tokenizer_pool),
-    ).bind(conf, model)
     return Ingress.options(
-        num_replicas=cfg.ingress.num_replicas,
-        max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+        **sizing(cfg.frontend_pool, drain_s=30.0),
+        max_ongoing_requests=cfg.frontend_pool.max_ongoing_requests,
         logging_config=QUIET,
-        ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
-    ).bind(conf, tokenizer)
+        ray_actor_options=actor_options(cfg.frontend_pool),
+        **spread(cfg.frontend_pool),
+    ).bind(conf, model)
 
 
 def app(args: dict) -> Application:

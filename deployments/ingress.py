@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP ingress (FastAPI on Serve): validates, then streams.
+"""The OpenAI-compatible HTTP frontend (FastAPI on Serve, on the Kunpeng nodes): validates,
+tokenizes, routes, streams text back (cluster/frontend.py does the generation part).
 
 No `from __future__ import annotations` here: FastAPI must see the real `Request` type.
 """
@@ -8,6 +9,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.admission import ApiKeys, Gate
 from cluster.config import AppConfig
 from cluster.engine.sequence import SamplingParams
+from cluster.frontend import Generations
 from cluster.metrics import IngressMetrics
 from cluster.protocol import (
     APIError,
@@ -34,6 +37,7 @@ from cluster.protocol import (
     TextDelta,
     validation_error,
 )
+from cluster.stage_metrics import TokenizerMetrics, base_tags
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="tandem", description="OpenAI-compatible LLM serving")
@@ -90,6 +94,28 @@ def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+class LocalStream:
+    """A generation as the handlers consume it: the next delta, or cancel (free its KV)."""
+
+    def __init__(self, agen):
+        self.agen = agen
+        self.closed = False
+
+    def __anext__(self):
+        return self.agen.__anext__()
+
+    def cancel(self) -> None:
+        if not self.closed:
+            self.closed = True
+            asyncio.ensure_future(self._close())
+
+    async def _close(self) -> None:
+        try:
+            await self.agen.aclose()
+        except RuntimeError:  # still running: its own cancellation runs its cleanup
+            pass
+
+
 class OwnedStream(StreamingResponse):
     """A streamed response that owns its request's admission slot and generation: both are
     released when the response ends, also when its client left before the body started (an
@@ -116,11 +142,14 @@ def tenant_salt(api_key: str | None, asked: str | None) -> str:
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, config: dict, tokenizer: DeploymentHandle):
+    def __init__(self, config: dict, model: DeploymentHandle):
         self.cfg = AppConfig.model_validate(config)
         self.model_name = self.cfg.model.name
-        self.tokenizer = tokenizer.options(stream=True)
+        self.generations = Generations(self.cfg, model)
+        self.generations.metrics = TokenizerMetrics(base_tags(
+            self.model_name, serve.get_replica_context().replica_tag))
         self.metrics = IngressMetrics(self.model_name)
+        self.cpu_mark = (time.process_time(), time.monotonic())
         ing = self.cfg.ingress
         self.keys = ApiKeys(ing.api_keys_file, ing.api_keys_env)
         self.gate = Gate(ing.max_in_flight)
@@ -136,6 +165,19 @@ class Ingress:
             raise APIError("missing or invalid API key (Authorization: Bearer <key>)", 401,
                            "authentication_error", code="invalid_api_key")
         return auth.partition(" ")[2]
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """CPU share of one core this replica used since the last report, and its load."""
+        cpu, wall = time.process_time(), time.monotonic()
+        used = (cpu - self.cpu_mark[0]) / max(1e-6, wall - self.cpu_mark[1])
+        self.cpu_mark = (cpu, wall)
+        return {"cpu": min(1.0, used), "queued": float(self.gate.in_flight)}
+
+    def frontend_stats(self) -> dict:
+        """What this frontend did (benchmarks): engine messages received, migrations."""
+        return {"messages": self.generations.client.messages(),
+                "migrations": self.generations.migrations,
+                "in_flight": self.gate.in_flight, "pid": os.getpid()}
 
     @api.get("/health")
     async def health(self, request: Request) -> dict:
@@ -236,7 +278,7 @@ class Ingress:
         stream = None
         try:
             for attempt in range(2):
-                stream = self.tokenizer.generate.remote(gen)
+                stream = LocalStream(self.generations.generate(gen))
                 head: TextDelta = await self._next(stream, deadline)
                 if head.error and head.status in RETRYABLE and attempt == 0:
                     stream.cancel()

@@ -2,7 +2,8 @@
 #   make cluster-up      token, repo copy, `ray up` (hosts: infra/host-setup.sh, infra/node.sh)
 #   make cluster-deploy  `serve deploy` of SERVE_CONFIG to the head, wait, print the endpoint
 #   make cluster-status  `ray status` and `serve status`
-#   make cluster-down    Ray stopped on every host, `ray down`
+#   make cluster-down    Ray stopped on every host, `ray down`, then the token and repo copy
+#                        deleted (`make clean` keeps them: only this knows the cluster is down)
 # CLUSTER_YAML=infra/aws.yaml for AWS. CLUSTER_RUN must be where the YAML's file_mounts look.
 CLUSTER_YAML ?= infra/onprem.yaml
 SERVE_CONFIG ?= infra/serve.yaml
@@ -46,3 +47,5 @@ cluster-status: $(BIN)/tandem
 cluster-down: $(BIN)/tandem
 	-$(BIN)/ray exec $(CLUSTER_YAML) 'bash ~/tandem/infra/node.sh stop-workers'
 	$(BIN)/ray down -y $(CLUSTER_YAML)
+	rm -rf $(CLUSTER_TOKEN) $(CLUSTER_RUN)/src
+	@rmdir $(CLUSTER_RUN) 2>/dev/null || true

@@ -22,7 +22,16 @@ mkdir -p ~/.tandem
 
 gpu_name() { nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 || true; }
 
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+# ~/tandem-venv may be a link to a venv kept elsewhere (shared storage, a checkout's .venv):
+# used as it is while it leads to one. `python3 -m venv` refuses any link, so a link to a
+# folder without one gets its venv made in that folder, and a link that leads nowhere (its
+# target deleted, or on storage not mounted) gives way to a venv of this host's own.
+if [ -L "$venv" ] && [ ! -e "$venv" ]; then
+    echo "host-setup: $venv links to $(readlink "$venv"), which does not exist:" \
+        "replacing the link with a venv here" >&2
+    rm "$venv"
+fi
+[ -x "$venv/bin/python" ] || python3 -m venv "$(readlink -f "$venv")"
 pip=("$venv/bin/python" -m pip install -q)
 if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
     if [ -n "$(gpu_name)" ] && [ "$(uname -m)" = aarch64 ] && [ -z "${TORCH_INDEX_URL:-}" ]; then
@@ -34,7 +43,7 @@ if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
 fi
 if ! "$venv/bin/python" -m pip show -q tandem 2>/dev/null \
         || { [ -f "$stamp" ] && ! cmp -s "$src/pyproject.toml" "$stamp"; }; then
-    "${pip[@]}" -e "$src"
+    "${pip[@]}" -e "$src[engine]"  # the engine extra: torch is there already
     cp "$src/pyproject.toml" "$stamp"
 fi
 

@@ -19,6 +19,11 @@ set -a
 # shellcheck disable=SC1090
 [ -f ~/.tandem/node.env ] && source ~/.tandem/node.env
 set +a
+# Ray Serve settings of every tandem node (the data plane's; cluster/data/serve.env says why)
+set -a
+# shellcheck disable=SC1091
+source "$(dirname "$(readlink -f "$0")")/../cluster/data/serve.env"
+set +a
 # token authentication, with the token that ray up's file_mounts put in ~/.ray/auth_token
 export RAY_AUTH_MODE=token
 # ray up exports OMP_NUM_THREADS=1 to the commands it runs; Ray would pass it on to every

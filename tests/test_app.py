@@ -102,7 +102,7 @@ def test_multibyte_text_survives_streaming(client, model_dir):
 
 def test_placement_follows_node_labels(app_url):
     labels = node_labels()
-    tok = replica_actors("TokenizerPool")
+    tok = replica_actors("Ingress")
     models = replica_actors("ModelReplica")
     assert tok and len(models) == 2
     assert all(labels[a.node_id].get("cpu-arch") == "kunpeng" for a in tok)
@@ -217,3 +217,18 @@ def test_cache_salt_keeps_prefixes_apart(client):
 def test_service_still_serves_after_bad_input(client):
     r = client.completions.create(model=MODEL, prompt="still alive", max_tokens=4)
     assert r.usage.completion_tokens >= 1
+
+
+def test_frontends_run_without_torch(app_url):
+    """The Kunpeng side (HTTP, tokens, text, routing) never imports torch: a CPU host runs
+    it without torch installed."""
+    import ray
+
+    def loaded(_self) -> list[str]:
+        import sys
+
+        return sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+
+    for a in replica_actors("Ingress"):
+        actor = ray.get_actor(a.name, namespace="serve")
+        assert ray.get(actor.__ray_call__.remote(loaded)) == [], a.name

@@ -76,7 +76,7 @@ def test_bad_policy_is_rejected_with_its_field(tmp_path):
 @pytest.mark.parametrize("name", ["latency", "throughput", "cost", "ramp"])
 def test_shipped_policies_are_valid(name):
     _, cfg = load_serve_config(SHIPPED / f"{name}.yaml")
-    assert cfg.model_pool.autoscaling and cfg.tokenizer_pool.autoscaling
+    assert cfg.model_pool.autoscaling and cfg.frontend_pool.autoscaling
 
 
 def test_scale_from_zero_on_waiting_requests():

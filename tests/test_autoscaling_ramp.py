@@ -23,7 +23,7 @@ def test_load_ramp_scales_both_pools_up_and_down_without_errors(app_url):
     port = urlparse(app_url).port
     url = local_cluster.deploy(doc, cfg, http_port=port) + "/scaling"
     low = {"model": cfg.model_pool.autoscaling.min_replicas,
-           "tokenizer": cfg.tokenizer_pool.autoscaling.min_replicas}
+           "frontend": cfg.frontend_pool.autoscaling.min_replicas}
     try:
         ramp = run_ramp(url, "scaling", low, high_concurrency=16, up_max_s=90, down_max_s=120)
     finally:
@@ -32,7 +32,7 @@ def test_load_ramp_scales_both_pools_up_and_down_without_errors(app_url):
     assert res["requests_failed"] == 0, res["error_samples"]
     assert res["requests_total"] > 50
     assert res["model"]["max_replicas"] >= low["model"] + 2, res
-    assert res["tokenizer"]["max_replicas"] > low["tokenizer"], res
+    assert res["frontend"]["max_replicas"] > low["frontend"], res
     last = ramp.samples[-1].replicas
     assert last == low, f"not back at the minimum when the load stopped: {last}"
     assert res["scale_up_s"] is not None and res["scale_down_s"] is not None

@@ -25,7 +25,7 @@ def write_variant(tmp_path: Path, edit) -> Path:
 
 def test_shipped_configs_are_valid():
     _, cfg = load_serve_config(LOCAL)
-    assert cfg.tokenizer_pool.label_selector == {"cpu-arch": "kunpeng"}
+    assert cfg.frontend_pool.label_selector == {"cpu-arch": "kunpeng"}
     assert cfg.model_pool.label_selector == {"node-role": "model"}
 
 

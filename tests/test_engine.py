@@ -266,52 +266,6 @@ def test_a_moved_request_keeps_its_place_in_line(model_dir, prompts):
     assert [s.request_id for s in engine.scheduler.waiting][:2] == ["moved", "local0"]
 
 
-def test_async_engine_moves_queued_requests_only_while_hot(model_dir, prompts):
-    import asyncio
-
-    from cluster.engine.async_engine import AsyncEngine
-
-    hot = {"on": True}
-    eng = AsyncEngine(make_engine(model_dir, max_num_seqs=1), move_after_s=0.0,
-                      is_hot=lambda: hot["on"])
-    long = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
-
-    async def run(rid, movable):
-        outs = [o async for o in eng.generate(rid, prompts[0], long, movable=movable)]
-        return outs[-1].finish_reason, sum(len(o.new_token_ids) for o in outs)
-
-    results = asyncio.run(_gather(*(run(f"r{i}", i != 3) for i in range(4))))
-    assert results[0] == ("length", 300)  # started at once: never moved
-    assert results[1] == results[2] == ("moved", 0)
-    assert results[3] == ("length", 300)  # not movable: served here
-    hot["on"] = False
-    cool = asyncio.run(_gather(run("c0", True), run("c1", True)))
-    assert cool == [("length", 300), ("length", 300)]
-
-
-async def _gather(*coros):
-    import asyncio
-
-    return list(await asyncio.gather(*coros))
-
-
-def test_stream_interval_merges_tokens_into_fewer_messages(model_dir, prompts):
-    import asyncio
-
-    from cluster.engine.async_engine import AsyncEngine
-
-    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
-
-    async def messages(interval):
-        eng = AsyncEngine(make_engine(model_dir, stream_interval_s=interval))
-        return [o.new_token_ids async for o in eng.generate("r", prompts[0], params)]
-
-    plain, merged = asyncio.run(messages(0.0)), asyncio.run(messages(0.05))
-    assert sum(plain, []) == sum(merged, [])  # the same tokens, in order
-    assert len(merged[0]) == 1  # the first token is not held back
-    assert len(merged) < len(plain) / 2, (len(merged), len(plain))
-
-
 def test_steps_run_one_ahead_with_the_same_tokens(model_dir, prompts, hf_greedy):
     """Greedy decode steps launched before the previous step's tokens are read: the same
     tokens as HF, a request that stops mid-way drops its extra row, no block leaks."""

@@ -3,10 +3,8 @@ stats other threads read (CPU, fp32)."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import itertools
-import threading
 from array import array
 
 import torch
@@ -105,39 +103,3 @@ def test_idle_gaps_are_measured_for_steps_launched_ahead(model_dir):
     assert len(slow) >= 10 and len(fast) >= 10
     assert slow[len(slow) // 2] >= 0.025, slow
     assert fast[len(fast) // 2] < 0.02, fast
-
-
-def test_stats_are_read_from_a_snapshot_while_the_engine_runs(model_dir):
-    """Other threads (replica stats, routing reports, the metrics sampler) read the engine's
-    published snapshot while the engine thread changes its queues every step."""
-    from cluster.engine.async_engine import AsyncEngine
-
-    eng = AsyncEngine(make_engine(model_dir, max_num_seqs=2))
-    stop, seen, errors = threading.Event(), [], []
-
-    def reader():
-        while not stop.is_set():
-            try:
-                s = eng.engine.snapshot
-                seen.append(s.waiting)
-                assert len(eng.engine.prefix_digests) >= 0
-            except Exception as err:  # noqa: BLE001 - any error is the failure
-                errors.append(err)
-
-    t = threading.Thread(target=reader)
-    t.start()
-
-    async def run():
-        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-
-        async def one(i):
-            return [o async for o in eng.generate(f"r{i}", [1 + i, 2, 3], params)]
-
-        return await asyncio.gather(*(one(i) for i in range(40)))
-
-    outs = asyncio.run(run())
-    stop.set()
-    t.join()
-    assert not errors and all(sum(len(o.new_token_ids) for o in out) == 4 for out in outs)
-    assert max(seen) > 10  # the reader saw the queue while it was long
-    assert eng.engine.snapshot.waiting == 0 and eng.engine.snapshot.running == 0

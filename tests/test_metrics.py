@@ -17,6 +17,7 @@ import ray
 import yaml
 
 from tests.conftest import free_port
+from tests.skips import skip_or_fail
 
 INFRA = Path(__file__).parent.parent / "infra" / "prometheus"
 MODEL = "tandem-metrics"  # its own app and model label: series start from zero
@@ -28,7 +29,7 @@ def ensure_prometheus() -> str:
                        capture_output=True, timeout=600)
     path = shutil.which("prometheus")
     if path is None:
-        pytest.skip("the Debian package prometheus could not be installed here")
+        skip_or_fail("the Debian package prometheus could not be installed here")
     return path
 
 
@@ -132,8 +133,11 @@ def test_stage_series_under_load(prometheus, metrics_client):
         assert count(name) == 8, name
     # every token after a request's first arrives with an inter-token gap, alone or in a group
     assert 8 <= count("inter_token_latency_seconds") <= received - 8
-    # ten decode steps a request: the engine saw steps follow steps with work waiting
+    # ten decode steps a request: the engine saw steps follow steps with work waiting, and
+    # the gaps between them are measured (the host's time between steps), never a constant
     assert count("gpu_idle_gap_seconds") > 0
+    gap_sum = query(prometheus, f'sum(ray_tandem_gpu_idle_gap_seconds_sum{{model="{MODEL}"}})')
+    assert gap_sum and gap_sum > 0
     p50 = query(prometheus, "histogram_quantile(0.5, sum by (le) "
                             f'(ray_tandem_inter_token_latency_seconds_bucket{{model="{MODEL}"}}))')
     assert 0 < p50 < 2.5

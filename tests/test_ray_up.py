@@ -4,7 +4,8 @@ YAML made from infra/onprem.yaml and a Serve config made from infra/serve.yaml.
 
 Each host is a network namespace of this machine with its own address on a private bridge, its
 own sshd, PID namespace (so the `ray stop` of `ray down` sees only that host's processes), /tmp
-and /root. Other files are shared, so each home links ~/tandem-venv to this checkout's venv:
+and /root. Other files are shared, so each home links ~/tandem-venv to this checkout's venv
+(wherever the checkout is: one under /tmp or /root is bound into the host's own):
 host-setup.sh finds tandem installed and installs nothing. Needs root; ~45 s on 2 cores.
 """
 
@@ -27,6 +28,7 @@ import pytest
 import yaml
 
 from cluster.config import DEFAULT_MODEL_DIR
+from tests.skips import skip_or_fail
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -51,7 +53,7 @@ def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
 
 def require_tools() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root: network namespaces and one sshd per host")
+        skip_or_fail("needs root: network namespaces and one sshd per host")
     need = {"/usr/sbin/sshd": "openssh-server", "ssh": "openssh-client", "rsync": "rsync",
             "ip": "iproute2", "unshare": "util-linux"}
     missing = sorted({pkg for tool, pkg in need.items() if not shutil.which(tool)})
@@ -62,10 +64,10 @@ def require_tools() -> None:
             "apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing,
             check=False, env=env).returncode == 0
         if not ok:
-            pytest.skip(f"cannot install {', '.join(missing)}")
+            skip_or_fail(f"cannot install {', '.join(missing)}")
     probe = f"tdm-probe-{os.getpid()}"
     if sh("ip", "netns", "add", probe, check=False).returncode != 0:
-        pytest.skip("`ip netns add` does not work here")
+        skip_or_fail("`ip netns add` does not work here")
     sh("ip", "netns", "del", probe)
 
 
@@ -75,7 +77,7 @@ def free_subnet() -> str:
         net = f"10.{third}.0"
         if f"{net}.0/24" not in routes:
             return net
-    pytest.skip("no free 10.x.0.0/24 for the test hosts")
+    skip_or_fail("no free 10.x.0.0/24 for the test hosts")
 
 
 class Hosts:
@@ -122,21 +124,27 @@ class Hosts:
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         # a fresh home, as on a new host (mounted over /root: ssh reads ~ from the password
-        # file, not $HOME), with the checkout's venv as ~/tandem-venv
+        # file, not $HOME), and a fresh /tmp, with the checkout's venv as ~/tandem-venv
         shutil.copytree("/etc/skel", d / "home")
-        binds = [f"mount --bind {d}/tmp /tmp"]
-        for path in {Path(sys.base_prefix), ROOT}:  # the venv's interpreter may be under /root
-            if path.is_relative_to("/root"):
-                (d / "home" / path.relative_to("/root")).mkdir(parents=True, exist_ok=True)
-                binds.append(f"mount --bind {path} {d / 'home' / path.relative_to('/root')}")
-        binds.append(f"mount --rbind {d}/home /root")
+        (d / "tmp").mkdir(mode=0o1777)
+        (d / "tmp").chmod(0o1777)
+        own = {Path("/tmp"): d / "tmp", Path("/root"): d / "home"}
+        # the checkout (a clone in /tmp, say) and the venv's interpreter (may be under /root)
+        # would be hidden by the host's own /tmp and /root, and the link would dangle: each is
+        # bound at its own path inside them first (outer paths first), then they are mounted
+        # with what is bound in them
+        binds = []
+        for path in sorted({Path(sys.base_prefix), ROOT}, key=lambda p: len(p.parts)):
+            for top, mine in own.items():
+                if path.is_relative_to(top):
+                    (mine / path.relative_to(top)).mkdir(parents=True, exist_ok=True)
+                    binds.append(f"mount --bind {path} {mine / path.relative_to(top)}")
+        binds += [f"mount --rbind {mine} {top}" for top, mine in own.items()]
         (d / "home" / "tandem-venv").symlink_to(ROOT / ".venv")
         (d / "home" / ".tandem").mkdir()
         (d / "home" / ".tandem" / "labels.yaml").write_text(yaml.safe_dump(LABELS[role]))
         (d / "home" / ".tandem" / "node.env").write_text(
             f'RAY_START_ARGS="{START_ARGS[role]} --object-store-memory=100000000"\n')
-        (d / "tmp").mkdir(mode=0o1777)
-        (d / "tmp").chmod(0o1777)
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key"))
         (d / "sshd_config").write_text(f"""\
 ListenAddress {ip}
@@ -222,7 +230,7 @@ def serve_yaml() -> dict:
     args = doc["applications"][0]["args"]
     args["engine"].update(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=256,
                           cpu_kv_cache_gib=0.02, torch_threads=1)
-    args["tokenizer_pool"].update(num_replicas=1, num_cpus=0.5)
+    args["frontend_pool"].update(num_replicas=1, num_cpus=0.5)
     args["model_pool"].update(num_cpus=0.5)
     return doc
 
@@ -315,7 +323,7 @@ def test_ray_up_places_tokenizer_on_kunpeng_and_model_on_gpu(hosts, model_dir, t
         for role, ip in hosts.ip.items():  # labels from each host's own labels file
             assert LABELS[role].items() <= nodes[ip]["labels"].items(), (role, nodes[ip])
         assert nodes[hosts.ip["gpu"]]["gpus"] == 1
-        assert state["replicas"]["TokenizerPool"] == [hosts.ip["kunpeng"]]
+        assert state["replicas"]["Ingress"] == [hosts.ip["kunpeng"]]
         assert state["replicas"]["ModelReplica"] == [hosts.ip["gpu"]]
         # the YAML's NCCL settings reach the model replica's process
         nccl = dict(re.findall(r"(NCCL_\w+)=(\S*)", cfg["worker_start_ray_commands"][0]))
@@ -332,3 +340,4 @@ def test_ray_up_places_tokenizer_on_kunpeng_and_model_on_gpu(hosts, model_dir, t
             and time.monotonic() < deadline:
         time.sleep(1)
     assert not left, f"still running after cluster-down: {left}"
+    assert not (run / "ray_auth_token").exists()  # the token goes with the cluster

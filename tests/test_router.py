@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 
+from cluster.prefix_hash import prompt_digests
 from cluster.router import (
     LeastLoad,
     PowerOfTwo,
@@ -12,7 +14,6 @@ from cluster.router import (
     ReplicaLoad,
     RoundRobin,
     order_replicas,
-    prompt_hashes,
 )
 
 IDLE = ReplicaLoad(max_num_seqs=32)
@@ -43,13 +44,28 @@ def test_least_load_weighs_queues_by_replica_speed():
     assert LeastLoad().rank([slow, unknown], [])[0] == 0
 
 
-def test_power_of_two_never_picks_the_worst_of_two():
-    loads = [busy(30), busy(1)]
-    assert all(PowerOfTwo().rank(loads, [])[0] == 1 for _ in range(20))
+def test_power_of_two_ranks_the_shorter_queue_of_a_random_pair_first():
+    """Three replicas, 30, 1 and 2 running: each draw compares a uniformly random pair, so the
+    busiest never ranks first (it loses both pairs it is in), the idlest does in 2/3 of draws
+    (it wins both of its pairs) and the middle one in 1/3 (its pair with the busiest). A policy
+    blind to load puts the busiest first a third of the time; one that always compares the
+    same pair, or just takes the least loaded, never puts the middle one first. Every
+    arrangement of the three, so that a pick biased by position fails as well."""
+    draws = 900  # a share's count: +-14 at one standard deviation; the bounds are 5 of those off
+    for running in itertools.permutations((30, 1, 2)):
+        loads = [busy(n) for n in running]
+        firsts = Counter()
+        for _ in range(draws):
+            order = PowerOfTwo().rank(loads, [])
+            assert sorted(order) == [0, 1, 2], order  # everyone ranked, for the fallthrough
+            assert running[order[0]] <= running[order[1]], order  # the pair's winner first
+            firsts[running[order[0]]] += 1
+        share = {n: firsts[n] / draws for n in running}
+        assert share[30] == 0 and 0.58 < share[1] < 0.75 and 0.25 < share[2] < 0.42, share
 
 
 def test_prefix_aware_follows_the_cache_within_margin():
-    hashes = prompt_hashes(list(range(64)), 16)
+    hashes = prompt_digests(list(range(64)), 16)
     holder = ReplicaLoad(running=4, max_num_seqs=32, prefix=frozenset(hashes[:3]))
     policy = PrefixAware(margin=1.0)
     assert policy.rank([IDLE, holder], hashes)[0] == 1  # cached prefix beats a small lead
@@ -59,7 +75,7 @@ def test_prefix_aware_follows_the_cache_within_margin():
 
 
 def test_prefix_match_is_a_prefix_not_any_block():
-    hashes = prompt_hashes(list(range(64)), 16)
+    hashes = prompt_digests(list(range(64)), 16)
     loose = ReplicaLoad(prefix=frozenset(hashes[1:]))  # everything but the first block
     assert loose.cached_blocks(hashes) == 0
     assert ReplicaLoad(prefix=frozenset(hashes[:2])).cached_blocks(hashes) == 2
@@ -110,7 +126,7 @@ def test_hot_replica_gets_no_new_work_and_hands_its_queue_to_a_cool_one(app_url)
     app.update(name="rebalance", route_prefix="/rebalance")
     app["args"]["engine"].update(max_num_seqs=2, slow_replica_ranks=[0], slow_step_delay_s=0.1)
     app["args"]["model_pool"].update(num_gpus=0)
-    app["args"]["tokenizer_pool"].update(num_replicas=1)
+    app["args"]["frontend_pool"].update(num_replicas=1)
     app["args"]["router"] = {"policy": "round_robin", "stats_period_s": 0.25, "score_hot": 1.5,
                              "move_after_s": 0.3}
     from cluster.config import AppConfig
@@ -126,6 +142,7 @@ def test_hot_replica_gets_no_new_work_and_hands_its_queue_to_a_cool_one(app_url)
 
         with ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(ask, range(36)))
+        time.sleep(1.2)  # engine cores report to their replicas twice a second
         stats = {s["rank"]: s for s in model_replica_stats("rebalance")}
         again = {s["rank"]: s for s in model_replica_stats("rebalance")}
     finally:

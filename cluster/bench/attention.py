@@ -13,6 +13,8 @@ import itertools
 
 import torch
 
+from cluster.bench.progress import progress
+
 PAGE = 16
 
 
@@ -63,8 +65,9 @@ def main(argv=None) -> None:
           f"({kv_bytes / 2**20:.0f} MiB)")
     if args.sweep:
         rows = []
-        for bn, warps, stages, splits in itertools.product((16, 32, 64, 128), (2, 4, 8),
-                                                           (1, 2, 3), (1, 2, 4, 8, 16)):
+        grid = list(itertools.product((16, 32, 64, 128), (2, 4, 8), (1, 2, 3),
+                                      (1, 2, 4, 8, 16)))
+        for bn, warps, stages, splits in progress(grid, desc="tile sweep", unit="config"):
             t = timed(block_n=bn, num_warps=warps, num_stages=stages, num_splits=splits)
             rows.append((t, bn, warps, stages, splits))
         for t, bn, warps, stages, splits in sorted(rows)[:8]:

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import httpx
 
+from cluster.bench.progress import progress
 from cluster.bench.serve import make_prompts, one
 
 RAMP = Path(__file__).resolve().parents[2] / "deployments" / "autoscaling" / "ramp.yaml"
-POOLS = {"model": "ModelReplica", "tokenizer": "TokenizerPool"}
+POOLS = {"model": "ModelReplica", "frontend": "Ingress"}
 
 
 @dataclass
@@ -59,11 +60,12 @@ def running_replicas(app: str) -> dict[str, int]:
 
 
 class Watcher(threading.Thread):
-    """Samples replica counts while the load runs (Serve's status is a blocking call)."""
+    """Samples replica counts while the load runs (Serve's status is a blocking call), and
+    shows them with the requests done on the progress bar."""
 
-    def __init__(self, app: str, ramp: Ramp, start: float, load: list[int]):
+    def __init__(self, app: str, ramp: Ramp, start: float, load: list[int], bar):
         super().__init__(daemon=True)
-        self.app, self.ramp, self.start_t, self.load = app, ramp, start, load
+        self.app, self.ramp, self.start_t, self.load, self.bar = app, ramp, start, load, bar
         self.stop = threading.Event()
         self.latest: dict[str, int] = running_replicas(app)
 
@@ -75,6 +77,8 @@ class Watcher(threading.Thread):
                 pass
             self.ramp.samples.append(Sample(time.monotonic() - self.start_t, self.load[0],
                                             dict(self.latest)))
+            self.bar.set_postfix(load=self.load[0], **self.latest, refresh=False)
+            self.bar.update(self.ramp.requests - self.bar.n)
             self.stop.wait(0.5)
 
 
@@ -106,10 +110,12 @@ def run_ramp(url: str, app: str, low: dict[str, int], high_concurrency: int = 16
     High load lasts until the model pool has `scale_up_by` more replicas, then `hold_s`."""
     ramp, load = Ramp(), [0]
     start = time.monotonic()
-    watcher = Watcher(app, ramp, start, load)
+    bar = progress(desc="idle", unit="req")
+    watcher = Watcher(app, ramp, start, load, bar)
     watcher.start()
     try:
         time.sleep(2)
+        bar.set_description("high load")
         ramp.load_up_at = time.monotonic() - start
         scaled = lambda: watcher.latest["model"] >= low["model"] + scale_up_by  # noqa: E731
         asyncio.run(drive(url, model, high_concurrency, scaled, up_max_s, ramp, load,
@@ -117,6 +123,7 @@ def run_ramp(url: str, app: str, low: dict[str, int], high_concurrency: int = 16
         asyncio.run(drive(url, model, high_concurrency, lambda: False, hold_s, ramp, load,
                           max_tokens, seed=3))
         ramp.load_down_at = time.monotonic() - start
+        bar.set_description("trickle")
         at_min = lambda: all(watcher.latest[p] <= low[p] for p in POOLS)  # noqa: E731
         asyncio.run(drive(url, model, 1, at_min, down_max_s, ramp, load, 8, seed=2))
         load[0] = 0
@@ -125,6 +132,7 @@ def run_ramp(url: str, app: str, low: dict[str, int], high_concurrency: int = 16
     finally:
         watcher.stop.set()
         watcher.join()
+        bar.close()
     return ramp
 
 
@@ -151,11 +159,11 @@ def summary(ramp: Ramp) -> dict:
 
 
 def table(ramp: Ramp, every_s: float = 2.0) -> str:
-    rows, last = ["   t(s)  load  model  tokenizer"], -every_s
+    rows, last = ["   t(s)  load  model  frontend"], -every_s
     for s in ramp.samples:
         if s.t - last >= every_s:
             rows.append(f"{s.t:7.1f} {s.concurrency:5d} {s.replicas['model']:6d} "
-                        f"{s.replicas['tokenizer']:10d}")
+                        f"{s.replicas['frontend']:9d}")
             last = s.t
     return "\n".join(rows)
 
@@ -197,7 +205,7 @@ def main(argv=None) -> int:
     from cluster.config import load_serve_config
 
     doc, cfg = load_serve_config(args.config)
-    pools = {"model": cfg.model_pool, "tokenizer": cfg.tokenizer_pool}
+    pools = {"model": cfg.model_pool, "frontend": cfg.frontend_pool}
     low = {p: (c.autoscaling.min_replicas if c.autoscaling else c.num_replicas)
            for p, c in pools.items()}
     app = doc["applications"][0].get("name", "tandem")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cluster.bench.progress import progress
 from cluster.config import DEFAULT_MODEL_DIR, EngineConfig
 from cluster.engine.engine import LLMEngine
 from cluster.engine.sequence import SamplingParams
@@ -86,16 +87,18 @@ def run_engine(engine: LLMEngine, prompts, out_lens) -> dict:
         engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=n,
                                                      ignore_eos=True))
     produced = 0
-    while engine.has_work():
-        outs = engine.step()
-        now = time.perf_counter()
-        for o in outs:
-            produced += len(o.new_token_ids)
-            if o.request_id in first:
-                itl.append(now - last[o.request_id])
-            else:
-                first[o.request_id] = now
-            last[o.request_id] = now
+    with progress(total=sum(out_lens), desc="engine", unit="tok") as bar:
+        while engine.has_work():
+            outs = engine.step()
+            now = time.perf_counter()
+            for o in outs:
+                produced += len(o.new_token_ids)
+                if o.request_id in first:
+                    itl.append(now - last[o.request_id])
+                else:
+                    first[o.request_id] = now
+                last[o.request_id] = now
+            bar.update(produced - bar.n)  # tqdm redraws at most every 0.1 s: cheap per step
     sync()
     elapsed = time.perf_counter() - start
     ttft = [first[k] - start for k in first]
@@ -161,7 +164,8 @@ def run_hf(hf, device: str, prompts, out_lens) -> dict:
         mode = "generate_batch (paged|sdpa)"
     except Exception as err:  # older transformers, or CPU: one generate per prompt
         mode = f"generate per prompt ({type(err).__name__} in generate_batch)"
-        for p, n in zip(prompts, out_lens, strict=True):
+        for p, n in progress(zip(prompts, out_lens, strict=True), total=len(prompts),
+                             desc="transformers", unit="prompt"):
             ids = torch.tensor([p], device=device)
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                               min_new_tokens=n, do_sample=False, pad_token_id=0)

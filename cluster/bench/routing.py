@@ -25,6 +25,8 @@ import time
 import httpx
 import numpy as np
 
+from cluster.bench.progress import note, progress
+
 POLICIES = ["prefix_aware", "least_load", "power_of_two", "round_robin", "serve_default"]
 SYSTEMS, SYSTEM_WORDS = 12, 120  # ~17 KV blocks of 16 tokens each
 REPLICAS, KV_BLOCKS = 3, 112  # per replica: ~5 system prompts beside the running requests
@@ -43,7 +45,7 @@ def workloads(n: int, seed: int) -> dict[str, list[str]]:
             "no_prefix": [text(SYSTEM_WORDS + 8) for _ in range(n)]}
 
 
-async def drive(url: str, prompts: list[str], rate: float, max_tokens: int) -> dict:
+async def drive(url: str, prompts: list[str], rate: float, max_tokens: int, bar) -> dict:
     ttft, e2e, out_tok, prompt_tok, cached = [], [], 0, 0, 0
     failed = 0
 
@@ -70,6 +72,8 @@ async def drive(url: str, prompts: list[str], rate: float, max_tokens: int) -> d
         except httpx.HTTPError:
             failed += 1
             return
+        finally:
+            bar.update()
         ttft.append(first or 0.0)
         e2e.append(time.perf_counter() - t0)
 
@@ -113,7 +117,7 @@ def decision_time(n_replicas: int = 64, prompt_tokens: int = 2048, rounds: int =
                       "waiting_tokens": rng.randint(0, 20000), "kv_used": rng.randint(0, 900),
                       "kv_total": 1000, "max_num_seqs": 64, "ts": now})
     out = {}
-    for name in POLICIES[:-1]:
+    for name in progress(POLICIES[:-1], desc="decision time", unit="policy"):
         policy = make_policy(name, 1.0)
         times = []
         for _ in range(rounds):
@@ -166,6 +170,9 @@ def main(argv=None) -> int:
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/bench"
     results: dict = {}
+    runs = workloads(args.requests, 0)
+    bar = progress(total=len(args.policies) * len(runs) * len(args.rates) * args.requests,
+                   unit="req")
     try:
         for policy in args.policies:
             cfg = parse_app_config({
@@ -176,22 +183,24 @@ def main(argv=None) -> int:
                 "router": {"policy": policy, "stats_period_s": 0.5}})
             serve.run(build(cfg), name="bench", route_prefix="/bench")
             res = {}
-            for wl, prompts in workloads(args.requests, 0).items():
+            for wl, prompts in runs.items():
                 for rate in args.rates:
+                    bar.set_description(f"{policy} {wl} @{rate:g}")
                     before = replica_requests()
-                    r = asyncio.run(drive(url, prompts, rate, args.max_tokens))
+                    r = asyncio.run(drive(url, prompts, rate, args.max_tokens, bar))
                     after = replica_requests()
                     r["requests_per_replica"] = sorted(
                         (n - before.get(rank, 0) for rank, n in after.items()), reverse=True)
                     res[f"{wl}@{rate:g}"] = r
-                    print(f"{policy:14s} {wl:14s} rate {rate:4g}: "
-                          f"{r['output_tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_ms_p50']:7.1f}"
-                          f" p99 {r['ttft_ms_p99']:7.1f} ms  e2e p99 {r['e2e_ms_p99']:7.1f} ms"
-                          f"  hit {r['prefix_hit_rate']:.2f}  per replica "
-                          f"{r['requests_per_replica']}", file=sys.stderr)
+                    note(f"{policy:14s} {wl:14s} rate {rate:4g}: "
+                         f"{r['output_tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_ms_p50']:7.1f}"
+                         f" p99 {r['ttft_ms_p99']:7.1f} ms  e2e p99 {r['e2e_ms_p99']:7.1f} ms"
+                         f"  hit {r['prefix_hit_rate']:.2f}  per replica "
+                         f"{r['requests_per_replica']}")
             serve.delete("bench")
             results[policy] = summarize(res)
     finally:
+        bar.close()
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()

@@ -31,6 +31,8 @@ from concurrent.futures import ProcessPoolExecutor
 import httpx
 import numpy as np
 
+from cluster.bench.progress import progress
+
 CLIENT_STREAMS = 200  # concurrent streams per client process
 WORDS = ("the of and to in is was for on that with as by at from it an be this are or "
          "model cluster token replica serve node cache stream batch kernel").split()
@@ -43,10 +45,10 @@ def make_prompts(n: int, in_len: tuple[int, int], shared_prefix: int, seed: int)
             " ".join(rng.choice(WORDS) for _ in range(rng.randint(*in_len))) for _ in range(n)]
 
 
-async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
-              key: str | None) -> dict:
+async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str | list[int],
+              max_tokens: int, key: str | None, extra: dict | None = None) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream_options": {"include_usage": True}, **(extra or {})}
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     t0 = time.perf_counter()
     stamps, out_tokens, error = [], 0, None
@@ -71,7 +73,8 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_
         error = type(err).__name__
     end = time.perf_counter()
     return {"error": error, "ttft": stamps[0] - t0 if stamps else None, "e2e": end - t0,
-            "itl": list(np.diff(stamps)) if len(stamps) > 1 else [], "out": out_tokens}
+            "itl": list(np.diff(stamps)) if len(stamps) > 1 else [], "out": out_tokens,
+            "events": len(stamps)}
 
 
 def pcts(xs: list[float]) -> dict:
@@ -143,31 +146,30 @@ def utilization_reader(args):
 
 
 async def drive(args, prompts: list[str], lens: list[int], concurrency: int,
-                rate: float | None, seed: int, progress: bool) -> list[dict]:
+                rate: float | None, seed: int, shard: int | None = None) -> list[dict]:
     """One client process's requests: at most `concurrency` in flight, Poisson arrivals at
-    `rate` when given."""
+    `rate` when given. Client processes (`shard`) show a bar each, one line apiece."""
     sem = asyncio.Semaphore(concurrency)
     results: list[dict] = []
     start = time.perf_counter()
     limits = httpx.Limits(max_connections=concurrency + 8)
-    async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
-        async def task(p: str, n: int) -> None:
-            async with sem:
-                results.append(await one(client, args.url, args.model, p, n, args.api_key))
-                done = len(results)
-                if progress and (done % max(1, len(prompts) // 50) == 0 or
-                                 done == len(prompts)):
-                    print(f"\r{done}/{len(prompts)} requests", end="", file=sys.stderr)
+    desc = "requests" if shard is None else f"client {shard}"
+    with progress(total=len(prompts), desc=desc, unit="req", position=shard) as bar:
+        async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
+            async def task(p: str, n: int) -> None:
+                async with sem:
+                    results.append(await one(client, args.url, args.model, p, n, args.api_key))
+                    bar.update()
 
-        tasks = []
-        arrivals = np.random.default_rng(seed)
-        for p, n in zip(prompts, lens, strict=True):
-            if args.duration and time.perf_counter() - start > args.duration:
-                break
-            tasks.append(asyncio.create_task(task(p, n)))
-            if rate:
-                await asyncio.sleep(arrivals.exponential(1.0 / rate))
-        await asyncio.gather(*tasks)
+            tasks = []
+            arrivals = np.random.default_rng(seed)
+            for p, n in zip(prompts, lens, strict=True):
+                if args.duration and time.perf_counter() - start > args.duration:
+                    break
+                tasks.append(asyncio.create_task(task(p, n)))
+                if rate:
+                    await asyncio.sleep(arrivals.exponential(1.0 / rate))
+            await asyncio.gather(*tasks)
     return results
 
 
@@ -176,7 +178,7 @@ def drive_shard(args, prompts, lens, shard: int, workers: int) -> list[dict]:
     conc = -(-args.concurrency // workers)
     rate = args.request_rate / workers if args.request_rate else None
     return asyncio.run(drive(args, prompts[shard::workers], lens[shard::workers], conc, rate,
-                             args.seed + shard, progress=False))
+                             args.seed + shard, shard))
 
 
 def client_processes(args) -> int:
@@ -199,7 +201,7 @@ async def run(args) -> dict:
     start = time.perf_counter()
     if workers == 1:
         results = await drive(args, prompts, lens, args.concurrency, args.request_rate,
-                              args.seed, progress=True)
+                              args.seed)
     else:
         print(f"{workers} client processes", file=sys.stderr)
         loop = asyncio.get_running_loop()
@@ -211,7 +213,6 @@ async def run(args) -> dict:
     wall = time.perf_counter() - start
     stop.set()
     utilization = await sampler if sampler else None
-    print(file=sys.stderr)
     ok = [r for r in results if r["error"] is None]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     itl = [x for r in ok for x in r["itl"]]

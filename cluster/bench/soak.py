@@ -3,7 +3,7 @@
     python -m cluster.bench.soak [--minutes 10] [--concurrency 8] [--json]
 
 Starts the local multi-node cluster with the test app's shape (two model replicas, two
-tokenizer replicas), drives streaming requests at a fixed concurrency, and every 30 s reads
+frontend replicas), drives streaming requests at a fixed concurrency, and every 30 s reads
 each model replica's resident memory and KV blocks in use from its own report. Flat memory
 and zero errors are the pass mark.
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from cluster.bench.progress import note, progress
 from cluster.bench.serve import make_prompts, one
 from cluster.local_cluster import LocalClusterSpec, model_replica_stats, serving
 
@@ -47,11 +48,20 @@ async def soak(url: str, minutes: float, concurrency: int) -> dict:
                             "rss_mb": [round(s["rss_mb"]) for s in stats],
                             "kv_used": [s["kv_used"] for s in stats],
                             "requests": done["requests"]})
-            print(f"\r{samples[-1]}", file=sys.stderr)
+            note(str(samples[-1]))
             await asyncio.sleep(30)
 
-    async with httpx.AsyncClient(timeout=120) as client:
-        await asyncio.gather(sampler(), *(worker(w, client) for w in range(concurrency)))
+    async def ticker(bar) -> None:
+        start = time.monotonic()
+        while time.monotonic() < end:
+            await asyncio.sleep(1)
+            bar.set_postfix(requests=done["requests"], errors=done["errors"], refresh=False)
+            bar.update(min(bar.total, round(time.monotonic() - start)) - bar.n)
+
+    with progress(total=round(minutes * 60), desc="soak", unit="s") as bar:
+        async with httpx.AsyncClient(timeout=120) as client:
+            await asyncio.gather(sampler(), ticker(bar),
+                                 *(worker(w, client) for w in range(concurrency)))
     first, last = samples[1] if len(samples) > 1 else samples[0], samples[-1]
     growth = [b - a for a, b in zip(first["rss_mb"], last["rss_mb"], strict=False)]
     return {**done, "minutes": minutes, "samples": samples, "rss_growth_mb": growth}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cluster.arch import context_length
 from cluster.config import EngineConfig
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.model import ModelArch
@@ -95,7 +96,7 @@ def build_runner(model_dir: str, cfg: EngineConfig, weights, init_group=None) ->
 
 
 def resolve_max_model_len(arch: ModelArch, cfg: EngineConfig) -> int:
-    return min(cfg.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
+    return context_length(arch, cfg.max_model_len)
 
 
 class LLMEngine:

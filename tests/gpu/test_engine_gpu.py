@@ -133,3 +133,65 @@ def test_steps_launched_ahead_give_the_same_tokens(hf_and_prompts):
         outs.append(got)
     assert outs[0] == outs[1]
     assert len(outs[0]["r0"]) <= 11 and all(len(outs[0][f"r{i}"]) == 200 for i in (1, 2, 3))
+
+
+def test_idle_gaps_come_from_cuda_events_for_steps_launched_ahead():
+    """With steps launched one ahead the device has the next step queued: its measured gaps
+    are small; a host that takes 20 ms between steps shows ~20 ms gaps (the old code wrote
+    0.0 for every step launched ahead)."""
+    from cluster.bench.engine import model_folder
+
+    folder = model_folder("qwen2.5-0.5b")
+
+    def gaps(delay: float) -> list[float]:
+        eng = LLMEngine(folder, EngineConfig(max_model_len=512, num_kv_blocks=256,
+                                             max_num_seqs=8), weights="synthetic:0")
+        eng.step_delay_s = delay
+        eng.generate([list(range(100, 140))] * 4, SamplingParams(temperature=0.0,
+                                                                 max_tokens=40,
+                                                                 ignore_eos=True))
+        return sorted(eng.idle_gaps)
+
+    slow, fast = gaps(0.02), gaps(0.0)
+    assert len(slow) > 20 and len(fast) > 20
+    assert slow[len(slow) // 2] >= 0.012, slow[:5]
+    assert fast[len(fast) // 2] < 0.005, fast[-5:]
+
+
+def test_engine_core_streams_on_the_gpu():
+    """The engine core process on a GPU: one message per step for a frontend's streams."""
+    import threading
+
+    import msgpack
+    import zmq
+
+    from cluster.bench.engine import model_folder
+    from cluster.engine.core import EngineCore
+
+    eng = LLMEngine(model_folder("qwen2.5-0.5b"), EngineConfig(max_model_len=512,
+                                                               num_kv_blocks=256,
+                                                               max_num_seqs=16),
+                    weights="synthetic:0")
+    expected = eng.generate([[7 + i, 8, 9] for i in range(8)],
+                            SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    core = EngineCore(eng)
+    threading.Thread(target=core.run, daemon=True).start()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(core.addr)
+    for i in range(8):
+        sock.send(msgpack.packb(["add", f"r{i}", [7 + i, 8, 9], {
+            "temperature": 0.0, "max_tokens": 24, "ignore_eos": True}, 0.0, False, ""]))
+    got, done, messages = {f"r{i}": [] for i in range(8)}, set(), 0
+    while len(done) < 8:
+        assert sock.poll(30000)
+        msg = msgpack.unpackb(sock.recv(), raw=False)
+        if msg[0] != "out":
+            continue
+        messages += 1
+        for rid, ids, reason, *_ in msg[1]:
+            got[rid] += ids
+            if reason:
+                done.add(rid)
+    core.stopping = True
+    assert [got[f"r{i}"] for i in range(8)] == expected
+    assert messages <= 24 + 4, messages

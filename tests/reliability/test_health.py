@@ -25,7 +25,7 @@ def health_app(app_url, app_config):
     cfg = cfg.model_copy(deep=True)
     cfg.engine.fault_injection = True
     cfg.model_pool.num_replicas, cfg.model_pool.num_gpus = 2, 0
-    cfg.tokenizer_pool.num_replicas = 1
+    cfg.frontend_pool.num_replicas = 1
     cfg.router.policy = "least_load"
     serve.run(build(cfg), name="health", route_prefix="/health-app")
     yield f"{app_url}/health-app"

@@ -1,0 +1,239 @@
+"""The data plane's cost: the engine offline against the whole served path, side by side.
+
+    python -m cluster.bench.path --concurrency 16 --num-prompts 128 --input-len 128 \\
+        --output-len 128 [--peer-url http://127.0.0.1:8001] [--url URL] [--json]
+
+(1) The engine alone in this process, at most --concurrency requests in flight, the same
+prompts (token ids) and engine settings as the served app. (2) The served path over HTTP:
+a local cluster this command starts with the app of --config (one model replica unless
+--replicas), or a running one at --url; the same prompts as token ids, streamed, with
+ignore_eos, so both sides make exactly the same tokens. Prints output tok/s of each and
+their ratio, TTFT / TPOT percentiles, CPU seconds per 1,000 streamed tokens of each process
+role (Serve's proxy, frontend, model replica, engine core; local cluster only), and engine
+messages and SSE events per token. --peer-url runs the same client and prompts against
+another OpenAI-compatible server (vLLM's, say) on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+import httpx
+import numpy as np
+
+from cluster.bench.progress import progress, stdout_to_stderr
+from cluster.bench.serve import one as serve_one
+from cluster.bench.serve import pcts
+
+
+def workload(n: int, in_len: int, out_len: int, vocab: int, seed: int) -> list[list[int]]:
+    # random ids away from the special tokens at the top of the vocabulary
+    rng = np.random.default_rng(seed)
+    return [rng.integers(10, min(vocab, 32000) - 10, in_len).tolist() for _ in range(n)]
+
+
+def offline(cfg, prompts: list[list[int]], out_len: int, concurrency: int) -> dict:
+    """The engine alone: requests admitted as others finish, at most `concurrency` at once."""
+    from cluster.engine.engine import LLMEngine
+    from cluster.engine.sequence import SamplingParams
+
+    engine = LLMEngine(cfg.model.path, cfg.engine)
+    params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+    engine.generate([prompts[0][:16]], SamplingParams(temperature=0.0, max_tokens=4))  # warm
+    queue = list(enumerate(prompts))
+    first, last, tpot = {}, {}, []
+    start = time.perf_counter()
+    produced, live = 0, 0
+    with progress(total=len(prompts) * out_len, desc="engine offline", unit="tok") as bar:
+        while queue or engine.has_work():
+            while queue and live < concurrency:
+                i, p = queue.pop(0)
+                engine.add_request(str(i), p, params)
+                first[str(i)] = None
+                live += 1
+            for o in engine.step():
+                now = time.perf_counter()
+                produced += len(o.new_token_ids)
+                if first[o.request_id] is None and o.new_token_ids:
+                    first[o.request_id] = now
+                last[o.request_id] = now
+                if o.finish_reason:
+                    live -= 1
+            bar.update(produced - bar.n)
+    elapsed = time.perf_counter() - start
+    for rid, t in first.items():
+        if t is not None and rid in last and out_len > 1:
+            tpot.append((last[rid] - t) / (out_len - 1))
+    return {"output_tok_s": produced / elapsed, "elapsed_s": elapsed, "tokens": produced,
+            "tpot_ms": pcts(tpot)}
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int],
+              max_tokens: int) -> dict:
+    r = await serve_one(client, url, model, prompt, max_tokens, None, {"temperature": 0.0})
+    out, ttft = r["out"], r["ttft"]
+    r["tpot"] = (r["e2e"] - ttft) / (out - 1) if ttft is not None and out > 1 else None
+    return r
+
+
+async def served(url: str, model: str, prompts, out_len: int, concurrency: int,
+                 desc: str) -> dict:
+    sem = asyncio.Semaphore(concurrency)
+    results: list[dict] = []
+    limits = httpx.Limits(max_connections=concurrency + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await one(client, url, model, prompts[0][:16], 4)  # warm: connections, caches
+        with progress(total=len(prompts), desc=desc, unit="req") as bar:
+            async def task(p):
+                async with sem:
+                    results.append(await one(client, url, model, p, out_len))
+                    bar.update()
+
+            start = time.perf_counter()
+            await asyncio.gather(*(task(p) for p in prompts))
+            elapsed = time.perf_counter() - start
+    tokens = sum(r["out"] for r in results)
+    return {"output_tok_s": tokens / elapsed, "elapsed_s": elapsed, "tokens": tokens,
+            "errors": sum(1 for r in results if r["error"]),
+            "first_error": next((r["error"] for r in results if r["error"]), None),
+            "ttft_ms": pcts([r["ttft"] for r in results if r["ttft"] is not None]),
+            "tpot_ms": pcts([r["tpot"] for r in results if r["tpot"] is not None]),
+            "sse_events_per_token": sum(r["events"] for r in results) / max(1, tokens)}
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
+def process_roles() -> dict[str, list[int]]:
+    """The local cluster's processes by role (from Ray's state and the replicas' reports)."""
+    import ray
+    from ray.util.state import list_actors
+
+    from cluster.local_cluster import model_replica_stats, replica_actors
+
+    proxies = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,
+                          filters=[("class_name", "=", "ProxyActor"), ("state", "=", "ALIVE")])
+    stats = model_replica_stats()
+    return {"proxy": [a.pid for a in proxies],
+            "frontend": [a.pid for a in replica_actors("Ingress")],
+            "model_replica": [a.pid for a in replica_actors("ModelReplica")],
+            "engine_core": [s["core_pid"] for s in stats]}
+
+
+def engine_messages() -> int:
+    from cluster.local_cluster import model_replica_stats
+
+    return sum(s.get("messages", 0) for s in model_replica_stats())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cluster.bench.path", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="deployments/local.yaml")
+    p.add_argument("--url", help="a running tandem app (default: start a local cluster)")
+    p.add_argument("--peer-url", help="another OpenAI server to run the same client against")
+    p.add_argument("--peer-model", help="the peer's model id (default: its first)")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--num-prompts", type=int, default=128)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--replicas", type=int, default=1, help="model replicas of the local app")
+    p.add_argument("--torch-threads", type=int, help="the engine's CPU threads (default: the "
+                   "config's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-offline", action="store_true")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    from cluster.arch import ModelArch
+    from cluster.config import load_serve_config
+
+    doc, cfg = load_serve_config(args.config)
+    cfg.model_pool.num_replicas = args.replicas
+    if args.torch_threads:
+        cfg.engine.torch_threads = args.torch_threads
+    cfg.model_pool.autoscaling = None
+    doc["applications"][0]["args"] = cfg.model_dump(mode="json")
+    cfg.engine.max_num_seqs = max(cfg.engine.max_num_seqs, args.concurrency)
+    prompts = workload(args.num_prompts, args.input_len, args.output_len,
+                       ModelArch.from_hf(cfg.model.path).vocab_size, args.seed)
+    res: dict = {"workload": {"concurrency": args.concurrency, "num_prompts": args.num_prompts,
+                              "input_len": args.input_len, "output_len": args.output_len}}
+    if not args.skip_offline:
+        res["offline"] = offline(cfg, prompts, args.output_len, args.concurrency)
+    doc["applications"][0]["args"]["engine"]["max_num_seqs"] = cfg.engine.max_num_seqs
+
+    def run_served(url: str, local: bool) -> dict:
+        roles = process_roles() if local else {}
+        cpu0 = {r: sum(map(cpu_seconds, pids)) for r, pids in roles.items()}
+        msgs0 = engine_messages() if local else 0
+        out = asyncio.run(served(url, cfg.model.name, prompts, args.output_len,
+                                 args.concurrency, "served"))
+        if local:
+            k = max(1, out["tokens"]) / 1000
+            out["cpu_s_per_1k_tokens"] = {r: (sum(map(cpu_seconds, pids)) - cpu0[r]) / k
+                                          for r, pids in roles.items()}
+            out["engine_messages_per_token"] = (engine_messages() - msgs0) / max(1, out["tokens"])
+        return out
+
+    with stdout_to_stderr():  # Ray's processes print to stdout: keep it for --json
+        if args.url:
+            res["served"] = run_served(args.url, False)
+        else:
+            from cluster import local_cluster
+
+            with local_cluster.serving(doc, cfg) as url:
+                res["served"] = run_served(url, True)
+    if "offline" in res:
+        res["served_vs_offline"] = res["served"]["output_tok_s"] / res["offline"]["output_tok_s"]
+    if args.peer_url:
+        model = args.peer_model or httpx.get(f"{args.peer_url}/v1/models",
+                                             timeout=30).json()["data"][0]["id"]
+        res["peer"] = asyncio.run(served(args.peer_url, model, prompts, args.output_len,
+                                         args.concurrency, "peer"))
+        res["served_vs_peer"] = res["served"]["output_tok_s"] / res["peer"]["output_tok_s"]
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        report(res)
+    return 0 if res["served"]["errors"] == 0 else 1
+
+
+def report(res: dict) -> None:
+    w = res["workload"]
+    print(f"{w['num_prompts']} requests, {w['input_len']} in / {w['output_len']} out, "
+          f"concurrency {w['concurrency']}")
+    for name in ("offline", "served", "peer"):
+        if name not in res:
+            continue
+        r = res[name]
+        line = f"  {name:8s} {r['output_tok_s']:9.1f} output tok/s"
+        if "ttft_ms" in r:
+            line += (f"  TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms  "
+                     f"TPOT p50 {r['tpot_ms']['p50']:.1f} ms  errors {r['errors']}")
+        print(line)
+    if "served_vs_offline" in res:
+        print(f"  served / offline: {res['served_vs_offline']:.2f}")
+    if "served_vs_peer" in res:
+        print(f"  served / peer:    {res['served_vs_peer']:.2f}")
+    s = res["served"]
+    if "cpu_s_per_1k_tokens" in s:
+        print("  CPU s per 1,000 tokens: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in s["cpu_s_per_1k_tokens"].items()))
+        print(f"  engine messages per token {s['engine_messages_per_token']:.3f}, "
+              f"SSE events per token {s['sse_events_per_token']:.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

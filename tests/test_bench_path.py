@@ -1,0 +1,28 @@
+"""The data-plane benchmark runs end to end on a local cluster it starts, and shows the
+data plane's shape: about one engine message per step, not one per token."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_path_benchmark_offline_and_served_side_by_side(model_dir):
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.bench.path", "--concurrency", "8", "--num-prompts",
+         "16", "--input-len", "32", "--output-len", "24", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout)  # stdout carries the JSON alone
+    served, offline = res["served"], res["offline"]
+    assert served["errors"] == 0 and served["tokens"] == offline["tokens"] == 16 * 24
+    assert served["output_tok_s"] > 0 and 0 < res["served_vs_offline"]
+    assert set(served["cpu_s_per_1k_tokens"]) == {"proxy", "frontend", "model_replica",
+                                                   "engine_core"}
+    # 8 streams per step share one message: well under one message per token
+    assert 0 < served["engine_messages_per_token"] < 0.5
+    assert served["ttft_ms"]["p50"] > 0 and served["tpot_ms"]["p50"] > 0
