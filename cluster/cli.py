@@ -124,8 +124,10 @@ def cmd_stop(args) -> int:
         deadline = time.monotonic() + 60
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.5)
-        if _alive(pid):  # its nodes are in its process group (start_new_session)
-            os.killpg(pid, signal.SIGKILL)
+        try:  # its nodes are in its process group (start_new_session): agents that
+            os.killpg(pid, signal.SIGKILL)  # ignored SIGTERM go with it too
+        except OSError:
+            pass
     STATE.unlink(missing_ok=True)
     print("stopped the local tandem cluster")
     return 0

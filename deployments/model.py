@@ -107,6 +107,7 @@ class ModelReplica:
                 # this actor and its engine core process together
                 "rss_mb": rss_mb() + (rss_mb(self.core.pid) if self.core.proc else 0.0),
                 "core_pid": self.core.pid, "messages": s.get("messages", 0),
+                "aborted": s.get("aborted", 0),
                 "tok_s": s.get("tok_s", 0.0), **self.metrics.gpu_reading()}
 
     def record_autoscaling_stats(self) -> dict[str, float]:

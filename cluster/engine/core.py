@@ -81,7 +81,7 @@ class EngineCore:
         self.last_sent: dict[bytes, float] = {}
         self.failure: str | None = None
         self.stopping = False
-        self.requests = self.moved = self.messages = 0
+        self.requests = self.moved = self.messages = self.aborted = 0
         self.obs: dict[str, list] = self._new_obs()
         self.ttfts: deque[tuple[float, float]] = deque(maxlen=1024)
         self.tok_samples: deque[tuple[float, int]] = deque(maxlen=20)
@@ -149,6 +149,7 @@ class EngineCore:
 
     def _abort(self, rid: str) -> None:
         if self.engine.abort(rid):
+            self.aborted += 1
             self._finished(rid, "abort")
 
     def _step(self) -> list[RequestOutput]:
@@ -262,7 +263,7 @@ class EngineCore:
         obs, self.obs = self.obs, self._new_obs()
         return {**self.load_report(), "snapshot": asdict(eng.snapshot),
                 "prefix": list(eng.prefix_digests), "requests": self.requests,
-                "moved": self.moved, "messages": self.messages,
+                "moved": self.moved, "messages": self.messages, "aborted": self.aborted,
                 "tok_s": (eng.generated_tokens - g0) / max(1e-3, now - t0),
                 "ttft_p95_ms": recent[int(0.95 * (len(recent) - 1))] * 1000 if recent else 0.0,
                 "idle_gaps": gaps, "obs": obs, "failure": self.failure, "pid": os.getpid(),

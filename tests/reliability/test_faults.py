@@ -38,9 +38,12 @@ async def ask(client: httpx.AsyncClient, url: str, stream: bool, max_tokens: int
             "ignore_eos": True, "temperature": 0.0, "stream": stream}
     if not stream:
         r = await client.post(f"{url}/v1/completions", json=body)
+        if r.status_code != 200:  # Serve's proxy answers for a frontend that died: plain text
+            try:
+                return Answer(r.status_code, error=r.json().get("error"))
+            except ValueError:
+                return Answer(r.status_code, error={"message": r.text})
         doc = r.json()
-        if r.status_code != 200:
-            return Answer(r.status_code, error=doc.get("error"))
         return Answer(200, doc["choices"][0]["finish_reason"], text=doc["choices"][0]["text"])
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         if r.status_code != 200:
