@@ -322,6 +322,7 @@ def main() -> None:
     core = EngineCore(engine, spec["host"], spec.get("move_after_s"),
                       spec.get("kv_hot", 0.95), spec.get("score_hot", 4.0))
     print(f"READY {core.addr}", flush=True)
+    os.dup2(2, 1)  # nobody reads the pipe after READY: a stray print must not fill it and block
     core.run()
 
 

@@ -25,8 +25,7 @@ log = logging.getLogger("ray.serve")
 
 
 class CoreProcess:
-    def __init__(self, cfg: AppConfig, host: str, step_delay_s: float = 0.0,
-                 start_timeout_s: float = 900.0):
+    def __init__(self, cfg: AppConfig, host: str, step_delay_s: float = 0.0):
         r = cfg.router
         spec = {"model_dir": cfg.model.path, "engine": cfg.engine.model_dump(), "host": host,
                 "parent_pid": os.getpid(), "step_delay_s": step_delay_s,
@@ -39,7 +38,7 @@ class CoreProcess:
         if cfg.engine.tensor_parallel_size > 1:
             self.addr = self._start_in_thread(spec)
         else:
-            self.addr = self._start_process(spec, start_timeout_s)
+            self.addr = self._start_process(spec)
         self.stats: dict = {}
         self.stats_at = time.monotonic()
         self.on_stats = None  # called with each report, on the reader thread
@@ -50,15 +49,15 @@ class CoreProcess:
         self._reader = threading.Thread(target=self._read, name="core-stats", daemon=True)
         self._reader.start()
 
-    def _start_process(self, spec: dict, timeout_s: float) -> str:
+    def _start_process(self, spec: dict) -> str:
         self.proc = subprocess.Popen([sys.executable, "-m", "cluster.engine.core"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
         self.proc.stdin.write(json.dumps(spec) + "\n")
         self.proc.stdin.flush()
-        deadline = time.monotonic() + timeout_s
-        line = self.proc.stdout.readline()  # the model loads first: this waits for it
-        if not line.startswith("READY ") or time.monotonic() > deadline:
+        # the model loads first: this waits for it (Serve bounds a replica's start itself)
+        line = self.proc.stdout.readline()
+        if not line.startswith("READY "):
             code = self.proc.wait(timeout=5) if self.proc.poll() is None else self.proc.poll()
             raise RuntimeError(f"the engine core failed to start (exit {code}); see its log")
         return line.split()[1]
