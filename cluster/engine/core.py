@@ -254,6 +254,7 @@ class EngineCore:
 
     def stats_report(self, now: float) -> dict:
         eng = self.engine
+        eng.publish()  # an idle core runs no steps: its newest cached blocks must show too
         self.tok_samples.append((now, eng.generated_tokens))
         t0, g0 = self.tok_samples[0]
         recent = sorted(t for when, t in self.ttfts if now - when < 30.0)
