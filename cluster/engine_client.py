@@ -33,25 +33,15 @@ LOST_AFTER_S = 30.0
 
 
 class Stream:
-    """One request's outputs as they arrive from its core (the row layout of core.py)."""
+    """One request on a core. Its rows (the layout of core.py) go to `on_rows`, called in the
+    receive task once per step with all of that step's (stream, row) pairs for the handler,
+    so that their text is decoded in one batch; the handler wakes the stream's reader."""
 
-    def __init__(self, request_id: str, on_rows: Callable[[Stream, list], None] | None = None):
+    def __init__(self, request_id: str, on_rows: Callable[[list], None]):
         self.request_id = request_id
-        self.rows: list[list] = []
         self.event = asyncio.Event()
         self.conn: Connection | None = None
-        self.on_rows = on_rows  # runs in the receive task (per step): detokenization
-
-    def feed(self, row: list) -> None:
-        self.rows.append(row)
-        self.event.set()
-
-    async def take(self) -> list[list]:
-        """Everything that arrived since the last call (waits for something)."""
-        await self.event.wait()
-        self.event.clear()
-        rows, self.rows = self.rows, []
-        return rows
+        self.on_rows = on_rows
 
 
 class Connection:
@@ -90,10 +80,7 @@ class Connection:
                     continue  # aborted here already
                 if row[2] is not None:  # finished: no more rows for it
                     self.streams.pop(row[0], None)
-                if st.on_rows is not None:
-                    batch.setdefault(st.on_rows, []).append((st, row))
-                else:
-                    st.feed(row)
+                batch.setdefault(st.on_rows, []).append((st, row))
             for handler, items in batch.items():  # one call per handler per step
                 handler(items)
 
@@ -126,11 +113,7 @@ class Connection:
             except zmq.ZMQError:
                 break
         for st in streams.values():
-            row = [st.request_id, [], "dead", f"engine core lost: {why}", 0, 0]
-            if st.on_rows is not None:
-                st.on_rows([(st, row)])
-            else:
-                st.feed(row)
+            st.on_rows([(st, [st.request_id, [], "dead", f"engine core lost: {why}", 0, 0])])
 
 
 class EngineClient:

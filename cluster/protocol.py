@@ -29,15 +29,6 @@ class APIError(Exception):
         return cls(e["message"], status, e["type"], e.get("param"), e.get("code"))
 
 
-class ReplicaUnhealthy(RuntimeError):
-    """A model replica whose engine stopped: a request it did not start may go elsewhere.
-    args: (message, the replica's id), so that it pickles across processes as it is."""
-
-    @property
-    def replica_id(self) -> str:
-        return self.args[1] if len(self.args) > 1 else ""
-
-
 def _problem(e: dict) -> str:
     where = ".".join(str(p) for p in e["loc"]) or "body"
     if e["type"] == "extra_forbidden":  # a parameter we do not implement: say so, never ignore
