@@ -146,8 +146,10 @@ class Ingress:
         self.cfg = AppConfig.model_validate(config)
         self.model_name = self.cfg.model.name
         self.generations = Generations(self.cfg, model)
-        self.generations.metrics = TokenizerMetrics(base_tags(
-            self.model_name, serve.get_replica_context().replica_tag))
+        # names the frontend that answered (x-tandem-frontend): logs and fault tests
+        self.replica_tag = serve.get_replica_context().replica_tag
+        self.generations.metrics = TokenizerMetrics(base_tags(self.model_name,
+                                                              self.replica_tag))
         self.metrics = IngressMetrics(self.model_name)
         self.cpu_mark = (time.process_time(), time.monotonic())
         ing = self.cfg.ingress
@@ -260,8 +262,10 @@ class Ingress:
                 resp.headers["Retry-After"] = "1"
             return resp
         try:
-            return await self._generate(req, kind, endpoint, deadline, ticket,
+            resp = await self._generate(req, kind, endpoint, deadline, ticket,
                                         tenant_salt(key, req.cache_salt))
+            resp.headers["x-tandem-frontend"] = self.replica_tag
+            return resp
         except BaseException:  # includes the cancellation of a client that went away
             self.gate.leave(ticket)
             raise
