@@ -27,6 +27,16 @@ class ModelConfig(Strict):
                       "default: the built-in model of `tandem model init` (`$TANDEM_HOME` "
                       "unset: `~/.cache/tandem`)")
     name: str = Field("tandem-tiny", description="the model id clients send")
+    tool_parser: Literal["hermes", "llama3_json", "deepseek_v3"] | None = Field(
+        "hermes", description="the model's own tool-call format, read back from its output "
+        "for `tool_choice: auto` (hermes: Qwen/Hermes `<tool_call>` tags; llama3_json: "
+        "Llama 3.x JSON; deepseek_v3: DeepSeek's markers); null: requests with tools are "
+        "refused")
+    reasoning_parser: Literal["deepseek_r1"] | None = Field(
+        None, description="deepseek_r1: the output's `<think>...</think>` goes to "
+        "`reasoning_content` (chat); null: left in the content")
+    reasoning_starts_open: bool = Field(False, description="the chat template opens "
+                                        "`<think>` in the prompt: output starts in reasoning")
 
     @field_validator("path")
     @classmethod

@@ -134,7 +134,7 @@ class EngineClient:
         stream.conn = conn
         conn.streams[req.request_id] = stream
         conn.send(["add", req.request_id, req.prompt_token_ids, asdict(req.params),
-                   req.queued_s, req.movable, req.cache_salt])
+                   req.queued_s, req.movable, req.cache_salt, req.after])
 
     def abort(self, stream: Stream) -> None:
         """Ends a stream's generation (its KV blocks are freed on the core's next turn)."""

@@ -16,7 +16,9 @@ No torch here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -46,6 +48,19 @@ class Generation(Stream):
         self.generated: list[int] = []
         self.cached = 0
         self.overflow = False
+        self.new_ids: list[int] = []  # since the reader last took them, with their logprobs
+        self.logprobs: list = []
+        self.prompt_logprobs: list | None = None
+
+
+class Group:
+    """The choices of one prompt (n > 1): where the first was routed, its prompt scores."""
+
+    def __init__(self):
+        self.leader: str | None = None  # the first choice's request id
+        loop = asyncio.get_running_loop()
+        self.route: asyncio.Future = loop.create_future()
+        self.scores: asyncio.Future = loop.create_future()
 
 
 class Generations:
@@ -60,19 +75,27 @@ class Generations:
         self.migration_limit = cfg.ingress.migration_limit
         self.buffer_chars = cfg.ingress.stream_buffer_chars
         self.migrations = 0
+        self._token_texts: dict[int, str] = {}
         self.metrics = None  # TokenizerMetrics, set by the deployment (Ray's metrics agent)
 
     # ---- text in
 
-    def tokenize(self, req: GenerateRequest) -> list[int]:
+    def tokenize(self, req: GenerateRequest) -> list[list[int]]:
+        """Token ids of each prompt (a chat: one)."""
+        if req.kind == "chat":
+            return [self._tokenize_one(req, None)]
+        return [self._tokenize_one(req, p) for p in req.prompts]
+
+    def _tokenize_one(self, req: GenerateRequest, prompt: str | list[int] | None) -> list[int]:
         param = "messages" if req.kind == "chat" else "prompt"
         try:
             if req.kind == "chat":
-                ids = self.tokenizer.encode_chat(req.messages)
-            elif isinstance(req.prompt, str):
-                ids = self.tokenizer.encode(req.prompt)
+                kw = {"tools": req.tools} if req.tools else {}
+                ids = self.tokenizer.encode_chat(req.messages, **kw)
+            elif isinstance(prompt, str):
+                ids = self.tokenizer.encode(prompt)
             else:
-                ids = list(req.prompt)
+                ids = list(prompt)
         except (TemplateError, ValueError, TypeError, UnicodeError) as err:
             raise APIError(f"could not tokenize the {param}: {err}", param=param) from None
         if not ids:
@@ -88,6 +111,13 @@ class Generations:
                            f"exceeds the context length {self.max_model_len}",
                            param="max_tokens", code="context_length_exceeded")
         return ids
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text (logprobs), special tokens included."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], False)
+        return text
 
     # ---- tokens back, once per step for all streams of a core
 
@@ -105,8 +135,14 @@ class Generations:
                             [row[1] for _, row in plain], [row[2] for _, row in plain])
         for (g, row), (text, reason) in zip(plain, texts, strict=True):
             g.generated += row[1]
+            g.new_ids += row[1]
             g.text += text
             g.cached = row[5] or g.cached
+            if len(row) > 6:
+                if row[6]:
+                    g.logprobs += row[6]
+                if row[7] is not None:
+                    g.prompt_logprobs = row[7]
             if reason and not g.finish:
                 g.finish = reason
                 if row[2] is None:  # a stop string: the engine would go on
@@ -124,27 +160,86 @@ class Generations:
             return sel.replica_id, sel.replica_metadata["engine_addr"]
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TextDelta]:
-        """First a header delta (prompt_tokens, or an error), then the text."""
+        """First a header delta (prompt_tokens of all prompts, or an error), then the
+        choices' pieces as they come (each with its index: prompt x n + choice)."""
         t0 = time.perf_counter()
         try:
-            ids = self.tokenize(req)
+            prompts = self.tokenize(req)
             if self.metrics is not None:
-                self.metrics.tokenized(len(ids), time.perf_counter() - t0)
+                self.metrics.tokenized(sum(map(len, prompts)), time.perf_counter() - t0)
         except APIError as err:
             yield TextDelta(error=err.body(), status=err.status)
             return
+        yield TextDelta(prompt_tokens=sum(map(len, prompts)))
+        if len(prompts) == 1 and req.n == 1:
+            async for d in self._choice(req, prompts[0], 0, None):
+                yield d
+            return
+        # several choices: each its own stream; siblings of a prompt go to the replica its
+        # first choice was routed to and wait there for its prefill, then share its blocks
+        queue: asyncio.Queue = asyncio.Queue()
+        seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
+
+        async def pump(ids: list[int], index: int, group: Group) -> None:
+            try:
+                async for d in self._choice(req, ids, index, group, seed + index % req.n):
+                    await queue.put(d)
+            except Exception as err:  # noqa: BLE001 - it becomes that choice's error piece
+                log.exception("choice %d of %s failed", index, req.request_id)
+                await queue.put(self._error(TextDelta("", "error", len(ids), index=index),
+                                            f"generation failed: {err}", 503,
+                                            "replica_failed"))
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(ids, p * req.n + j, group))
+                 for p, ids in enumerate(prompts) for group in [Group()]
+                 for j in range(req.n)]
+        try:
+            left = len(tasks)
+            while left:
+                d = await queue.get()
+                if d is None:
+                    left -= 1
+                else:
+                    yield d
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _choice(self, req: GenerateRequest, ids: list[int], index: int,
+                      group: Group | None, seed: int | None = None
+                      ) -> AsyncIterator[TextDelta]:
+        """One choice: routes, streams its pieces, moves it off a lost core."""
         max_tokens = req.max_tokens or self.max_model_len - len(ids)
-        yield TextDelta(prompt_tokens=len(ids))
-        base = EngineRequest(req.request_id, ids, replace(req.params, max_tokens=max_tokens),
-                             cache_salt=req.cache_salt)
-        g = Generation(req.request_id, TextStream(self.tokenizer, req.stop), self._on_rows)
+        first = group is None or group.leader is None
+        if group is not None and first:
+            group.leader = f"{req.request_id}-{index}"
+        rid = req.request_id if group is None else f"{req.request_id}-{index}"
+        params = replace(req.params, max_tokens=max(1, max_tokens),
+                         seed=req.params.seed if seed is None else seed)
+        if not first:
+            params = replace(params, prompt_logprobs=None)  # the first choice scores it
+        base = EngineRequest(rid, ids, params, cache_salt=req.cache_salt,
+                             after=None if first else group.leader)
+        g = Generation(rid, TextStream(self.tokenizer, req.stop), self._on_rows)
         sent = 0  # completion tokens the client has
         moves = migrations = 0
         engine_req = base
         replica = None
+        prompt_sent = False
         try:
             while True:
-                replica, addr = await self._route(engine_req)
+                pinned = await group.route if group is not None and not first \
+                    and engine_req is base else None  # the first choice's replica
+                if pinned is not None:
+                    replica, addr = pinned
+                else:
+                    if engine_req is base and not first:  # no first choice to wait for
+                        engine_req = replace(base, after=None)
+                    replica, addr = await self._route(engine_req)
+                    if group is not None and first and not group.route.done():
+                        group.route.set_result((replica, addr))
                 IN_FLIGHT[replica] = IN_FLIGHT.get(replica, 0) + 1
                 try:
                     g.control = None
@@ -152,16 +247,28 @@ class Generations:
                     while True:
                         await g.event.wait()
                         g.event.clear()
-                        if g.text or g.finish:
+                        # tokens whose text is held back (a stop string may start there)
+                        # still go out when they carry logprobs
+                        if g.text or g.finish or g.logprobs:
                             # taken together: more may arrive while we are suspended below
                             text, g.text, finish = g.text, "", g.finish
+                            new, g.new_ids = g.new_ids, []
+                            lps, g.logprobs = g.logprobs or None, []
                             sent = len(g.generated)
                             if g.overflow:
-                                yield self._error(TextDelta(text, "error", len(ids), sent),
+                                yield self._error(TextDelta(text, "error", len(ids), sent,
+                                                            index=index),
                                                   "the client is not reading its stream",
                                                   500, "stream_buffer_full")
                                 return
-                            yield TextDelta(text, finish, len(ids), sent, g.cached)
+                            d = TextDelta(text, finish, len(ids), sent, g.cached,
+                                          index=index, token_ids=new, logprobs=lps)
+                            if not prompt_sent:
+                                prompt_sent = True
+                                d.prompt_ids = ids
+                                d.prompt_logprobs = await self._prompt_scores(g, group,
+                                                                              first, req)
+                            yield d
                             if finish:
                                 return
                         if g.control is not None:
@@ -173,36 +280,60 @@ class Generations:
                 rid, _, reason, error, *_ = g.control
                 if reason == "moved" and moves == 0 and not g.generated:
                     moves += 1  # a hot replica handed it back unstarted: once, elsewhere
-                    engine_req = replace(engine_req, movable=False, avoid=(*engine_req.avoid,
-                                                                            replica))
+                    engine_req = replace(engine_req, movable=False, after=None,
+                                         avoid=(*engine_req.avoid, replica))
                     continue
                 if reason == "dead" and migrations < self.migration_limit:
                     migrations += 1
                     self.migrations += 1
                     log.warning("request %s: %s; resuming on another replica after %d tokens "
                                 "(migration %d)", rid, error, len(g.generated), migrations)
-                    engine_req = self._resumed(base, g, engine_req.avoid + (replica,))
+                    engine_req = self._resumed(base, g, engine_req.avoid + (replica,),
+                                               prompt_sent)
                     continue
                 status = 500 if reason == "error" else 503
-                yield self._error(TextDelta("", "error", len(ids), sent),
+                yield self._error(TextDelta("", "error", len(ids), sent, index=index),
                                   f"generation failed: {error}", status,
                                   "server_error" if status == 500 else "replica_failed")
                 return
         except Exception as err:  # routing or transport failed: a clear error, never a hang
-            log.exception("request %s failed in the frontend", req.request_id)
-            yield self._error(TextDelta("", "error", len(ids), sent),
+            log.exception("request %s failed in the frontend", rid)
+            yield self._error(TextDelta("", "error", len(ids), sent, index=index),
                               f"generation failed: {type(err).__name__}: {err}", 503,
                               "replica_failed")
         finally:
             self.client.abort(g)  # the client left, a stop string, a deadline: free KV now
+            if group is not None:
+                if not group.route.done():  # it never got routed: siblings route themselves
+                    group.route.set_result(None)
+                if first and not group.scores.done():
+                    group.scores.set_result(None)
 
     @staticmethod
-    def _resumed(base: EngineRequest, g: Generation, avoid: tuple[str, ...]) -> EngineRequest:
-        """The request as another replica continues it: prompt + the tokens already made."""
+    async def _prompt_scores(g: Generation, group: Group | None, first: bool,
+                             req: GenerateRequest) -> list | None:
+        """The prompt's logprobs for a choice's first piece: the first choice's own, which
+        its siblings wait for (they did not compute their prompt)."""
+        if req.params.prompt_logprobs is None:
+            return None
+        if group is None:
+            return g.prompt_logprobs
+        if first:
+            group.scores.set_result(g.prompt_logprobs)
+            return g.prompt_logprobs
+        return await group.scores
+
+    @staticmethod
+    def _resumed(base: EngineRequest, g: Generation, avoid: tuple[str, ...],
+                 scored: bool) -> EngineRequest:
+        """The request as another replica continues it: prompt + the tokens already made
+        (which penalties, min_tokens and a grammar count as output)."""
         left = base.params.max_tokens - len(g.generated)  # >= 1: it had not ended
+        params = replace(base.params, max_tokens=left, resumed=len(g.generated))
+        if scored:
+            params = replace(params, prompt_logprobs=None)
         return replace(base, prompt_token_ids=base.prompt_token_ids + g.generated,
-                       params=replace(base.params, max_tokens=left), movable=False,
-                       avoid=avoid, queued_s=0.0)
+                       params=params, movable=False, avoid=avoid, queued_s=0.0, after=None)
 
     @staticmethod
     def _error(d: TextDelta, message: str, status: int, code: str) -> TextDelta:

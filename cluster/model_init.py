@@ -19,10 +19,55 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from cluster.bench.progress import progress
 
 BOS, EOS, IM_START, IM_END = "<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# ChatML; with `tools`, Qwen2.5's way: the tools' JSON in the system turn, calls as
+# <tool_call> blocks (the "hermes" tool parser reads them), results as <tool_response> blocks
+# in a user turn. A call's arguments may be a JSON string (OpenAI) or an object (HF).
+CHAT_TEMPLATE = r"""{{- bos_token }}
+{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages and messages[0].role == 'system' %}
+        {{- messages[0].content or '' }}
+    {%- else %}
+        {{- 'You are a helpful assistant.' }}
+    {%- endif %}
+    {{- '\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n'
+        'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\n' + tool | tojson }}
+    {%- endfor %}
+    {{- '\n</tools>\n\nFor each function call, return a json object with function name and '
+        'arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n'
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' }}
+{%- endif %}
+{%- for m in messages %}
+    {%- if m.role == 'system' and loop.first and tools %}
+    {%- elif m.role == 'assistant' and m.tool_calls %}
+        {{- '<|im_start|>assistant' }}
+        {%- if m.content %}
+            {{- '\n' + m.content }}
+        {%- endif %}
+        {%- for call in m.tool_calls %}
+            {%- set f = call.function if call.function is defined else call %}
+            {{- '\n<tool_call>\n{"name": "' + f.name + '", "arguments": ' }}
+            {{- f.arguments if f.arguments is string else f.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif m.role == 'tool' %}
+        {%- if loop.first or loop.previtem.role != 'tool' %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' + m.content + '\n</tool_response>' }}
+        {%- if loop.last or loop.nextitem.role != 'tool' %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- else %}
+        {{- '<|im_start|>' + m.role + '\n' + (m.content or '') + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}"""
 SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048)
 # the same tokenizer on a bigger body, for serving runs on a GPU: the layers of
@@ -93,6 +138,7 @@ def random_weights(cfg: dict, layer_done=lambda: None) -> dict[str, torch.Tensor
 def build(out: Path, force: bool = False, shape: str = "tiny") -> Path:
     out = Path(out).expanduser()
     if (out / "model.safetensors").exists() and not force:
+        _update_template(out)
         return out
     out.mkdir(parents=True, exist_ok=True)
     dims = SHAPES[shape]
@@ -103,6 +149,18 @@ def build(out: Path, force: bool = False, shape: str = "tiny") -> Path:
         bar.update()
         _write(out, dims, tok, torch.float32 if shape == "tiny" else torch.bfloat16, bar)
     return out
+
+
+def _update_template(out: Path) -> None:
+    """A checkpoint built before the chat template last changed gets the current one (the
+    weights and the tokenizer stay)."""
+    path = out / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    if cfg.get("chat_template") != CHAT_TEMPLATE:
+        cfg["chat_template"] = CHAT_TEMPLATE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cfg, indent=2))
+        tmp.replace(path)  # whole or not at all, for a server reading it meanwhile
 
 
 def _write(out: Path, dims: dict, tok: Tokenizer, dtype: torch.dtype, bar) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -44,8 +45,14 @@ def validation_error(err: ValidationError) -> APIError:
                     code=code)
 
 
+MAX_N = 16  # choices per prompt
+MAX_LOGPROBS = 20  # top logprobs per token
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # usage on every chunk
 
 
 class SamplingFields(BaseModel):
@@ -64,10 +71,22 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="only n=1 is served")
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported")
-    logprobs: Any = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    best_of: int | None = Field(None, description="only best_of = n (or unset) is served")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(0, ge=0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=1024)
+    # structured outputs (cluster.structured): OpenAI's, and vLLM's extensions
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
     cache_salt: str | None = Field(None, min_length=1, max_length=256, description=(
         "prefix-cache salt: requests with different salts never share cached KV"))
     # accepted and unused: they change nothing in the answer
@@ -86,12 +105,31 @@ class SamplingFields(BaseModel):
             raise ValueError("at most 4096 stop strings of at most 1024 characters")
         return v
 
-    @field_validator("logprobs")
+    @field_validator("best_of")
     @classmethod
-    def _logprobs(cls, v):
-        if v not in (None, False, 0):
-            raise ValueError("logprobs are not supported")
+    def _best_of(cls, v, info):
+        if v is not None and v != info.data.get("n", 1):
+            raise ValueError("best_of other than n is not supported")
         return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        for k in v or {}:
+            if not k.isdigit():
+                raise ValueError(f"logit_bias keys are token ids; got {k!r}")
+        return v
+
+    def bias_list(self) -> list[tuple[int, float]]:
+        return [(int(k), float(b)) for k, b in (self.logit_bias or {}).items()]
+
+    def grammar_fields(self) -> dict:
+        return {k: getattr(self, k) for k in (
+            "response_format", "guided_json", "guided_regex", "guided_choice",
+            "guided_grammar", "structured_outputs") if getattr(self, k) is not None}
+
+    def check(self) -> None:
+        """Constraints between fields, checked after validation."""
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -100,10 +138,15 @@ class SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str] = Field(...)
-    max_tokens: int | None = Field(16, ge=1)
-    echo: bool = Field(False, description="not supported")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(...)
+    max_tokens: int | None = Field(16, ge=0, description="0 only with echo: the prompt "
+                                   "scored, nothing generated")
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("prompt")
     @classmethod
@@ -111,18 +154,22 @@ class CompletionRequest(SamplingFields):
         if isinstance(v, list):
             if not v:
                 raise ValueError("the prompt must not be empty")
-            if isinstance(v[0], str):
-                if len(v) != 1:
-                    raise ValueError("one prompt per request is served")
-                return v[0]
+            if len(v) > MAX_PROMPTS and not isinstance(v[0], int):
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return v
 
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
-        return v
+    def check(self) -> None:
+        """Constraints between fields (pydantic's errors would not name the parameter)."""
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError("max_tokens must be at least 1 (0 only with echo)",
+                           param="max_tokens")
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
 
 
 class TextPart(BaseModel):
@@ -130,38 +177,107 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # tool_calls & co. are refused, never dropped
+    model_config = ConfigDict(extra="forbid")  # fields we do not read are refused
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer to one
+    reasoning_content: str | None = None  # an earlier answer's reasoning: not re-sent
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
 
+    def for_template(self) -> dict:
+        """What the chat template sees: HF's message shape (arguments as objects, as HF
+        templates expect them)."""
+        m: dict = {"role": self.role, "content": self.text()}
+        if self.name:
+            m["name"] = self.name
+        if self.tool_call_id:
+            m["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            m["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
+                for c in self.tool_calls]
+        return m
+
+
+def _json_or_text(s: str):
+    try:
+        return json.loads(s)
+    except ValueError:
+        return s
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v, info):
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 @dataclass
 class GenerateRequest:
-    """Ingress -> tokenizer pool: a validated request, not yet tokenized."""
+    """Ingress -> generations: a validated request, not yet tokenized."""
 
     request_id: str
     kind: Literal["completion", "chat"]
-    prompt: str | list[int] | None
+    prompts: list[str | list[int]] | None  # completions: one or more
     messages: list[dict] | None
     params: SamplingParams
     max_tokens: int | None  # None: up to the context length
     stop: list[str] = field(default_factory=list)
     cache_salt: str = ""  # the tenant's (API key) and the request's, combined
+    n: int = 1  # choices per prompt
+    echo: bool = False  # completions: the prompt is scored (with logprobs) and returned
+    tools: list[dict] | None = None  # for the chat template
 
 
 @dataclass
@@ -176,11 +292,12 @@ class EngineRequest:
     # replicas (Serve replica ids or actor ids) that handed it back or failed it: elsewhere
     avoid: tuple[str, ...] = ()
     cache_salt: str = ""
+    after: str | None = None  # n > 1: the sibling choice whose prefill it waits for
 
 
 @dataclass
 class TextDelta:
-    """Tokenizer pool -> ingress: one streamed piece of a completion."""
+    """Generations -> ingress: one streamed piece of one choice."""
 
     text: str = ""
     finish_reason: str | None = None
@@ -189,3 +306,34 @@ class TextDelta:
     cached_tokens: int = 0
     error: dict | None = None  # an APIError body
     status: int = 200
+    index: int = 0  # the choice: prompt index x n + choice of that prompt
+    token_ids: list[int] = field(default_factory=list)  # the tokens this piece came from
+    logprobs: list | None = None  # per token of token_ids: [logprob, top ids, top logprobs]
+    prompt_ids: list[int] | None = None  # echo: with a choice's first piece
+    prompt_logprobs: list | None = None  # echo with logprobs: per prompt token (first None)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages through the template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    return_token_strs: bool = False
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError("give exactly one of prompt and messages", param="prompt")
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(..., max_length=1 << 20)
+
+    def check(self) -> None:
+        pass

@@ -20,6 +20,12 @@ def _raise(msg: str):
     raise TemplateError(msg)
 
 
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # as Hugging Face's: plain JSON (Jinja's own escapes <, >, & and ' for HTML)
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
 class Tokenizer:
     def __init__(self, model_dir: str | Path):
         d = Path(model_dir)
@@ -34,7 +40,10 @@ class Tokenizer:
                             template[0]["template"])
         if (d / "chat_template.jinja").exists():
             template = (d / "chat_template.jinja").read_text()
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # the environment Hugging Face renders templates in, so that prompts match theirs
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self.chat_template = env.from_string(template) if template else None
@@ -47,16 +56,20 @@ class Tokenizer:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            **kwargs) -> str:
+                            tools: list[dict] | None = None, **kwargs) -> str:
+        """tools: OpenAI tool definitions, rendered by the template as Hugging Face's
+        apply_chat_template(tools=...) has them rendered."""
         if self.chat_template is None:
             raise ValueError("this model has no chat template; use /v1/completions")
         return self.chat_template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
 
-    def encode_chat(self, messages: list[dict], **kwargs) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None,
+                    **kwargs) -> list[int]:
         # the template writes the special tokens itself
-        return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, tools=tools, **kwargs),
+                           add_special_tokens=False)
 
 
 class IncrementalDetokenizer:

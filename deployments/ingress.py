@@ -23,6 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster import reasoning, structured, tool_calls
 from cluster.admission import ApiKeys, Gate
 from cluster.config import AppConfig
 from cluster.engine.sequence import SamplingParams
@@ -32,12 +33,16 @@ from cluster.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     GenerateRequest,
     SamplingFields,
     TextDelta,
+    TokenizeRequest,
     validation_error,
 )
+from cluster.render import Choice, ChoiceSpec, Usage
 from cluster.stage_metrics import TokenizerMetrics, base_tags
+from cluster.structured import GrammarSpec
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="tandem", description="OpenAI-compatible LLM serving")
@@ -155,6 +160,12 @@ class Ingress:
         ing = self.cfg.ingress
         self.keys = ApiKeys(ing.api_keys_file, ing.api_keys_env)
         self.gate = Gate(ing.max_in_flight)
+        self.grammar_tokenizer = None  # llguidance's view of the vocabulary, built on demand
+        self.special_tokens = {t.content for t in self.generations.tokenizer.tok
+                               .get_added_tokens_decoder().values() if t.special}
+        # names this build and model: a client can tell answers of different deployments
+        self.fingerprint = "fp_" + hashlib.sha256(
+            f"{self.model_name}:{self.cfg.model.path}".encode()).hexdigest()[:10]
 
     def _check_key(self, request: Request, open_route: bool = False) -> str | None:
         """The caller's API key (None when no keys are configured)."""
@@ -197,6 +208,42 @@ class Ingress:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model",
                                             "created": 0, "owned_by": "tandem"}]}
 
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request) -> dict:
+        self._check_key(request)
+        if model_id != self.model_name:
+            raise APIError(f"the model '{model_id}' does not exist", 404, param="model",
+                           code="model_not_found")
+        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "tandem",
+                "max_model_len": self.generations.max_model_len}
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> dict:
+        req, _ = await self._parse(request, TokenizeRequest)
+        req.check()
+        tok = self.generations.tokenizer
+        try:
+            if req.messages is not None:
+                tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+                ids = tok.encode_chat([m.for_template() for m in req.messages],
+                                      add_generation_prompt=req.add_generation_prompt,
+                                      **({"tools": tools} if tools else {}))
+            else:
+                ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        except (ValueError, TypeError) as err:
+            raise APIError(f"could not tokenize: {err}") from None
+        return {"count": len(ids), "max_model_len": self.generations.max_model_len,
+                "tokens": ids, "token_strs": [self.generations.token_text(t) for t in ids]
+                if req.return_token_strs else None}
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request) -> dict:
+        req, _ = await self._parse(request, DetokenizeRequest)
+        bad = [t for t in req.tokens if t >= self.generations.vocab_size]
+        if bad:
+            raise APIError(f"token ids out of vocabulary: {bad[:5]}", param="tokens")
+        return {"prompt": self.generations.tokenizer.decode(req.tokens)}
+
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, CompletionRequest, "completion")
@@ -229,7 +276,7 @@ class Ingress:
             req = model.model_validate(doc, strict=True)
         except ValidationError as err:
             raise validation_error(err) from None
-        if req.model != self.model_name:
+        if req.model is not None and req.model != self.model_name:
             raise APIError(f"the model '{req.model}' does not exist; this server serves "
                            f"'{self.model_name}'", 404, param="model", code="model_not_found")
         return req, key
@@ -250,7 +297,9 @@ class Ingress:
         endpoint = request.url.path
         try:
             req, key = await self._parse(request, model)
+            req.check()
             deadline = self._deadline(request)
+            gen, spec = self._to_engine(req, kind, tenant_salt(key, req.cache_salt))
             ticket = self.gate.try_enter(deadline)
             if ticket is None:
                 raise APIError("the server is at capacity; retry shortly", 429,
@@ -262,22 +311,21 @@ class Ingress:
                 resp.headers["Retry-After"] = "1"
             return resp
         try:
-            resp = await self._generate(req, kind, endpoint, deadline, ticket,
-                                        tenant_salt(key, req.cache_salt))
+            resp = await self._generate(req, gen, spec, endpoint, deadline, ticket)
             resp.headers["x-tandem-frontend"] = self.replica_tag
             return resp
         except BaseException:  # includes the cancellation of a client that went away
             self.gate.leave(ticket)
             raise
 
-    async def _generate(self, req, kind: str, endpoint: str, deadline: float,
-                        ticket: int, salt: str) -> Response:
+    async def _generate(self, req, gen: GenerateRequest, spec: ChoiceSpec, endpoint: str,
+                        deadline: float, ticket: int) -> Response:
         """Owns one gate slot: released when the response (or its stream) is over.
 
         A stage that fails before anything reached the client (a tokenizer replica died, or a
         model replica failed a whole non-streamed request) is retried once from the start, on
         replicas Serve picks afresh: the client sees one answer, never a duplicate."""
-        gen = self._to_engine(req, kind, salt)
+        kind = gen.kind
         start = time.monotonic()
         stream = None
         try:
@@ -301,10 +349,13 @@ class Ingress:
                         self.gate.leave(ticket)
                         stream.cancel()
 
+                    opts = req.stream_options
                     return OwnedStream(
-                        self._sse(stream, meta, kind, req.include_usage(), start, deadline,
-                                  ticket), release, media_type="text/event-stream")
-                status, body = await self._collect(stream, meta, kind, head, start, deadline)
+                        self._sse(stream, meta, spec, head, start, deadline, ticket,
+                                  req.include_usage(),
+                                  bool(opts and opts.continuous_usage_stats)),
+                        release, media_type="text/event-stream")
+                status, body = await self._collect(stream, meta, spec, head, start, deadline)
                 if status in RETRYABLE and attempt == 0:
                     stream.cancel()
                     gen = replace(gen, request_id=new_id(kind))
@@ -337,25 +388,84 @@ class Ingress:
                            "retry it", 503, "server_error", code="replica_failed")
             return TextDelta(finish_reason="error", error=err.body(), status=503)
 
-    def _to_engine(self, req: SamplingFields, kind: str, salt: str) -> GenerateRequest:
+    def _to_engine(self, req: SamplingFields, kind: str, salt: str
+                   ) -> tuple[GenerateRequest, ChoiceSpec]:
+        """The engine's view of a request and how its answer is rendered; refuses (400)
+        what cannot be served: a grammar that does not compile, tools without a parser."""
+        chat = isinstance(req, ChatCompletionRequest)
+        k = req.logprobs_k() if chat else req.logprobs
+        echo = not chat and req.echo
+        grammar = self._grammar(req)
+        tools = None
+        forced = False
+        if chat and req.tools and req.tool_choice != "none":
+            if self.cfg.model.tool_parser is None:
+                raise APIError("this model has no tool-call format configured "
+                               "(model.tool_parser)", param="tools")
+            tools = [t.model_dump(exclude_none=True) for t in req.tools]
+            try:
+                tool_calls.check_tools(tools, req.tool_choice)
+            except ValueError as err:
+                raise APIError(str(err), param="tool_choice") from None
+            if req.tool_choice not in (None, "auto"):
+                if grammar is not None:
+                    raise APIError("a forced tool_choice and a response_format or guided "
+                                   "decoding together are not supported", param="tool_choice")
+                forced = True
+                grammar = GrammarSpec("grammar", tool_calls.forced_call_grammar(
+                    tools, req.tool_choice, self.cfg.model.tool_parser, self.special_tokens))
+                self._check_grammar(grammar, "tool_choice")
+        elif chat and req.tool_choice not in (None, "none", "auto"):
+            raise APIError("tool_choice needs tools", param="tool_choice")
         params = SamplingParams(
             temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k),
-            seed=req.seed, stop_token_ids=list(req.stop_token_ids or []),
-            ignore_eos=req.ignore_eos)
+            min_p=req.min_p, seed=req.seed, stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
+            logit_bias=req.bias_list(), logprobs=k,
+            prompt_logprobs=k if echo and k is not None else None,
+            grammar=grammar.to_wire() if grammar else None)
+        bad = [t for t, _ in params.logit_bias if t >= self.generations.vocab_size]
+        if bad:
+            raise APIError(f"logit_bias token ids out of vocabulary: {bad[:5]}",
+                           param="logit_bias")
         rid = new_id(kind)
-        if isinstance(req, ChatCompletionRequest):
-            messages = [{"role": m.role, "content": m.text(),
-                         **({"name": m.name} if m.name else {})} for m in req.messages]
+        m = self.cfg.model
+        spec = ChoiceSpec(
+            kind, self.generations.token_text, k, echo, n=req.n,
+            discard_output=echo and req.max_tokens == 0, forced_tools=forced,
+            tool_stream=(lambda: tool_calls.ToolCallStream(m.tool_parser)) if tools else None,
+            reasoning_stream=(lambda: reasoning.ReasoningStream(m.reasoning_starts_open))
+            if chat and m.reasoning_parser else None)
+        if chat:
+            messages = [msg.for_template() for msg in req.messages]
             return GenerateRequest(rid, "chat", None, messages, params, req.max_new_tokens(),
-                                   req.stop_list(), salt)
-        return GenerateRequest(rid, "completion", req.prompt, None, params, req.max_tokens,
-                               req.stop_list(), salt)
+                                   req.stop_list(), salt, n=req.n, tools=tools), spec
+        prompts = req.prompts()
+        if echo:
+            spec.prompt_texts = [p if isinstance(p, str) else
+                                 self.generations.tokenizer.decode(p, False) for p in prompts]
+        return GenerateRequest(rid, "completion", prompts, None, params,
+                               1 if spec.discard_output else req.max_tokens, req.stop_list(),
+                               salt, n=req.n, echo=echo), spec
 
-    @staticmethod
-    def _usage(d: TextDelta) -> dict:
-        return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
-                "total_tokens": d.prompt_tokens + d.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": d.cached_tokens}}
+    def _grammar(self, req: SamplingFields) -> GrammarSpec | None:
+        try:
+            spec = structured.spec_from_request(req.grammar_fields())
+        except ValueError as err:
+            raise APIError(str(err), param=next(iter(req.grammar_fields()), None)) from None
+        if spec is not None:
+            self._check_grammar(spec, next(iter(req.grammar_fields())))
+        return spec
+
+    def _check_grammar(self, spec: GrammarSpec, param: str) -> None:
+        if self.grammar_tokenizer is None:
+            self.grammar_tokenizer = structured.tokenizer_info(self.cfg.model.path)
+        try:
+            structured.validate(spec, self.grammar_tokenizer)
+        except ValueError as err:
+            raise APIError(f"the {param} cannot be compiled: {err}", param=param) from None
 
     @classmethod
     async def _deltas(cls, stream, deadline: float) -> AsyncIterator[TextDelta]:
@@ -368,60 +478,62 @@ class Ingress:
             if d.error:
                 return
 
-    async def _collect(self, stream, meta: dict, kind: str, head: TextDelta,
+    async def _collect(self, stream, meta: dict, spec: ChoiceSpec, head: TextDelta,
                        start: float, deadline: float) -> tuple[int, dict]:
-        parts: list[str] = []
-        last, ttft = head, None
+        choices: dict[int, Choice] = {}
+        ttft = None
         async for d in self._deltas(stream, deadline):
             ttft = ttft or time.monotonic() - start
-            parts.append(d.text)
-            last = d
             if d.error:
                 return d.status, d.error
-        self.metrics.finished(last.prompt_tokens, last.completion_tokens, ttft,
+            choices.setdefault(d.index, Choice(spec, d.index)).add(d)
+        usage = Usage(head.prompt_tokens).body(choices, spec.n)
+        self.metrics.finished(usage["prompt_tokens"], usage["completion_tokens"], ttft,
                               time.monotonic() - start)
-        text = "".join(parts)
-        if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": last.finish_reason, "logprobs": None}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": last.finish_reason,
-                      "logprobs": None}
-            obj = "text_completion"
-        return 200, {**meta, "object": obj, "choices": [choice], "usage": self._usage(last)}
+        obj = "chat.completion" if spec.kind == "chat" else "text_completion"
+        return 200, {**meta, "object": obj, "system_fingerprint": self.fingerprint,
+                     "choices": [choices[i].final() for i in sorted(choices)],
+                     "usage": usage}
 
-    async def _sse(self, stream, meta: dict, kind: str, include_usage: bool,
-                   start: float, deadline: float, ticket: int) -> AsyncIterator[str]:
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    async def _sse(self, stream, meta: dict, spec: ChoiceSpec, head: TextDelta,
+                   start: float, deadline: float, ticket: int, include_usage: bool,
+                   continuous: bool) -> AsyncIterator[str]:
+        chat = spec.kind == "chat"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        base = {**meta, "object": obj, "system_fingerprint": self.fingerprint}
+        choices: dict[int, Choice] = {}
+        usage = Usage(head.prompt_tokens)
 
-        def chunk(text: str | None, reason: str | None, first: bool = False) -> dict:
-            if kind == "chat":
-                delta = {"role": "assistant", "content": ""} if first else \
-                    ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": reason,
-                          "logprobs": None}
-            return {**meta, "object": obj, "choices": [choice]}
+        def chunk(choice: dict) -> str:
+            body = {**base, "choices": [choice]}
+            if include_usage:  # as OpenAI does: null on every chunk but the last
+                body["usage"] = usage.body(choices, spec.n) if continuous else None
+            return sse(body)
 
-        last, ttft = None, None
+        ttft, failed = None, False
         try:
-            if kind == "chat":
-                yield sse(chunk(None, None, first=True))
             async for d in self._deltas(stream, deadline):
                 ttft = ttft or time.monotonic() - start
-                last = d
                 if d.error:
+                    failed = True
                     yield sse(d.error)
                     break
-                yield sse(chunk(d.text, d.finish_reason))
-            if last is not None and not last.error:
-                self.metrics.finished(last.prompt_tokens, last.completion_tokens, ttft,
+                c = choices.get(d.index)
+                if c is None:
+                    c = choices[d.index] = Choice(spec, d.index)
+                    if chat:  # a choice's first chunk names the role
+                        yield chunk({"index": d.index, "delta": {"role": "assistant",
+                                                                 "content": ""},
+                                     "finish_reason": None, "logprobs": None})
+                piece = c.add(d)
+                if piece is not None:
+                    yield chunk(piece)
+            if not failed and choices:
+                body = usage.body(choices, spec.n)
+                self.metrics.finished(body["prompt_tokens"], body["completion_tokens"], ttft,
                                       time.monotonic() - start)
                 if include_usage:
-                    yield sse({**meta, "object": obj, "choices": [],
-                               "usage": self._usage(last)})
+                    yield sse({**base, "choices": [], "usage": body})
             yield sse("[DONE]")
         finally:
             self.gate.leave(ticket)

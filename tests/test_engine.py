@@ -236,7 +236,7 @@ def test_sampler_marks_non_finite_rows_in_every_path():
     logits[0, 4] = float("nan")
     logits[2, 9] = float("nan")
     logits[3, 1] = float("inf")
-    out = sample(logits, seqs)
+    out = sample(logits, seqs).tokens
     assert out[0] == out[2] == out[3] == NAN_TOKEN
     assert 0 <= out[1] < 50 and 0 <= out[4] < 50
 

@@ -74,28 +74,31 @@ def offline(cfg, prompts: list[list[int]], out_len: int, concurrency: int) -> di
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int],
-              max_tokens: int) -> dict:
-    r = await serve_one(client, url, model, prompt, max_tokens, None, {"temperature": 0.0})
+              max_tokens: int, extra: dict | None = None) -> dict:
+    r = await serve_one(client, url, model, prompt, max_tokens, None,
+                        {"temperature": 0.0, **(extra or {})})
     out, ttft = r["out"], r["ttft"]
     r["tpot"] = (r["e2e"] - ttft) / (out - 1) if ttft is not None and out > 1 else None
     return r
 
 
 async def served(url: str, model: str, prompts, out_len: int, concurrency: int,
-                 desc: str) -> dict:
+                 desc: str, extras: list[dict] | None = None) -> dict:
+    """extras: request fields per prompt (None: plain greedy requests)."""
     sem = asyncio.Semaphore(concurrency)
     results: list[dict] = []
     limits = httpx.Limits(max_connections=concurrency + 8)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await one(client, url, model, prompts[0][:16], 4)  # warm: connections, caches
         with progress(total=len(prompts), desc=desc, unit="req") as bar:
-            async def task(p):
+            async def task(i, p):
                 async with sem:
-                    results.append(await one(client, url, model, p, out_len))
+                    results.append(await one(client, url, model, p, out_len,
+                                             extras[i] if extras else None))
                     bar.update()
 
             start = time.perf_counter()
-            await asyncio.gather(*(task(p) for p in prompts))
+            await asyncio.gather(*(task(i, p) for i, p in enumerate(prompts)))
             elapsed = time.perf_counter() - start
     tokens = sum(r["out"] for r in results)
     return {"output_tok_s": tokens / elapsed, "elapsed_s": elapsed, "tokens": tokens,

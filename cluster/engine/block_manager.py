@@ -45,6 +45,8 @@ class BlockManager:
             return
         bs = self.block_size
         h = seq.prefix_hash = salt_digest(seq.cache_salt)
+        if seq.prompt_logprobs is not None:
+            return  # prompt scoring needs every prompt position's logits: computes them all
         # leave at least one prompt token to compute: its logits give the first output token
         for i in range((seq.num_tokens - 1) // bs):
             nh = block_hash(h, seq.token_ids[i * bs : (i + 1) * bs])

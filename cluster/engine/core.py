@@ -8,10 +8,11 @@ replica (a Serve actor) is its control plane: it starts the process, reads the s
 core sends it twice a second, answers health checks and reports load to the routers.
 
 Messages are msgpack; frontend -> core (a DEALER per frontend, the core's ROUTER):
-  ["add", request_id, prompt_ids, params, queued_s, movable, cache_salt]
+  ["add", request_id, prompt_ids, params, queued_s, movable, cache_salt, after]
   ["abort", request_id]     ["watch"] (send me stats)     ["fault"] (tests only)
 core -> peer:
-  ["out", [[request_id, token_ids, finish_reason, error, prompt_tokens, cached_tokens]...]]
+  ["out", [[request_id, token_ids, finish_reason, error, prompt_tokens, cached_tokens,
+            logprobs, prompt_logprobs]...]]   (the last two: None unless asked for)
   ["hb"] (a heartbeat while a peer has requests here and no output went out for a while)
   ["stats", {...}]
 
@@ -133,13 +134,14 @@ class EngineCore:
             self.engine.publish()
 
     def _add(self, peer: bytes, rid: str, ids: list[int], params: dict, queued_s: float,
-             movable: bool, cache_salt: str) -> None:
+             movable: bool, cache_salt: str, after: str | None = None) -> None:
         if self.failure is not None:
             self._send_to(peer, [[rid, [], "dead", self.failure, 0, 0]])
             return
         try:
+            params["logit_bias"] = [tuple(b) for b in params.get("logit_bias", ())]
             self.engine.add_request(rid, ids, SamplingParams(**params), queued_s, movable,
-                                    cache_salt)
+                                    cache_salt, after)
         except Exception as err:  # a bad request must never stop the loop
             self._send_to(peer, [[rid, [], "error", str(err), len(ids), 0]])
             return
@@ -175,7 +177,7 @@ class EngineCore:
                 continue
             by_peer.setdefault(peer, []).append(
                 [o.request_id, o.new_token_ids, o.finish_reason, o.error,
-                 o.num_prompt_tokens, o.num_cached_tokens])
+                 o.num_prompt_tokens, o.num_cached_tokens, o.logprobs, o.prompt_logprobs])
             self._observe(o, now)
         for peer, rows in by_peer.items():
             self._send_to(peer, rows, now)

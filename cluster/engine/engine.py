@@ -32,6 +32,8 @@ class RequestOutput:
     error: str | None = None
     queue_s: float | None = None  # with a request's first token: time waiting to be scheduled
     prefill_s: float | None = None  # and from then to its first token
+    logprobs: list | None = None  # per new token, where asked for (sampler.Logprobs)
+    prompt_logprobs: list | None = None  # with the first token: per prompt token (first None)
 
 
 @dataclass
@@ -43,12 +45,12 @@ class Flight:
     at: list[int | None]  # per sequence: the place of its token (None: a prefill chunk)
     written: list[int]  # per sequence: tokens whose KV the cache holds once the step is done
 
-    def tokens(self) -> list[int | None]:
-        """Waits for the step; its token per sequence."""
+    def tokens(self) -> tuple[list[int | None], list]:
+        """Waits for the step; its token per sequence (plain greedy steps: no logprobs)."""
         out: list[int | None] = [None] * len(self.batch.seqs)
         for i, tok in zip(self.launched.inp.rows, self.launched.result(), strict=True):
             out[i] = tok
-        return out
+        return out, [None] * len(out)
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ class LLMEngine:
     def __init__(self, model_dir: str, cfg: EngineConfig, weights=None):
         """weights: None (the checkpoint in model_dir), "random", or (name, tensor) pairs."""
         self.cfg = cfg
+        self.model_dir = model_dir
+        self._grammar_vocab = None
         self.arch = ModelArch.from_hf(model_dir)
         self.device = pick_device(cfg)
         if self.device.type == "cpu":
@@ -135,7 +139,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
-        self.eos = set(self.arch.eos_token_ids)
+        self.eos = frozenset(self.arch.eos_token_ids)
         self.generated_tokens = 0
         self.steps = 0
         # device time between steps while requests wait (the GPU idles through it)
@@ -175,9 +179,11 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, queued_s: float = 0.0, movable: bool = False,
-                    cache_salt: str = "") -> None:
+                    cache_salt: str = "", after: str | None = None) -> None:
         """queued_s: how long the request already waited in another replica's queue;
-        cache_salt: its tenant's prefix-cache salt (different salts share no KV)."""
+        cache_salt: its tenant's prefix-cache salt (different salts share no KV);
+        after: a sibling choice of the same prompt (n > 1) whose prefill this one waits
+        for, to take its prompt blocks from the prefix cache instead of computing them."""
         if request_id in self.seqs:
             raise ValueError(f"duplicate request id {request_id}")
         if not prompt_token_ids:
@@ -193,14 +199,53 @@ class LLMEngine:
         seq.arrival -= max(0.0, queued_s)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]  # the first token has no logprob
+        if params.grammar is not None:
+            from cluster.structured import GrammarSpec, GrammarState
+
+            seq.grammar = GrammarState(GrammarSpec.from_wire(params.grammar),
+                                       self.grammar_vocab())
+            for tok in seq.output_ids:  # a resumed stream: what it already made
+                if not seq.grammar.accept(tok):
+                    raise ValueError("a resumed structured output does not fit its grammar")
         self.seqs[request_id] = seq
+        parent = self.seqs.get(after) if after else None
+        if parent is not None and self.cfg.enable_prefix_caching and \
+                not parent.is_finished and parent.num_output_tokens == 0:
+            seq.waiting_for = parent
+            parent.held.append(seq)
+            return
         self.scheduler.add(seq)
+
+    def grammar_vocab(self):
+        """llguidance's view of this model's vocabulary (built when first needed: a replica
+        that never sees a grammar never builds it)."""
+        if self._grammar_vocab is None:
+            from cluster.structured import tokenizer_info
+
+            self._grammar_vocab = tokenizer_info(self.model_dir)
+        return self._grammar_vocab
+
+    def _release_held(self, seq: Sequence) -> None:
+        """Sibling choices that waited for seq's prefill join the queue, ahead of others."""
+        for child in seq.held:
+            child.waiting_for = None
+            if not child.is_finished:
+                self.scheduler.add(child)
+        seq.held = []
 
     def abort(self, request_id: str) -> bool:
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
+        if seq.waiting_for is not None:  # held for a sibling's prefill: in no queue yet
+            seq.waiting_for.held.remove(seq)
+            seq.waiting_for = None
+            self.scheduler._close(seq, "abort")
+            return True
         self.scheduler.finish(seq, "abort")
+        self._release_held(seq)
         return True
 
     def has_work(self) -> bool:
@@ -212,6 +257,7 @@ class LLMEngine:
         seqs = self.scheduler.release_waiting(time.monotonic() - min_wait_s)
         for seq in seqs:
             del self.seqs[seq.request_id]
+            self._release_held(seq)
         return [RequestOutput(s.request_id, [], "moved", s.num_prompt_tokens) for s in seqs]
 
     def step(self) -> list[RequestOutput]:
@@ -232,11 +278,11 @@ class LLMEngine:
             if flight is None and self._overlaps(batch):
                 flight = self._launch(batch, None)
             if flight is None:
-                tokens = self.runner.run(batch)
+                tokens, lps = self.runner.run(batch, self.eos)
                 at, written = self._advance(batch)
             else:
                 self._schedule_next(flight)
-                tokens, at, written = flight.tokens(), flight.at, flight.written
+                (tokens, lps), at, written = flight.tokens(), flight.at, flight.written
             self.runner.clock.collect()
         except Exception as err:  # e.g. CUDA out of memory: fail this step's requests only
             dropped = [] if self._next is None else self._next.seqs
@@ -261,7 +307,7 @@ class LLMEngine:
         self.steps += 1
         dt = time.perf_counter() - t0
         self.step_s = dt if not self.step_s else 0.9 * self.step_s + 0.1 * dt
-        outputs = self._emit(batch, tokens, at, written)
+        outputs = self._emit(batch, tokens, lps, at, written)
         if not self.has_work():
             self.runner.clock.reset()  # an empty queue is not a gap between steps
         self.publish()
@@ -271,7 +317,7 @@ class LLMEngine:
         """Greedy steps on one rank run one ahead (sampling reads its logits on the host
         first; TP peers run steps in lockstep)."""
         return self.cfg.overlap_steps and self.runner.peers is None and all(
-            seq.params.greedy for seq in batch.seqs)
+            seq.params.greedy and seq.params.plain for seq in batch.seqs)
 
     def _launch(self, batch: ScheduledBatch, prev: Flight | None) -> Flight:
         """Sends a step to the GPU without waiting, then counts its tokens as computed:
@@ -306,14 +352,15 @@ class LLMEngine:
                 seq.closing = True  # this token ends it: it is not scheduled again
         return at, written
 
-    def _emit(self, batch: ScheduledBatch, tokens: list[int | None], at: list[int | None],
-              written: list[int]) -> list[RequestOutput]:
+    def _emit(self, batch: ScheduledBatch, tokens: list[int | None], lps: list,
+              at: list[int | None], written: list[int]) -> list[RequestOutput]:
         """Puts a step's tokens in their places, ends sequences, makes the outputs. A
         sequence that ended (stop token, abort) after a later step was launched for it has
         that step's row dropped here. Blocks this step completed join the prefix cache; a
         block whose last slot the step launched after it writes waits for that step."""
         outputs = []
-        for seq, tok, i, n_written in zip(batch.seqs, tokens, at, written, strict=True):
+        for seq, tok, lp, i, n_written in zip(batch.seqs, tokens, lps, at, written,
+                                              strict=True):
             if seq.is_finished:
                 continue
             if i is None:
@@ -323,26 +370,36 @@ class LLMEngine:
                 outputs.append(self._fail(seq, "numerical error: the model's logits for this "
                                                "request were not finite (NaN/inf)"))
                 continue
+            if seq.grammar is not None and not seq.grammar.accept(tok):
+                outputs.append(self._fail(seq, f"structured output: token {tok} is not "
+                                               "allowed by the grammar"))
+                continue
             seq.token_ids[i] = tok
             self.blocks.register_full_blocks(seq, n_written)
             self.generated_tokens += 1
             n_out = i + 1 - seq.num_prompt_tokens
             reason = self._finish_reason(seq.params, tok, n_out, i + 1)
+            if reason is None and seq.grammar is not None and seq.grammar.is_finished():
+                reason = "stop"  # the grammar is complete: nothing but EOS could follow
             if reason:
                 self.scheduler.finish(seq, reason)
                 del self.seqs[seq.request_id]
             out = RequestOutput(seq.request_id, [tok], reason, seq.num_prompt_tokens,
-                                seq.num_cached_prompt_tokens)
+                                seq.num_cached_prompt_tokens,
+                                logprobs=None if lp is None else [lp])
             if n_out == 1:
                 now = time.monotonic()
                 out.queue_s = seq.first_scheduled - seq.arrival
                 out.prefill_s = now - seq.first_scheduled
+                out.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
+                self._release_held(seq)  # its prompt blocks are in the prefix cache now
             outputs.append(out)
         return outputs
 
     def _fail(self, seq: Sequence, why: str) -> RequestOutput:
         self.scheduler.finish(seq, "error")
         self.seqs.pop(seq.request_id, None)
+        self._release_held(seq)
         return RequestOutput(seq.request_id, [], "error", seq.num_prompt_tokens,
                              seq.num_cached_prompt_tokens, error=why)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from cluster.engine.attention import (
 from cluster.engine.loader import iter_checkpoint, load_weights
 from cluster.engine.model import CausalLM, ModelArch, Ops
 from cluster.engine.parallel import TP
-from cluster.engine.sampler import greedy_tokens, sample
+from cluster.engine.sampler import Picks, greedy_tokens, prompt_logprobs, sample
 from cluster.engine.scheduler import ScheduledBatch
 from cluster.engine.sequence import PENDING, Sequence
 from cluster.engine.step_clock import StepClock
@@ -88,6 +88,9 @@ class StepInputs:
     ctx: list[int]
     rows: list[int]  # sequences that emit a token (their prefill or decode is complete)
     graph_bs: int | None = None  # the decode CUDA graph to replay
+    # prompt scoring (echo): (sequence, first prompt token scored, count); their logits are
+    # those of the positions just before those tokens, taken after the emitting rows'
+    scored: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def synthetic_weights(model: CausalLM, seed: int):
@@ -238,8 +241,15 @@ class ModelRunner:
             inp.ctx.append(start + n)
             if start + n == seq.num_tokens:
                 inp.rows.append(i)
+            if seq.prompt_logprobs is not None:
+                # token j is scored by position j-1's logits: this chunk scores tokens
+                # start+1 .. start+n within the prompt, less those scored before a preemption
+                first = max(len(seq.prompt_logprobs), start + 1)
+                last = min(start + n, seq.num_prompt_tokens - 1)
+                if last >= first:
+                    inp.scored.append((i, first, last - first + 1))
         n = len(batch.seqs)
-        if batch.is_decode and self.graphs and n <= max(self.graphs):
+        if batch.is_decode and self.graphs and n <= max(self.graphs) and not inp.scored:
             inp.graph_bs = min(b for b in self.graphs if b >= n)
         return inp
 
@@ -261,7 +271,9 @@ class ModelRunner:
             is_decode=max(q_lens) == 1, num_decodes=_leading_ones(q_lens))
         # the rows whose logits are taken, made here with the other inputs: an index list
         # given to the hidden states later would be copied with a wait for the whole step
-        rows = t([inp.cu_q[i + 1] - 1 for i in inp.rows], torch.int64)
+        scored = [inp.cu_q[i] + (j - 1 - (inp.positions[inp.cu_q[i]])) + m
+                  for i, j, count in inp.scored for m in range(count)]
+        rows = t([inp.cu_q[i + 1] - 1 for i in inp.rows] + scored, torch.int64)
         return t(inp.input_ids, torch.int64), t(inp.positions, torch.int64), meta, rows
 
     @torch.inference_mode()
@@ -273,24 +285,56 @@ class ModelRunner:
         if fill is not None:
             self._fill(input_ids, fill)
         hidden = self.model(input_ids, positions, meta)
-        if not inp.rows:
+        if not inp.rows and not inp.scored:
             return None
         return self.model.compute_logits(hidden.index_select(0, rows))
 
-    def run(self, batch: ScheduledBatch) -> list[int | None]:
-        """Returns the sampled token per sequence, None where a prefill chunk is unfinished."""
+    def run(self, batch: ScheduledBatch, eos: frozenset[int] = frozenset()
+            ) -> tuple[list[int | None], list]:
+        """The sampled token per sequence (None where a prefill chunk is unfinished) and
+        its logprobs (None where not asked for). Prompt logprobs go onto the sequences."""
         inp = self.make_inputs(batch)
         if self.peers is not None:
             self.peers.submit("execute", inp)
         self.clock.begin()  # the device idled from the last step's end to here
         logits = self.execute(inp)
         out: list[int | None] = [None] * len(batch.seqs)
+        lps: list = [None] * len(batch.seqs)
         if inp.rows:
-            tokens = sample(logits, [batch.seqs[i] for i in inp.rows])
-            for i, tok in zip(inp.rows, tokens, strict=True):
-                out[i] = tok
+            seqs = [batch.seqs[i] for i in inp.rows]
+            # the grammar masks are filled on the host while the device runs the forward
+            mask = self.grammar_mask(seqs) if any(s.grammar for s in seqs) else None
+            picks: Picks = sample(logits[: len(inp.rows)], seqs, eos, mask)
+            for k, i in enumerate(inp.rows):
+                out[i] = picks.tokens[k]
+                if picks.logprobs is not None:
+                    lps[i] = picks.logprobs[k]
+        if inp.scored:
+            self._score_prompts(batch, inp, logits[len(inp.rows):])
         self.clock.end()
-        return out
+        return out, lps
+
+    def _score_prompts(self, batch: ScheduledBatch, inp: StepInputs, logits) -> None:
+        at = 0
+        for i, first, count in inp.scored:
+            seq = batch.seqs[i]
+            entries = prompt_logprobs(logits[at : at + count],
+                                      seq.token_ids[first : first + count],
+                                      seq.params.prompt_logprobs or 0)
+            seq.prompt_logprobs.extend(entries)
+            at += count
+
+    def grammar_mask(self, seqs: list[Sequence]) -> torch.Tensor:
+        """[rows, vocab] bool: the tokens each row's grammar allows next (all for a row
+        without one)."""
+        from cluster import structured
+        from cluster.engine.structured_mask import allowed_tokens
+
+        vocab = self.arch.vocab_size
+        bitmask = structured.allocate_bitmask(len(seqs), vocab)  # unconstrained rows: all
+        structured.fill_masks([(s.grammar, i) for i, s in enumerate(seqs) if s.grammar],
+                              bitmask)
+        return allowed_tokens(torch.from_numpy(bitmask), vocab, self.device)
 
     # One step ahead: a greedy step is launched with some of its input tokens still on the
     # GPU (the previous step's picks, not read yet), so the host schedules and launches step

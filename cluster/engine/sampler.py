@@ -1,12 +1,30 @@
-"""Greedy and sampled decoding (temperature, top-k, top-p, per-request seeds) for a batch."""
+"""Choosing a batch's next tokens on the device: logit processors, sampling, logprobs.
+
+Order (vLLM's): logit_bias, min_tokens and the grammar's mask; repetition, frequency and
+presence penalties; temperature. Logprobs are the log-softmax of those processed logits
+(before top-k / top-p / min-p cut the tail), so a greedy request with no penalties gets
+the model's own log-probabilities. Then min-p, top-k, top-p, and the draw. Every processor
+is one batched tensor op over the rows that use it; a batch of plain requests skips them.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from cluster.engine.sequence import Sequence
 
 NAN_TOKEN = -1  # not a token: the model's logits for this row were not finite
+
+# one row's logprobs: [the chosen token's logprob, top ids, their logprobs]
+Logprobs = list
+
+
+@dataclass
+class Picks:
+    tokens: list[int]
+    logprobs: list[Logprobs | None] | None = None  # per row, where asked for
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
@@ -15,22 +33,103 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(top), argmax, NAN_TOKEN)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits: [batch, vocab] float32 for the sequences that produce a token this step.
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos: frozenset[int] = frozenset(),
+           mask: torch.Tensor | None = None) -> Picks:
+    """logits: [batch, vocab] float32 for the sequences that produce a token this step;
+    mask: [batch, vocab] bool of allowed tokens (structured outputs), or None.
     A row with NaN/inf logits gets NAN_TOKEN: that request fails, the batch goes on."""
+    params = [s.params for s in seqs]
+    if mask is None and all(p.plain and p.greedy for p in params):
+        return Picks(greedy_tokens(logits).tolist())
+    logits = process(logits, seqs, eos, mask)
     greedy = greedy_tokens(logits)
-    if all(s.params.greedy for s in seqs):
-        return greedy.tolist()
-    temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=logits.device)
-    scaled = logits / temps[:, None]
-    top_k = [s.params.top_k for s in seqs]
-    top_p = [s.params.top_p for s in seqs]
+    lps = None
+    if any(p.logprobs is not None for p in params):
+        lps = logits.log_softmax(-1)
+    if all(p.greedy for p in params):
+        out = greedy.tolist()
+    else:
+        out = _draw(logits, seqs, greedy)
+    return Picks(out, None if lps is None else _logprobs(lps, out, params))
+
+
+def process(logits: torch.Tensor, seqs: list[Sequence], eos: frozenset[int],
+            mask: torch.Tensor | None) -> torch.Tensor:
+    """The logits sampling and logprobs see (a new tensor; the input is left as it was)."""
+    params = [s.params for s in seqs]
+    dev, vocab = logits.device, logits.shape[-1]
+    logits = logits.clone()
+    biased = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias]
+    if biased:
+        rows, toks, bias = zip(*biased, strict=True)
+        logits.index_put_((_t(rows, dev), _t(toks, dev)), _t(bias, dev, torch.float32),
+                          accumulate=True)
+    early = [(i, t) for i, (s, p) in enumerate(zip(seqs, params, strict=True))
+             if s.num_output_tokens + p.resumed < p.min_tokens
+             for t in {*p.stop_token_ids, *(() if p.ignore_eos else eos)} if t < vocab]
+    if early:
+        rows, toks = zip(*early, strict=True)
+        logits[_t(rows, dev), _t(toks, dev)] = float("-inf")
+    if mask is not None:
+        logits.masked_fill_(~mask, float("-inf"))
+    pen = [i for i, p in enumerate(params) if p.penalized]
+    if pen:
+        logits[pen] = _penalize(logits[pen], [seqs[i] for i in pen])
+    if any(not p.greedy and p.temperature != 1.0 for p in params):
+        temps = _t([p.temperature or 1.0 for p in params], dev, torch.float32)
+        logits /= temps[:, None]
+    return logits
+
+
+def _t(xs, dev, dtype=torch.int64) -> torch.Tensor:
+    return torch.tensor(xs, dtype=dtype, device=dev)
+
+
+def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Repetition penalty (HF: a seen token's logit is divided by it when positive,
+    multiplied when negative; prompt and output tokens), then frequency and presence
+    (OpenAI: logit - frequency x count - presence x [count > 0]; output tokens only)."""
+    dev, vocab = logits.device, logits.shape[-1]
+    rows = len(seqs)
+
+    def counts(token_lists: list[list[int]]) -> torch.Tensor:
+        width = max(1, max(map(len, token_lists)))
+        ids = torch.full((rows, width), vocab, dtype=torch.int64)  # vocab: the padding bin
+        for r, toks in enumerate(token_lists):
+            ids[r, : len(toks)] = torch.tensor(toks, dtype=torch.int64)
+        c = torch.zeros(rows, vocab + 1, device=dev)
+        c.scatter_add_(1, ids.to(dev), torch.ones(rows, width, device=dev))
+        return c[:, :vocab]
+
+    outputs = [s.output_ids for s in seqs]
+    rep = _t([s.params.repetition_penalty for s in seqs], dev, torch.float32)[:, None]
+    if (rep != 1.0).any():
+        seen = counts([s.token_ids for s in seqs]) > 0
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    freq = _t([s.params.frequency_penalty for s in seqs], dev, torch.float32)[:, None]
+    pres = _t([s.params.presence_penalty for s in seqs], dev, torch.float32)[:, None]
+    if (freq != 0).any() or (pres != 0).any():
+        c = counts(outputs)
+        logits = logits - freq * c - pres * (c > 0).float()
+    return logits
+
+
+def _draw(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor) -> list[int]:
+    """Samples the non-greedy rows (greedy rows keep their argmax)."""
+    params = [s.params for s in seqs]
+    if any(p.min_p > 0 for p in params):
+        probs = logits.softmax(-1)
+        floor = _t([p.min_p for p in params], logits.device, torch.float32)[:, None] * \
+            probs.max(-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    top_k = [p.top_k for p in params]
+    top_p = [p.top_p for p in params]
     if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
-        scaled = _filter_top_k_top_p(scaled, top_k, top_p)
-    probs = scaled.softmax(dim=-1)
+        logits = _filter_top_k_top_p(logits, top_k, top_p)
+    probs = logits.softmax(dim=-1)
     out = greedy.tolist()
     # rows that failed keep NAN_TOKEN: their probabilities are NaN, never sampled from
-    sampled = [i for i, s in enumerate(seqs) if not s.params.greedy and out[i] != NAN_TOKEN]
+    sampled = [i for i, p in enumerate(params) if not p.greedy and out[i] != NAN_TOKEN]
     unseeded = [i for i in sampled if seqs[i].generator is None]
     if unseeded:
         picks = torch.multinomial(probs[unseeded], 1).squeeze(1).tolist()
@@ -40,6 +139,38 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         if seqs[i].generator is not None:
             out[i] = int(torch.multinomial(probs[i], 1, generator=seqs[i].generator))
     return out
+
+
+def _logprobs(lps: torch.Tensor, tokens: list[int], params) -> list[Logprobs | None]:
+    """The chosen token's logprob and the top k, for the rows that asked (one copy to the
+    host for the batch)."""
+    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+    k = max(params[i].logprobs for i in want)
+    rows = _t(want, lps.device)
+    picked = _t([max(0, tokens[i]) for i in want], lps.device)
+    chosen = lps[rows, picked].tolist()
+    if k:
+        top = lps[rows].topk(k, -1)
+        top_lp, top_id = top.values.tolist(), top.indices.tolist()
+    else:
+        top_lp = top_id = [[] for _ in want]
+    out: list[Logprobs | None] = [None] * len(params)
+    for j, i in enumerate(want):
+        n = params[i].logprobs
+        out[i] = [chosen[j], top_id[j][:n], top_lp[j][:n]]
+    return out
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[Logprobs]:
+    """Prompt scoring (echo): row r of logits predicts targets[r]; raw log-softmax."""
+    lps = logits.float().log_softmax(-1)
+    tgt = _t(targets, lps.device)
+    chosen = lps.gather(1, tgt[:, None]).squeeze(1).tolist()
+    if not k:
+        return [[c, [], []] for c in chosen]
+    top_lp, top_id = lps.topk(k, -1)
+    return [[c, i, v] for c, i, v in zip(chosen, top_id.tolist(), top_lp.tolist(),
+                                         strict=True)]
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]):

@@ -13,17 +13,46 @@ if TYPE_CHECKING:  # the frontends build SamplingParams and run without torch
 
 @dataclass
 class SamplingParams:
+    """What shapes one request's tokens; plain data (msgpack-able: lists, not dicts with int
+    keys), sent as-is from the frontend to the engine core."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability
     max_tokens: int = 16
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many are out
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI's: on output tokens
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # HF's: on prompt and output tokens
+    logit_bias: list[tuple[int, float]] = field(default_factory=list)  # (token id, bias)
+    logprobs: int | None = None  # None: none; k: the sampled token's and the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token (echo)
+    grammar: dict | None = None  # a structured-output constraint (cluster.structured)
+    # a stream resumed on another replica: the prompt's last `resumed` tokens are output an
+    # earlier replica made (penalties, min_tokens and the grammar count them as output)
+    resumed: int = 0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def plain(self) -> bool:
+        """Nothing but temperature/top-k/top-p: the fast paths (steps launched ahead, the
+        greedy pick inside the CUDA graph) serve it."""
+        return (self.min_p == 0.0 and self.min_tokens == 0 and not self.logit_bias
+                and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0
+                and self.repetition_penalty == 1.0 and self.logprobs is None
+                and self.prompt_logprobs is None and self.grammar is None)
+
+    @property
+    def penalized(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
 
 
 PENDING = -2  # a token chosen by a step still on the GPU (its place in token_ids)
@@ -54,6 +83,13 @@ class Sequence:
     first_scheduled: float | None = None  # start of its prefill: the end of its queue time
     movable: bool = False  # may leave this replica's queue for another before its prefill
     closing: bool = False  # the token being computed ends it (by length)
+    # prompt logprobs (echo): entries made so far, one per prompt token from the first;
+    # handed out with the first output token
+    prompt_logprobs: list | None = None
+    grammar: object | None = None  # its structured-output state (cluster.structured)
+    # n > 1: a sibling choice waits for this one's prefill, then shares its prompt blocks
+    held: list[Sequence] = field(default_factory=list)
+    waiting_for: Sequence | None = None  # the sibling it is held for
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = self.num_prompt_tokens or len(self.token_ids)
@@ -65,6 +101,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        """Its output so far, with what a replica it was resumed from made."""
+        return self.token_ids[self.num_prompt_tokens - self.params.resumed:]
 
     @property
     def is_finished(self) -> bool:
