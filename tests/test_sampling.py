@@ -189,3 +189,15 @@ def test_grammar_constrained_output_is_schema_valid(model_dir, prompts):
         text = tok.decode([t for t in g["tokens"] if t not in eng.eos])
         jsonschema.validate(json.loads(text), schema)
     assert len(got["plain"]["tokens"]) == 10
+
+
+def test_a_resumed_stream_counts_its_earlier_tokens_as_output(model_dir, prompts):
+    """Migration resumes a stream from prompt + tokens made: min_tokens (and penalties,
+    the grammar) count those as output, so the resumed stream ends as the unbroken one."""
+    eng = make_engine(model_dir)
+    eos = min(eng.eos)
+    made = [42, 43]
+    p = SamplingParams(temperature=0.0, max_tokens=10, min_tokens=4, resumed=len(made),
+                       logit_bias=[(eos, 100.0)])
+    got = run(eng, {"r": (prompts[0] + made, p)})["r"]
+    assert len(got["tokens"]) == 3 and got["tokens"][-1] == eos  # 2 + 2 masked, then EOS
