@@ -5,6 +5,7 @@ through its own `hf` model on the same checkpoint: every (doc, choice) loglikeli
 from __future__ import annotations
 
 import json
+from importlib.util import find_spec
 
 import pytest
 
@@ -70,6 +71,12 @@ def test_lm_eval_scores_through_tandem_like_its_hf_model(app_url, model_dir, tmp
         from lm_eval.tasks import TaskManager
     except ImportError as err:
         skip_or_fail(f"lm-eval is not importable: {err}")
+    # local-completions needs lm-eval's `api` extra and the hf model its `hf` extra (each
+    # raises ModuleNotFoundError without): the `lm-eval` dependency alone brings neither.
+    missing = [m for m in ("aiohttp", "tenacity", "tqdm", "accelerate") if find_spec(m) is None]
+    if missing:
+        skip_or_fail(f"lm-eval's api/hf extras are not installed (lm-eval[api,hf]): "
+                     f"missing {missing}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
@@ -133,6 +140,6 @@ def test_lm_eval_scores_through_tandem_like_its_hf_model(app_url, model_dir, tmp
     acc_hf = hf["results"][TASK]["acc,none"]
     assert acc_api == acc_hf, (f"acc: tandem {acc_api}, hf {acc_hf} "
                                f"(max |Δ loglikelihood| {diffs[worst]:.3g})")
-    print(f"\nlm-eval {lm_eval.__version__ if hasattr(lm_eval, '__version__') else '?'}: "
+    print(f"\nlm-eval {getattr(lm_eval, '__version__', '?')}: "
           f"{len(sent)} requests, max |Δ loglikelihood| {diffs[worst]:.3g}, acc {acc_api}; "
           f"first body: {json.dumps(body)}")

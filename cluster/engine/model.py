@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.arch import SUPPORTED_ARCHITECTURES, ModelArch  # noqa: F401 - re-exported
-from cluster.engine.attention import AttentionMetadata, paged_attention_ref, store_kv
+from cluster.engine.attention import AttentionMetadata, paged_attention_cpu, store_kv
 from cluster.engine.parallel import TP, Layout
 
 
@@ -160,8 +160,7 @@ class AttentionBackend:
                 meta: AttentionMetadata, scale: float):
         q, k = rotary(positions, q, k)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return paged_attention_ref(q, k_cache, v_cache, meta.block_tables,
-                                   meta.cu_seqlens_q_host, meta.context_lens_host, scale)
+        return paged_attention_cpu(q, k_cache, v_cache, meta.block_tables, meta, scale)
 
 
 class MLP(nn.Module):

@@ -10,6 +10,7 @@ is one batched tensor op over the rows that use it; a batch of plain requests sk
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
@@ -93,13 +94,14 @@ def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     rows = len(seqs)
 
     def counts(token_lists: list[list[int]]) -> torch.Tensor:
-        width = max(1, max(map(len, token_lists)))
-        ids = torch.full((rows, width), vocab, dtype=torch.int64)  # vocab: the padding bin
-        for r, toks in enumerate(token_lists):
-            ids[r, : len(toks)] = torch.tensor(toks, dtype=torch.int64)
-        c = torch.zeros(rows, vocab + 1, device=dev)
-        c.scatter_add_(1, ids.to(dev), torch.ones(rows, width, device=dev))
-        return c[:, :vocab]
+        """[rows, vocab] occurrences: every row's ids in one flat index, one scatter."""
+        lens = torch.tensor([len(t) for t in token_lists])
+        flat = torch.tensor(list(chain.from_iterable(token_lists)), dtype=torch.int64)
+        row = torch.repeat_interleave(torch.arange(rows), lens)
+        c = torch.zeros(rows, vocab, device=dev)
+        c.index_put_((row.to(dev), flat.to(dev)), torch.ones(len(flat), device=dev),
+                     accumulate=True)
+        return c
 
     outputs = [s.output_ids for s in seqs]
     rep = _t([s.params.repetition_penalty for s in seqs], dev, torch.float32)[:, None]

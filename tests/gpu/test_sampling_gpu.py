@@ -1,0 +1,90 @@
+"""The sampling features on a GPU (CUDA graphs on): a batch mixing plain greedy rows with
+logprobs, penalties, prompt scoring and a JSON schema, against transformers on the GPU.
+Run on the device: python -m pytest -m gpu tests/gpu
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cluster.config import DEFAULT_MODEL_DIR, EngineConfig
+from cluster.engine.engine import LLMEngine
+from cluster.engine.sequence import SamplingParams
+from cluster.model_init import build
+from cluster.structured import GrammarSpec
+from cluster.tokenizer import Tokenizer
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+SCHEMA = {"type": "object", "properties": {"k": {"enum": ["a", "b"]}, "n": {"type": "integer"}},
+          "required": ["k", "n"], "additionalProperties": False}
+
+
+def test_mixed_features_batch_on_cuda_matches_transformers():
+    from transformers import AutoModelForCausalLM
+
+    folder = str(build(DEFAULT_MODEL_DIR))
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).cuda().eval()
+    tok = Tokenizer(folder)
+    prompts = [tok.encode(t) for t in ["hello there", "The quick brown fox " * 5, "x = 1\n" * 9]]
+    eng = LLMEngine(folder, EngineConfig(device="cuda", dtype="float32", max_model_len=512,
+                                         max_num_seqs=16, max_num_batched_tokens=256))
+    assert eng.runner.graphs, "decode CUDA graphs captured"
+    plain = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    reqs = {
+        "plain0": (prompts[0], plain), "plain1": (prompts[1], plain),
+        "lp": (prompts[2], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                                          logprobs=4)),
+        "pen": (prompts[1], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                                           frequency_penalty=1.0, presence_penalty=0.5,
+                                           logprobs=0)),
+        "echo": (prompts[1], SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)),
+        "json": (prompts[0], SamplingParams(temperature=1.0, seed=4, max_tokens=100,
+                                            grammar=GrammarSpec("json_schema", SCHEMA)
+                                            .to_wire())),
+    }
+    for rid, (ids, p) in reqs.items():
+        eng.add_request(rid, ids, p)
+    got = {rid: {"t": [], "lp": [], "plp": None, "why": None} for rid in reqs}
+    while eng.has_work():
+        for o in eng.step():
+            g = got[o.request_id]
+            g["t"] += o.new_token_ids
+            g["lp"] += o.logprobs or []
+            g["plp"] = o.prompt_logprobs or g["plp"]
+            g["why"] = o.finish_reason or g["why"]
+
+    def logprobs(ids):
+        with torch.no_grad():
+            return hf(torch.tensor([ids], device="cuda")).logits[0].float().log_softmax(-1)
+
+    for rid, i in (("plain0", 0), ("plain1", 1)):
+        ids = torch.tensor([prompts[i]], device="cuda")
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                           max_new_tokens=16, min_new_tokens=16)[0, ids.shape[1]:].tolist()
+        assert got[rid]["t"] == want
+    p, g = prompts[2], got["lp"]
+    ref = logprobs(p + g["t"])[len(p) - 1: -1]
+    for row, (chosen, top_ids, _), t in zip(ref, g["lp"], g["t"], strict=True):
+        assert abs(chosen - row[t].item()) < 1e-3 and top_ids == row.topk(4).indices.tolist()
+    out: list[int] = []
+    for t, (chosen, _, _) in zip(got["pen"]["t"], got["pen"]["lp"], strict=True):
+        logits = logprobs(prompts[1] + out)[-1]  # log-softmax shifts every logit alike
+        c = torch.bincount(torch.tensor(out, dtype=torch.int64, device="cuda"),
+                           minlength=logits.shape[0]).float()
+        pen = logits - 1.0 * c - 0.5 * (c > 0).float()
+        assert t == int(pen.argmax()) and abs(chosen - pen.log_softmax(-1)[t].item()) < 1e-3
+        out.append(t)
+    ref = logprobs(prompts[1])
+    plp = got["echo"]["plp"]
+    assert plp[0] is None and len(plp) == len(prompts[1])
+    assert max(abs(plp[j][0] - ref[j - 1, prompts[1][j]].item())
+               for j in range(1, len(prompts[1]))) < 1e-3
+    g = got["json"]
+    assert g["why"] == "stop"
+    doc = json.loads(tok.decode([t for t in g["t"] if t not in eng.eos]))
+    assert doc["k"] in ("a", "b") and isinstance(doc["n"], int)
