@@ -70,12 +70,22 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, meta: AttentionMetadata,
-                        scale: float) -> torch.Tensor:
+                        scale: float, kernel=None) -> torch.Tensor:
     """The CPU path: the step's decode rows (first, one query each) in one batched
     attention over their gathered blocks, up to the longest context only; prefill chunks
     one SDPA each. A per-sequence loop over decode rows costs a gather and an SDPA call per
     sequence per layer, which at batch 64 was 70% of a step."""
     nd = meta.num_decodes
+    if kernel is not None and nd:  # cpu_kernels.paged_decode: K/V read in place
+        out = torch.empty_like(q)
+        out[:nd] = kernel(q[:nd], k_cache, v_cache, block_tables[:nd],
+                          meta.context_lens[:nd], scale)
+        if nd < len(meta.context_lens_host):
+            cu = meta.cu_seqlens_q_host
+            out[nd:] = paged_attention_ref(q[nd:], k_cache, v_cache, block_tables[nd:],
+                                           [c - cu[nd] for c in cu[nd:]],
+                                           meta.context_lens_host[nd:], scale)
+        return out
     if nd < 2:
         return paged_attention_ref(q, k_cache, v_cache, block_tables, meta.cu_seqlens_q_host,
                                    meta.context_lens_host, scale)
@@ -85,8 +95,8 @@ def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if nd < len(meta.context_lens_host):
         cu = meta.cu_seqlens_q_host
         out[nd:] = paged_attention_ref(q[nd:], k_cache, v_cache, block_tables[nd:],
-                                       [c - nd for c in cu[nd:]], meta.context_lens_host[nd:],
-                                       scale)
+                                       [c - cu[nd] for c in cu[nd:]],
+                                       meta.context_lens_host[nd:], scale)
     return out
 
 

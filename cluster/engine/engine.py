@@ -94,7 +94,8 @@ def build_runner(model_dir: str, cfg: EngineConfig, weights, init_group=None) ->
     tp = init_group(device) if init_group else None
     torch.manual_seed(cfg.seed)
     return ModelRunner(model_dir, arch, device, DTYPES[resolve_dtype(cfg, device)],
-                       resolve_max_model_len(arch, cfg), cfg.block_size, weights, tp)
+                       resolve_max_model_len(arch, cfg), cfg.block_size, weights, tp,
+                       cfg.cpu_attention_kernel)
 
 
 def resolve_max_model_len(arch: ModelArch, cfg: EngineConfig) -> int:

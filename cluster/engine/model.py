@@ -154,13 +154,18 @@ class Attention(nn.Module):
 
 class AttentionBackend:
     """CPU/reference backend; the GPU runner swaps in Triton kernels with the same contract:
-    rotate q and k, write k and v to the cache, attend."""
+    rotate q and k, write k and v to the cache, attend. decode_kernel: the C++ decode
+    attention (cpu_kernels.paged_decode), or None for batched SDPA."""
+
+    def __init__(self, decode_kernel=None):
+        self.decode_kernel = decode_kernel
 
     def forward(self, q, k, v, positions, rotary: Rotary, k_cache, v_cache,
                 meta: AttentionMetadata, scale: float):
         q, k = rotary(positions, q, k)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return paged_attention_cpu(q, k_cache, v_cache, meta.block_tables, meta, scale)
+        return paged_attention_cpu(q, k_cache, v_cache, meta.block_tables, meta, scale,
+                                   self.decode_kernel)
 
 
 class MLP(nn.Module):

@@ -15,7 +15,7 @@ from cluster.engine.attention import (
     store_kv,
 )
 from cluster.engine.loader import iter_checkpoint, load_weights
-from cluster.engine.model import CausalLM, ModelArch, Ops
+from cluster.engine.model import AttentionBackend, CausalLM, ModelArch, Ops
 from cluster.engine.parallel import TP
 from cluster.engine.sampler import Picks, greedy_tokens, prompt_logprobs, sample
 from cluster.engine.scheduler import ScheduledBatch
@@ -176,7 +176,8 @@ class DecodeGraph:
 
 class ModelRunner:
     def __init__(self, model_dir: str, arch: ModelArch, device: torch.device, dtype: torch.dtype,
-                 max_model_len: int, block_size: int, weights=None, tp: TP | None = None):
+                 max_model_len: int, block_size: int, weights=None, tp: TP | None = None,
+                 cpu_kernel: bool = True):
         self.arch, self.device, self.dtype = arch, device, dtype
         self.tp = tp or TP()
         self.block_size = block_size
@@ -197,6 +198,11 @@ class ModelRunner:
         else:
             load_weights(self.model, weights or iter_checkpoint(model_dir), model_dir)
         self.model.eval()
+        if device.type == "cpu" and dtype == torch.float32 and cpu_kernel:
+            from cluster.engine import cpu_kernels
+
+            if arch.head_dim in cpu_kernels.HEAD_DIMS and cpu_kernels.load() is not None:
+                self.model.backend = AttentionBackend(cpu_kernels.paged_decode)
         if device.type == "cuda":
             try:
                 self.model.backend = TritonBackend()
