@@ -52,6 +52,7 @@ install: $(BIN)/tandem
 
 serve: $(BIN)/tandem
 	$(BIN)/tandem model init
+	$(BIN)/python -m cluster.engine.cpu_kernels
 	$(BIN)/tandem up --config $(CONFIG) --detach
 
 stop:
@@ -59,6 +60,7 @@ stop:
 
 test: $(BIN)/tandem
 	$(BIN)/tandem model init
+	$(BIN)/python -m cluster.engine.cpu_kernels
 	$(BIN)/ruff check .
 	$(BIN)/pytest -x -q tests
 

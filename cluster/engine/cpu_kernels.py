@@ -148,3 +148,17 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor,
                  scale: float) -> torch.Tensor:
     return _module.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def main() -> int:
+    """`python -m cluster.engine.cpu_kernels`: builds the kernel now (make does, so that the
+    first engine does not pay for it), says where it is or why it could not be built."""
+    logging.basicConfig(level=logging.WARNING)
+    mod = load()
+    print(f"CPU attention kernel: {mod.__file__}" if mod else
+          f"CPU attention kernel unavailable: {failure()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""The CPU engine's C++ decode attention against the PyTorch reference, and the engine with
+it against the engine without it (batched SDPA): the same greedy tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.engine import cpu_kernels
+from cluster.engine.attention import paged_attention_ref
+from cluster.engine.sequence import SamplingParams
+from tests.skips import skip_or_fail
+from tests.test_engine import PROMPTS, make_engine
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if cpu_kernels.load() is None:
+        skip_or_fail(f"the CPU attention kernel does not build here: {cpu_kernels.failure()}")
+    return cpu_kernels.paged_decode
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(8, 4, 32), (14, 2, 64), (4, 4, 128)])
+def test_kernel_equals_reference(kernel, heads, kv_heads, dim):
+    g = torch.Generator().manual_seed(heads * dim)
+    num_blocks, bs = 64, 16
+    k_cache = torch.randn(num_blocks, bs, kv_heads, dim, generator=g)
+    v_cache = torch.randn(num_blocks, bs, kv_heads, dim, generator=g)
+    ctx = [1, 15, 16, 17, 100, 200]  # block boundaries and a one-key context
+    tables = torch.zeros(len(ctx), 13, dtype=torch.int32)
+    perm = torch.randperm(num_blocks, generator=g).to(torch.int32)
+    used = 0
+    for i, c in enumerate(ctx):
+        n = -(-c // bs)
+        tables[i, :n] = perm[used:used + n]
+        used += n
+    q = torch.randn(len(ctx), heads, dim, generator=g)
+    got = kernel(q, k_cache, v_cache, tables, torch.tensor(ctx, dtype=torch.int32), 0.125)
+    want = paged_attention_ref(q, k_cache, v_cache, tables, list(range(len(ctx) + 1)), ctx,
+                               0.125)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_engine_tokens_equal_with_and_without_the_kernel(kernel, model_dir):
+    from cluster.tokenizer import Tokenizer
+
+    tok = Tokenizer(model_dir)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    with_kernel = make_engine(model_dir)
+    assert with_kernel.runner.model.backend.decode_kernel is not None
+    without = make_engine(model_dir, cpu_attention_kernel=False)
+    assert without.runner.model.backend.decode_kernel is None
+    assert with_kernel.generate(prompts, params) == without.generate(prompts, params)
