@@ -9,6 +9,7 @@ are reused (least recently freed first).
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from itertools import islice
 
 from cluster.engine.sequence import Sequence
 from cluster.prefix_hash import block_hash, salt_digest, short_digest
@@ -118,5 +119,6 @@ class BlockManager:
     def cached_digests(self, n: int) -> list[int]:
         """Short digests of the n most recently published blocks (call on the engine's own
         thread: the dict changes with every step)."""
-        keys = list(self.hash_to_block)
-        return [short_digest(h) for h in keys[-n:]]
+        # from the newest end: listing every key first cost ~30 ms per call with a full cache
+        newest = list(islice(reversed(self.hash_to_block), n))
+        return [short_digest(h) for h in reversed(newest)]
