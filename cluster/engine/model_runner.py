@@ -330,17 +330,16 @@ class ModelRunner:
             seq.prompt_logprobs.extend(entries)
             at += count
 
-    def grammar_mask(self, seqs: list[Sequence]) -> torch.Tensor:
-        """[rows, vocab] bool: the tokens each row's grammar allows next (all for a row
-        without one)."""
+    def grammar_mask(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The constrained rows' packed bitmasks of the tokens their grammars allow next,
+        and those rows' indices (sampler.sample applies them on the device)."""
         from cluster import structured
-        from cluster.engine.structured_mask import allowed_tokens
 
-        vocab = self.arch.vocab_size
-        bitmask = structured.allocate_bitmask(len(seqs), vocab)  # unconstrained rows: all
-        structured.fill_masks([(s.grammar, i) for i, s in enumerate(seqs) if s.grammar],
-                              bitmask)
-        return allowed_tokens(torch.from_numpy(bitmask), vocab, self.device)
+        rows = [i for i, s in enumerate(seqs) if s.grammar]
+        bitmask = structured.allocate_bitmask(len(rows), self.arch.vocab_size)
+        structured.fill_masks([(seqs[i].grammar, k) for k, i in enumerate(rows)], bitmask)
+        return (torch.from_numpy(bitmask).to(self.device, non_blocking=True),
+                torch.tensor(rows, device=self.device))
 
     # One step ahead: a greedy step is launched with some of its input tokens still on the
     # GPU (the previous step's picks, not read yet), so the host schedules and launches step

@@ -15,6 +15,7 @@ from itertools import chain
 import torch
 
 from cluster.engine.sequence import Sequence
+from cluster.engine.structured_mask import apply_bitmask
 
 NAN_TOKEN = -1  # not a token: the model's logits for this row were not finite
 
@@ -35,9 +36,10 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos: frozenset[int] = frozenset(),
-           mask: torch.Tensor | None = None) -> Picks:
+           mask: tuple[torch.Tensor, torch.Tensor] | None = None) -> Picks:
     """logits: [batch, vocab] float32 for the sequences that produce a token this step;
-    mask: [batch, vocab] bool of allowed tokens (structured outputs), or None.
+    mask: the structured-output rows' packed bitmasks ([rows, words] int32) and those rows'
+    indices in the batch, or None.
     A row with NaN/inf logits gets NAN_TOKEN: that request fails, the batch goes on."""
     params = [s.params for s in seqs]
     if mask is None and all(p.plain and p.greedy for p in params):
@@ -55,7 +57,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos: frozenset[int] = fro
 
 
 def process(logits: torch.Tensor, seqs: list[Sequence], eos: frozenset[int],
-            mask: torch.Tensor | None) -> torch.Tensor:
+            mask: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """The logits sampling and logprobs see (a new tensor; the input is left as it was)."""
     params = [s.params for s in seqs]
     dev, vocab = logits.device, logits.shape[-1]
@@ -71,8 +73,8 @@ def process(logits: torch.Tensor, seqs: list[Sequence], eos: frozenset[int],
     if early:
         rows, toks = zip(*early, strict=True)
         logits[_t(rows, dev), _t(toks, dev)] = float("-inf")
-    if mask is not None:
-        logits.masked_fill_(~mask, float("-inf"))
+    if mask is not None:  # only the constrained rows: the rest of the batch is untouched
+        apply_bitmask(logits, *mask)
     pen = [i for i, p in enumerate(params) if p.penalized]
     if pen:
         logits[pen] = _penalize(logits[pen], [seqs[i] for i in pen])
