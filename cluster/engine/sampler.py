@@ -10,7 +10,6 @@ is one batched tensor op over the rows that use it; a batch of plain requests sk
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain
 
 import torch
 
@@ -93,29 +92,35 @@ def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     multiplied when negative; prompt and output tokens), then frequency and presence
     (OpenAI: logit - frequency x count - presence x [count > 0]; output tokens only)."""
     dev, vocab = logits.device, logits.shape[-1]
-    rows = len(seqs)
-
-    def counts(token_lists: list[list[int]]) -> torch.Tensor:
-        """[rows, vocab] occurrences: every row's ids in one flat index, one scatter."""
-        lens = torch.tensor([len(t) for t in token_lists])
-        flat = torch.tensor(list(chain.from_iterable(token_lists)), dtype=torch.int64)
-        row = torch.repeat_interleave(torch.arange(rows), lens)
-        c = torch.zeros(rows, vocab, device=dev)
-        c.index_put_((row.to(dev), flat.to(dev)), torch.ones(len(flat), device=dev),
-                     accumulate=True)
-        return c
-
-    outputs = [s.output_ids for s in seqs]
+    for s in seqs:
+        _count(s, vocab, dev)
+    counts = torch.stack([s.pen_counts for s in seqs])
     rep = _t([s.params.repetition_penalty for s in seqs], dev, torch.float32)[:, None]
     if (rep != 1.0).any():
-        seen = counts([s.token_ids for s in seqs]) > 0
+        seen = (counts > 0) | torch.stack([s.pen_seen for s in seqs])
         logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     freq = _t([s.params.frequency_penalty for s in seqs], dev, torch.float32)[:, None]
     pres = _t([s.params.presence_penalty for s in seqs], dev, torch.float32)[:, None]
     if (freq != 0).any() or (pres != 0).any():
-        c = counts(outputs)
-        logits = logits - freq * c - pres * (c > 0).float()
+        logits = logits - freq * counts - pres * (counts > 0).float()
     return logits
+
+
+def _count(s: Sequence, vocab: int, dev) -> None:
+    """A penalized sequence's token counts, kept up to date a step at a time (recounting
+    its whole history every step cost more than the rest of the sampling)."""
+    if s.pen_counts is None:
+        split = s.num_prompt_tokens - s.params.resumed  # where its output starts
+        s.pen_seen = torch.zeros(vocab, dtype=torch.bool, device=dev)
+        if split:
+            s.pen_seen[_t(s.token_ids[:split], dev)] = True
+        s.pen_counts = torch.zeros(vocab, device=dev)
+        s.pen_upto = split
+    new = s.token_ids[s.pen_upto:]
+    if new:
+        ids = _t(new, dev)
+        s.pen_counts.index_put_((ids,), torch.ones(len(new), device=dev), accumulate=True)
+        s.pen_upto = len(s.token_ids)
 
 
 def _draw(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor) -> list[int]:

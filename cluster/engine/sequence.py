@@ -90,6 +90,11 @@ class Sequence:
     # n > 1: a sibling choice waits for this one's prefill, then shares its prompt blocks
     held: list[Sequence] = field(default_factory=list)
     waiting_for: Sequence | None = None  # the sibling it is held for
+    # penalties: output token counts and the prompt's tokens, on the device, updated as
+    # tokens come (sampler._count); pen_upto: the tokens counted so far
+    pen_counts: torch.Tensor | None = None
+    pen_seen: torch.Tensor | None = None
+    pen_upto: int = 0
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = self.num_prompt_tokens or len(self.token_ids)
