@@ -146,13 +146,20 @@ class TextStream:
     Detokenizes incrementally (UTF-8 safe) and cuts at the first stop string, including one
     that only the final flush completes (held-back bytes at the very end)."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: list[str]):
-        self.detok = IncrementalDetokenizer(tokenizer)
+    def __init__(self, tokenizer: Tokenizer, stops: list[str],
+                 keep_special: frozenset[int] | None = None):
+        """keep_special: decode special tokens too, except these ids (EOS): a tool-call
+        parser must see its markers where a model's markers are special tokens."""
+        self.detok = IncrementalDetokenizer(tokenizer, keep_special is None)
+        self.drop = keep_special or frozenset()
         self.stops = StopStrings(stops)
 
     def push(self, ids: list[int], finish_reason: str | None) -> tuple[str, str | None]:
         """The text these ids add and the finish reason now ("stop" on a stop string)."""
-        return self.push_text(self.detok.push(ids), finish_reason)
+        return self.push_text(self.detok.push(self._kept(ids)), finish_reason)
+
+    def _kept(self, ids: list[int]) -> list[int]:
+        return [t for t in ids if t not in self.drop] if self.drop else ids
 
     def push_text(self, new_text: str, finish_reason: str | None) -> tuple[str, str | None]:
         """As push, for text already detokenized (see decode_step)."""
@@ -172,9 +179,16 @@ def decode_step(tokenizer: Tokenizer, streams: list[TextStream], new_ids: list[l
                 finish: list[str | None]) -> list[tuple[str, str | None]]:
     """One engine step's tokens for many streams, detokenized in one batch call (the Rust
     tokenizer decodes the whole batch at once instead of 2 x streams Python calls)."""
-    runs: list[list[int]] = []
+    runs: dict[bool, list[list[int]]] = {True: [], False: []}  # by skip_special_tokens
+    at: list[int] = []
     for st, ids in zip(streams, new_ids, strict=True):
-        runs.extend(st.detok.extend(ids))
-    texts = tokenizer.tok.decode_batch(runs, skip_special_tokens=True)
-    return [st.push_text(st.detok.advance(texts[2 * i], texts[2 * i + 1]), f)
-            for i, (st, f) in enumerate(zip(streams, finish, strict=True))]
+        group = runs[st.detok.skip]
+        at.append(len(group))
+        group.extend(st.detok.extend(st._kept(ids)))
+    texts = {skip: tokenizer.tok.decode_batch(r, skip_special_tokens=skip) if r else []
+             for skip, r in runs.items()}
+    out = []
+    for st, f, i in zip(streams, finish, at, strict=True):
+        t = texts[st.detok.skip]
+        out.append(st.push_text(st.detok.advance(t[i], t[i + 1]), f))
+    return out

@@ -64,3 +64,18 @@ def test_completion_echo_logprobs_and_offsets():
     assert lp["tokens"] == ["He", "llo", " you"]
     assert lp["token_logprobs"] == [None, -1.0, -0.5]
     assert lp["text_offset"] == [0, 2, 5] and lp["top_logprobs"][0] is None
+
+
+def test_text_with_tools_keeps_special_markers_but_not_eos(model_dir):
+    """Where a model's tool-call markers are special tokens, the parser must see them: a
+    stream for a request with tools decodes special tokens, less EOS."""
+    from cluster.arch import ModelArch
+    from cluster.tokenizer import TextStream, Tokenizer, decode_step
+
+    tok = Tokenizer(model_dir)
+    eos = frozenset(ModelArch.from_hf(model_dir).eos_token_ids)
+    special = tok.tok.token_to_id("<|im_start|>")
+    ids = tok.encode("hi", add_special_tokens=False) + [special] + sorted(eos)[:1]
+    plain, tools = TextStream(tok, []), TextStream(tok, [], eos)
+    (a, _), (b, _) = decode_step(tok, [plain, tools], [ids, ids], ["stop", "stop"])
+    assert a == "hi" and b == "hi<|im_start|>"
