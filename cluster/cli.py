@@ -44,10 +44,11 @@ def cmd_up(args) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    if not Path(cfg.model.path, "config.json").exists():
-        print(f"model folder {cfg.model.path} has no config.json "
-              "(run `tandem model init` for the default model)", file=sys.stderr)
-        return 2
+    for entry in cfg.served():
+        if not Path(entry.model.path, "config.json").exists():
+            print(f"model folder {entry.model.path} has no config.json "
+                  "(run `tandem model init` for the default model)", file=sys.stderr)
+            return 2
     if STATE.exists() and _alive(json.loads(STATE.read_text())["pid"]):
         print(f"already running: {json.loads(STATE.read_text())['url']} (`make stop` first)")
         return 1
@@ -147,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     init = msub.add_parser("init", help="build the default model if missing")
     init.add_argument("--out", help="folder (default: ~/.cache/tandem/models/tandem-tiny)")
     init.add_argument("--force", action="store_true")
-    init.add_argument("--shape", default="tiny", choices=["tiny", "qwen2.5-0.5b"],
-                      help="layers of the generated model (random weights either way)")
+    init.add_argument("--shape", default="tiny",
+                      choices=["tiny", "qwen2.5-0.5b", "deepseek-v3-tiny", "deepseek-v2-lite"],
+                      help="layers of the generated model (random weights either way; "
+                      "deepseek-v2-lite is ~31 GB)")
     init.set_defaults(fn=cmd_model_init)
     up = sub.add_parser("up", help="start the local cluster and deploy the app")
     up.add_argument("--config", default="deployments/local.yaml")

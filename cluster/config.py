@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cluster.autoscaling import ScalingPolicy
 
@@ -86,15 +93,23 @@ class EngineConfig(Strict):
                                       "engine; null: torch's default")
     seed: int = Field(0, description="torch's seed in each replica (requests with a "
                       "`seed` of their own use that)")
+    quantization: Literal["int8", "fp8"] | None = Field(
+        None, description="weights quantized at load, per output channel: `int8` "
+        "weight-only (CPU engine; those matmuls in bf16); `fp8` e4m3 weights and per-token "
+        "activations through `torch._scaled_mm` (Hopper GPUs); null: as loaded, in `dtype`")
+    quantize_lm_head: bool = Field(False, description="with `quantization`: the LM head "
+                                   "too (faster, larger logit error)")
+    fp8_emulation: bool = Field(False, description="`fp8` where there are no FP8 matmuls "
+                                "(CPU): emulated, for tests (slower than no quantization); "
+                                "false: the engine refuses to start there")
 
 
-class PoolConfig(Strict):
+class Pool(Strict):
     num_replicas: int = Field(1, ge=1, description="fixed size; ignored under autoscaling")
     autoscaling: ScalingPolicy | None = Field(None, description="our autoscaling policy "
                                               "(its fields: see Autoscaling); null: a "
                                               "fixed `num_replicas`")
     num_cpus: float = Field(0.5, ge=0, description="CPUs each replica reserves")
-    num_gpus: float = Field(0, ge=0, description="GPUs each replica reserves")
     max_ongoing_requests: int = Field(64, ge=1, description="requests Serve sends one "
                                       "replica at a time")
     label_selector: dict[str, str] = Field(default_factory=dict, description="Ray node "
@@ -102,6 +117,40 @@ class PoolConfig(Strict):
     max_replicas_per_node: int | None = Field(
         None, ge=1, description="spread replicas over hosts, so that losing one host loses "
         "at most this many")
+
+
+class PoolConfig(Pool):
+    num_gpus: float = Field(0, ge=0, description="GPUs each replica reserves")
+
+
+class CpuPoolConfig(Pool):
+    """Model replicas that run the engine on the CPU of a Kunpeng host."""
+
+    num_cpus: float = Field(4.0, ge=1, description="CPUs each replica reserves; its engine "
+                            "runs that many threads (whole cores, at most the host's)")
+    label_selector: dict[str, str] = Field(default_factory=lambda: {"cpu-arch": "kunpeng"},
+                                           description="Ray node labels the node of a "
+                                           "replica must carry")
+    pin_threads: bool = Field(True, description="pin each replica's engine to its own "
+                              "physical cores (one NUMA node where they fit), one thread "
+                              "per core")
+    engine: dict[str, Any] = Field(default_factory=dict, description="engine settings of "
+                                   "these replicas that differ from the model's `engine` "
+                                   "(`device` is `cpu`, `torch_threads` its cores)")
+
+
+def cpu_engine(engine: EngineConfig, pool: CpuPoolConfig) -> EngineConfig:
+    """The engine of a CPU pool's replicas: the model's, with the pool's own settings."""
+    fixed = {"device", "torch_threads"} & pool.engine.keys()
+    if fixed:
+        raise ValueError(f"cpu_pool.engine: {', '.join(sorted(fixed))} is set by the pool")
+    try:
+        return EngineConfig.model_validate({**engine.model_dump(), **pool.engine,
+                                            "device": "cpu"})
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise ValueError(f"cpu_pool.engine.{'.'.join(map(str, e['loc']))}: {e['msg']} "
+                         f"(got {e.get('input')!r})") from None
 
 
 def _frontend_pool() -> PoolConfig:
@@ -112,11 +161,31 @@ def _model_pool() -> PoolConfig:
     return PoolConfig(label_selector={"node-role": "model"}, num_cpus=1)
 
 
+ReplicaPolicy = Literal["prefix_aware", "least_load", "power_of_two", "round_robin"]
+
+
+class HybridConfig(Strict):
+    """Between a model's GPU and CPU pools (router.policy hybrid; see Hybrid routing)."""
+
+    cpu_cost_max: float = Field(0.0, ge=0, description="requests costing less (FLOPs: "
+                                "(prompt + max_tokens) x 2 x the model's parameters) go to "
+                                "the CPU pool; 0: none")
+    gpu_busy_max: float = Field(0.8, gt=0, le=1, description="GPU pool utilization (its "
+                                "coolest replica's KV use, batch fill with queue, NVML busy) "
+                                "above which new work overflows to the CPU pool")
+    slo_ttft_ms: float = Field(2000.0, gt=0, description="TTFT a request may get (header "
+                               "`x-slo-ttft-ms` per request): never sent to a CPU pool "
+                               "predicted to exceed it")
+    replica_policy: ReplicaPolicy = Field("prefix_aware", description="replica choice "
+                                          "inside each pool")
+
+
 class RouterConfig(Strict):
     policy: Literal["prefix_aware", "least_load", "power_of_two", "round_robin",
-                    "serve_default"] = Field("prefix_aware", description="replica choice "
-                                             "(see The router); `serve_default`: Serve's "
-                                             "own router")
+                    "serve_default", "hybrid"] = Field(
+        "prefix_aware", description="replica choice (see The router); `serve_default`: "
+        "Serve's own router; `hybrid`: a model's GPU or CPU pool first (`router.hybrid`), "
+        "then `hybrid.replica_policy` in it")
     stats_period_s: float = Field(1.0, gt=0, description="how often replicas report their "
                                   "load (s)")
     prefix_margin: float = Field(1.0, ge=0, description="load-score lead the prefix holder "
@@ -130,6 +199,8 @@ class RouterConfig(Strict):
     move_after_s: float | None = Field(1.0, gt=0, description="a hot replica hands requests "
                                        "queued this long (not started) back to be routed "
                                        "again, once each; null: never")
+    hybrid: HybridConfig = Field(default_factory=HybridConfig, description="the hybrid "
+                                 "policy's thresholds")
 
 
 class IngressConfig(Strict):
@@ -155,6 +226,36 @@ class IngressConfig(Strict):
                                              "probes and Prometheus)")
 
 
+GPU, CPU = "gpu", "cpu"  # a model's two pools
+
+
+class ModelEntry(Strict):
+    """One model of several (`models:`): its checkpoint, engine and pools."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="as `model`")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="as `engine`")
+    model_pool: PoolConfig | None = Field(default_factory=_model_pool, description="as "
+                                          "`model_pool`; null: none")
+    cpu_pool: CpuPoolConfig | None = Field(None, description="as `cpu_pool`")
+
+    @model_validator(mode="after")
+    def _check(self):
+        self.check()
+        return self
+
+    def check(self) -> None:
+        if self.model_pool is None and self.cpu_pool is None:
+            raise ValueError("a model needs a model_pool, a cpu_pool or both")
+        if self.cpu_pool is not None:
+            cpu_engine(self.engine, self.cpu_pool)
+
+    def pools(self) -> list[str]:
+        return [p for p, pool in ((GPU, self.model_pool), (CPU, self.cpu_pool)) if pool]
+
+    def engine_of(self, pool: str) -> EngineConfig:
+        return self.engine if pool == GPU else cpu_engine(self.engine, self.cpu_pool)
+
+
 class AppConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="the checkpoint served")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="the engine of "
@@ -162,12 +263,63 @@ class AppConfig(Strict):
     frontend_pool: PoolConfig = Field(default_factory=_frontend_pool, description="the HTTP "
                                       "frontends: OpenAI API, chat templates, tokens, stop "
                                       "strings, on the Kunpeng CPU nodes")
-    model_pool: PoolConfig = Field(default_factory=_model_pool, description="the model "
-                                   "replicas, on the GPU nodes")
+    model_pool: PoolConfig | None = Field(default_factory=_model_pool, description="the "
+                                          "model replicas, on the GPU nodes; null: none "
+                                          "(a CPU pool only)")
+    cpu_pool: CpuPoolConfig | None = Field(None, description="model replicas running the "
+                                           "engine on Kunpeng CPUs, beside or instead of "
+                                           "`model_pool` (see Hybrid routing); null: none")
+    models: list[ModelEntry] = Field(default_factory=list, description="several models, "
+                                     "each with `model`, `engine`, `model_pool`, `cpu_pool` "
+                                     "of its own (then those keys stay unset here); empty: "
+                                     "the one model of those keys")
     router: RouterConfig = Field(default_factory=RouterConfig, description="how a "
                                  "frontend picks a model replica for a request")
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="what the "
                                    "frontends admit: API keys, limits, deadlines, migration")
+
+
+    @model_validator(mode="after")
+    def _check_models(self):
+        if self.models:
+            fields = type(self).model_fields
+            # compared with the defaults, not the keys given: a dumped config has them all
+            alone = [k for k in ("model", "engine", "model_pool", "cpu_pool")
+                     if getattr(self, k) != fields[k].get_default(call_default_factory=True)]
+            if alone:
+                raise ValueError(f"with `models`, set {', '.join(sorted(alone))} per model")
+        else:  # the one model of the top-level keys: what ModelEntry checks of each in models
+            self.served()[0].check()
+        entries = self.served()
+        names = [e.model.name for e in entries]
+        twice = {n for n in names if names.count(n) > 1}
+        if twice:
+            raise ValueError(f"model names must differ: {', '.join(sorted(twice))}")
+        both = [e.model.name for e in entries if len(e.pools()) == 2]
+        if both and self.router.policy != "hybrid":
+            raise ValueError(f"{', '.join(both)}: a model with a model_pool and a cpu_pool "
+                             "needs router.policy: hybrid (which pool takes a request)")
+        return self
+
+    def served(self) -> list[ModelEntry]:
+        """The models served: `models`, or the one of the top-level keys."""
+        # (checked by _check_models: the top-level keys are validated already)
+        return self.models or [ModelEntry.model_construct(
+            model=self.model, engine=self.engine, model_pool=self.model_pool,
+            cpu_pool=self.cpu_pool)]
+
+    def of_model(self, entry: ModelEntry) -> AppConfig:
+        """This config as a one-model config of `entry` (what its replicas and its
+        frontend generations read)."""
+        return self.model_copy(update={"model": entry.model, "engine": entry.engine,
+                                       "model_pool": entry.model_pool,
+                                       "cpu_pool": entry.cpu_pool, "models": []})
+
+    def deployment(self, entry: ModelEntry, pool: str) -> str:
+        """The Serve deployment of a model's pool: `ModelReplica` and `ModelReplicaCPU` for
+        the one-model config (as before), suffixed with the model's name under `models`."""
+        base = "ModelReplica" if pool == GPU else "ModelReplicaCPU"
+        return f"{base}-{entry.model.name}" if self.models else base
 
 
 class ConfigError(ValueError):

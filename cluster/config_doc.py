@@ -19,8 +19,11 @@ import yaml
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel
 
+from cluster.autoscaling import ScalingPolicy
 from cluster.config import DEFAULT_MODEL_DIR, AppConfig
 
+# sections with a table of their own in the README (a row here, no expansion)
+OWN_TABLE = (ScalingPolicy,)
 START, END = "<!-- config-table:start -->", "<!-- config-table:end -->"
 BOUNDS = ((Ge, "ge", "≥"), (Gt, "gt", ">"), (Le, "le", "≤"), (Lt, "lt", "<"))
 
@@ -54,19 +57,45 @@ def default_text(value) -> str:
     return f"`{text.removesuffix(chr(10)).removesuffix('...').strip()}`"
 
 
-def rows(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
+def section_of(annotation) -> tuple[type[BaseModel] | None, str]:
+    """The config model a field holds, and how: `section`, `section | null` (a pool that
+    may be left out) or `list of sections`; (None, "") for a plain value."""
+    def model_in(a) -> type[BaseModel] | None:
+        plain = isinstance(a, type) and issubclass(a, BaseModel) and a not in OWN_TABLE
+        return a if plain else None
+
+    if model_in(annotation):
+        return annotation, "section"
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is list and args and model_in(args[0]):
+        return args[0], "list of sections"
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [a for a in args if model_in(a)]
+        if len(models) == 1 and type(None) in args:
+            return models[0], "section | null"
+    return None, ""
+
+
+def rows(model: BaseModel, prefix: str = "", shown: frozenset = frozenset()
+         ) -> Iterator[tuple[str, str, str, str]]:
     """(key, type, default, meaning) of every field, sections first, from a default instance
-    (so that each pool shows its own defaults)."""
+    (so that each pool shows its own defaults). A list's items are described from a default
+    item; in them, sections of a kind already expanded above get their row only."""
     for name, field in type(model).model_fields.items():
         key, value = prefix + name, getattr(model, name)
         if not field.description:
             raise ValueError(f"{key}: a config field without a description (cluster/config.py)")
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            yield f"`{key}`", "section", "", field.description
-            yield from rows(value, f"{key}.")
-        else:
+        section, kind = section_of(field.annotation)
+        if section is None:
             yield (f"`{key}`", type_name(field.annotation) + bounds(field), default_text(value),
                    field.description)
+            continue
+        yield f"`{key}`", kind, "`null`" if value is None else "", field.description
+        if kind == "list of sections":
+            above = {section_of(f.annotation)[0] for f in type(model).model_fields.values()}
+            yield from rows(section(), f"{key}[].", frozenset(above))
+        elif section not in shown:
+            yield from rows(value if value is not None else section(), f"{key}.", shown)
 
 
 def table(model: BaseModel | None = None) -> str:

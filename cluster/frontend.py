@@ -22,18 +22,22 @@ import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from jinja2.exceptions import TemplateError
 
+from cluster import hybrid
 from cluster.arch import ModelArch, context_length
-from cluster.config import AppConfig
+from cluster.config import CPU, GPU, AppConfig
 from cluster.engine_client import EngineClient, Stream
-from cluster.load import IN_FLIGHT
+from cluster.load import IN_FLIGHT, ReplicaLoad, pool_loads
 from cluster.protocol import APIError, EngineRequest, GenerateRequest, TextDelta
 from cluster.tokenizer import TextStream, Tokenizer, decode_step
 
-log = logging.getLogger("ray.serve")
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
 
+log = logging.getLogger("ray.serve")
 
 
 class Generation(Stream):
@@ -64,13 +68,21 @@ class Group:
 
 
 class Generations:
-    def __init__(self, cfg: AppConfig, model_handle):
+    """One model's generations. `cfg` is its one-model config; `pools` its deployments'
+    handles by pool (gpu, cpu): with both, the hybrid policy picks one per request."""
+
+    def __init__(self, cfg: AppConfig, pools: dict[str, DeploymentHandle]):
         self.cfg = cfg
         self.tokenizer = Tokenizer(cfg.model.path)
         arch = ModelArch.from_hf(cfg.model.path)
         self.vocab_size = arch.vocab_size
+        self.eos = frozenset(arch.eos_token_ids)
         self.max_model_len = context_length(arch, cfg.engine.max_model_len)
-        self.handle = model_handle
+        self.flops_per_token = arch.flops_per_token()
+        self.pools = pools
+        self.hybrid = cfg.router.hybrid if len(pools) == 2 else None
+        entry = cfg.served()[0]
+        self.batch_tokens = {p: entry.engine_of(p).max_num_batched_tokens for p in pools}
         self.client = EngineClient()
         self.migration_limit = cfg.ingress.migration_limit
         self.buffer_chars = cfg.ingress.stream_buffer_chars
@@ -155,8 +167,30 @@ class Generations:
 
     # ---- one request
 
-    async def _route(self, req: EngineRequest) -> tuple[str, str]:
-        async with self.handle.choose_replica(req, _reserve=False) as sel:
+    def loads(self, pool: str) -> list[ReplicaLoad]:
+        """The live replicas of one of this model's pools, as this process's router sees
+        them (none until that router started and heard of them)."""
+        handle = self.pools[pool]
+        if not handle.is_initialized:
+            handle.options()  # starts its router, which registers itself (cluster.router)
+        return pool_loads(handle.deployment_name)
+
+    def pick_pool(self, req: GenerateRequest, prompts: list[list[int]]) -> tuple[str, str | None]:
+        """The pool that serves a request, and the hybrid policy's reason (None: the model
+        has one pool)."""
+        if self.hybrid is None:
+            return next(iter(self.pools)), None
+        cost = req.n * sum(hybrid.request_cost(len(ids), req.max_tokens or
+                                               self.max_model_len - len(ids),
+                                               self.flops_per_token) for ids in prompts)
+        n_prompt = sum(map(len, prompts))
+        slo_s = (req.slo_ttft_ms or self.hybrid.slo_ttft_ms) / 1000
+        gpu, cpu = (hybrid.pool_state(self.loads(p), n_prompt, self.batch_tokens[p])
+                    for p in (GPU, CPU))
+        return hybrid.decide(cost, slo_s, gpu, cpu, self.hybrid)
+
+    async def _route(self, req: EngineRequest, pool: str) -> tuple[str, str]:
+        async with self.pools[pool].choose_replica(req, _reserve=False) as sel:
             return sel.replica_id, sel.replica_metadata["engine_addr"]
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TextDelta]:
@@ -170,9 +204,10 @@ class Generations:
         except APIError as err:
             yield TextDelta(error=err.body(), status=err.status)
             return
-        yield TextDelta(prompt_tokens=sum(map(len, prompts)))
+        pool, reason = self.pick_pool(req, prompts)
+        yield TextDelta(prompt_tokens=sum(map(len, prompts)), pool=pool, route=reason)
         if len(prompts) == 1 and req.n == 1:
-            async for d in self._choice(req, prompts[0], 0, None):
+            async for d in self._choice(req, prompts[0], 0, None, pool):
                 yield d
             return
         # several choices: each its own stream; siblings of a prompt go to the replica its
@@ -182,7 +217,8 @@ class Generations:
 
         async def pump(ids: list[int], index: int, group: Group) -> None:
             try:
-                async for d in self._choice(req, ids, index, group, seed + index % req.n):
+                async for d in self._choice(req, ids, index, group, pool,
+                                            seed + index % req.n):
                     await queue.put(d)
             except Exception as err:  # noqa: BLE001 - it becomes that choice's error piece
                 log.exception("choice %d of %s failed", index, req.request_id)
@@ -208,9 +244,9 @@ class Generations:
                 t.cancel()
 
     async def _choice(self, req: GenerateRequest, ids: list[int], index: int,
-                      group: Group | None, seed: int | None = None
+                      group: Group | None, pool: str, seed: int | None = None
                       ) -> AsyncIterator[TextDelta]:
-        """One choice: routes, streams its pieces, moves it off a lost core."""
+        """One choice: routes (in `pool`), streams its pieces, moves it off a lost core."""
         max_tokens = req.max_tokens or self.max_model_len - len(ids)
         first = group is None or group.leader is None
         if group is not None and first:
@@ -222,7 +258,9 @@ class Generations:
             params = replace(params, prompt_logprobs=None)  # the first choice scores it
         base = EngineRequest(rid, ids, params, cache_salt=req.cache_salt,
                              after=None if first else group.leader)
-        g = Generation(rid, TextStream(self.tokenizer, req.stop), self._on_rows)
+        # with tools, special tokens are decoded too (a model's call markers may be ones)
+        keep = self.eos if req.tools else None
+        g = Generation(rid, TextStream(self.tokenizer, req.stop, keep), self._on_rows)
         sent = 0  # completion tokens the client has
         moves = migrations = 0
         engine_req = base
@@ -237,7 +275,7 @@ class Generations:
                 else:
                     if engine_req is base and not first:  # no first choice to wait for
                         engine_req = replace(base, after=None)
-                    replica, addr = await self._route(engine_req)
+                    replica, addr = await self._route(engine_req, pool)
                     if group is not None and first and not group.route.done():
                         group.route.set_result((replica, addr))
                 IN_FLIGHT[replica] = IN_FLIGHT.get(replica, 0) + 1

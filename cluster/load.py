@@ -13,6 +13,15 @@ PREFIX_SUMMARY_BLOCKS = 4096  # newest cached block digests a replica reports to
 # replica id -> streams this process (a frontend) has open there, which the router adds to
 # the replica's last report: between reports a burst must not pile onto the idlest-looking
 IN_FLIGHT: dict[str, int] = {}
+# deployment name -> the router (cluster.router) of this process's handle to it, where the
+# hybrid policy reads a pool's loads (none yet: that handle has not started its router)
+ROUTERS: dict = {}
+
+
+def pool_loads(deployment: str) -> list[ReplicaLoad]:
+    """The loads of a deployment's fresh replicas, as this process's router sees them."""
+    router = ROUTERS.get(deployment)
+    return [] if router is None else router.fresh_loads()
 
 
 @dataclass
@@ -26,6 +35,7 @@ class ReplicaLoad:
     prefix: frozenset = field(default_factory=frozenset)
     age_s: float = 0.0
     step_s: float = 0.0  # the replica's recent engine step time; 0: not known yet
+    gpu_busy: float = 0.0  # the share of time its GPU was busy (NVML, 0-1); 0: no GPU
 
     @classmethod
     def of(cls, stats: dict, in_flight: float = 0.0, prefix: frozenset = frozenset(),
@@ -38,7 +48,7 @@ class ReplicaLoad:
                    stats.get("waiting_tokens", 0.0),
                    stats.get("kv_used", 0.0) / max(1.0, stats.get("kv_total", 1.0)),
                    max(1.0, stats.get("max_num_seqs", 1.0)), in_flight, prefix,
-                   age_s, stats.get("step_s", 0.0))
+                   age_s, stats.get("step_s", 0.0), stats.get("gpu_util_perc", 0.0) / 100)
 
     def score(self) -> float:
         """Roughly 'how many batches of work are ahead of a new request' here."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -143,12 +144,20 @@ def deploy(serve_doc: dict, cfg, http_port: int | None = None, blocking_timeout_
     deployed earlier from other files stay (tests deploy a second app beside the first)."""
     from ray.serve._private.api import serve_start
 
-    from cluster.config import parse_app_config
+    from cluster.config import CPU, parse_app_config
 
     config = serve_config(serve_doc, "Serve config", http_port)
+    optional: dict[str, dict[str, str]] = {app.name: {} for app in config.applications}
     for app in config.applications:
-        if app.import_path == "deployments.app:app" and parse_app_config(app.args) != cfg:
-            raise ValueError(f"cfg differs from the args of app {app.name!r} in the doc")
+        if app.import_path == "deployments.app:app":
+            if parse_app_config(app.args) != cfg:
+                raise ValueError(f"cfg differs from the args of app {app.name!r} in the doc")
+            # a model's CPU pool beside its GPU pool: the app serves without it (requests
+            # go to the GPU pool) while it waits for a node
+            optional[app.name] = {
+                cfg.deployment(e, CPU): f"each replica needs a node labelled "
+                f"{e.cpu_pool.label_selector} with {e.cpu_pool.num_cpus:g} CPUs free"
+                for e in cfg.served() if len(e.pools()) == 2}
     client = serve_start(http_options=config.http_options.model_dump(),
                          proxy_location=config.proxy_location,
                          grpc_options=config.grpc_options.model_dump(),
@@ -163,7 +172,7 @@ def deploy(serve_doc: dict, cfg, http_port: int | None = None, blocking_timeout_
             if a.source == "declarative" and name not in names and a.deployed_app_config
             and a.status != "DELETING"]
     client.deploy_apps(config.model_copy(update={"applications": kept + config.applications}))
-    _wait_running(client, names, blocking_timeout_s)
+    _wait_running(client, names, blocking_timeout_s, optional)
     host, port = config.http_options.host, config.http_options.port
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
 
@@ -174,8 +183,10 @@ def _details(client):
     return ServeInstanceDetails(**client.get_serve_details())
 
 
-def _wait_running(client, names: list[str], timeout_s: float) -> None:
-    """Until every named app is RUNNING; its error when one fails to deploy."""
+def _wait_running(client, names: list[str], timeout_s: float,
+                  optional: dict[str, dict[str, str]]) -> None:
+    """Until every named app is RUNNING, or runs all but some of its `optional` deployments
+    (deployment -> what it needs; those are named on stderr); its error when one fails."""
     deadline = time.monotonic() + timeout_s
     while True:
         time.sleep(0.5)  # a control loop first: an app redeployed may still read RUNNING
@@ -184,11 +195,31 @@ def _wait_running(client, names: list[str], timeout_s: float) -> None:
         failed = [f"{n}: {apps[n].message}" for n, s in states.items() if s == "DEPLOY_FAILED"]
         if failed:
             raise RuntimeError("Serve could not deploy the config:\n" + "\n".join(failed))
-        if all(s == "RUNNING" for s in states.values()):
-            client.wait_for_proxies_serving(wait_for_applications_running=True)
+        starting = {n: _not_healthy(apps[n]) for n, s in states.items()
+                    if s == "DEPLOYING" and n in apps}
+        if all(s == "RUNNING" or (starting.get(n) and starting[n].keys() <= optional[n].keys())
+               for n, s in states.items()):
+            client.wait_for_proxies_serving(wait_for_applications_running=not starting)
+            for n, deployments in starting.items():
+                for dep, status in deployments.items():
+                    print(f"app {n}: {dep} is not running yet ({status}; "
+                          f"{optional[n][dep]}); the app serves without it", file=sys.stderr)
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"apps not running after {timeout_s:g} s: {states}")
+
+
+def _not_healthy(app) -> dict[str, str]:
+    """An app's deployments that are not healthy: Serve's status, replica states, message."""
+    out = {}
+    for name, d in app.deployments.items():
+        if d.status != "HEALTHY":
+            replicas: dict[str, int] = {}
+            for r in d.replicas:
+                replicas[r.state.value] = replicas.get(r.state.value, 0) + 1
+            out[name] = f"{d.status.value}, replicas {replicas}" + (f": {d.message}"
+                                                                     if d.message else "")
+    return out
 
 
 @contextmanager
@@ -224,10 +255,10 @@ def replica_actors(deployment: str, app: str = "tandem") -> list:
         detail=True)
 
 
-def model_replica_stats(app: str = "tandem") -> list[dict]:
+def model_replica_stats(app: str = "tandem", deployment: str = "ModelReplica") -> list[dict]:
     """What every live model replica reports to the router (KV blocks, queues, memory)."""
     import ray
 
     handles = [ray.get_actor(a.name, namespace="serve")
-               for a in replica_actors("ModelReplica", app)]
+               for a in replica_actors(deployment, app)]
     return ray.get([h.record_routing_stats.remote() for h in handles])

@@ -8,6 +8,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 class IngressMetrics:
+    """`model`: the label of requests refused before their model is known (the first one
+    served); the others carry the model they asked for."""
+
     def __init__(self, model: str):
         self.registry = CollectorRegistry()
         self.model = model
@@ -22,17 +25,23 @@ class IngressMetrics:
                               ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.e2e = Histogram("tandem_e2e_request_latency_seconds", "Request latency",
                              ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.hybrid = Counter("tandem_hybrid_decisions", "Hybrid routing decisions: the pool "
+                              "chosen and why", ["model", "pool", "reason"],
+                              registry=self.registry)
 
-    def request(self, endpoint: str, status: int) -> None:
-        self.requests.labels(self.model, endpoint, str(status)).inc()
+    def request(self, endpoint: str, status: int, model: str | None = None) -> None:
+        self.requests.labels(model or self.model, endpoint, str(status)).inc()
 
-    def finished(self, prompt_tokens: int, completion_tokens: int, ttft_s: float | None,
-                 e2e_s: float) -> None:
-        self.prompt_tokens.labels(self.model).inc(prompt_tokens)
-        self.generation_tokens.labels(self.model).inc(completion_tokens)
+    def routed(self, model: str, pool: str, reason: str) -> None:
+        self.hybrid.labels(model, pool, reason).inc()
+
+    def finished(self, model: str, prompt_tokens: int, completion_tokens: int,
+                 ttft_s: float | None, e2e_s: float) -> None:
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.generation_tokens.labels(model).inc(completion_tokens)
         if ttft_s is not None:
-            self.ttft.labels(self.model).observe(ttft_s)
-        self.e2e.labels(self.model).observe(e2e_s)
+            self.ttft.labels(model).observe(ttft_s)
+        self.e2e.labels(model).observe(e2e_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,5 +1,6 @@
 """Builds the default model: a small Llama checkpoint with seeded random weights and a real
-byte-level BPE tokenizer trained on text generated here, in Hugging Face format.
+byte-level BPE tokenizer trained on text generated here, in Hugging Face format. (DeepSeek
+shapes: the same tokenizer, the weights made and saved by transformers; deepseek_shapes.py.)
 
 Its output text is noise (the weights are random); it exists so that the whole serving path
 runs anywhere without downloading weights, through the same loader as a real checkpoint.
@@ -17,6 +18,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from cluster.bench.progress import progress
+from cluster.deepseek_shapes import DEEPSEEK_SHAPES, write_checkpoint
 
 BOS, EOS, IM_START, IM_END = "<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"
 # ChatML; with `tools`, Qwen2.5's way: the tools' JSON in the system turn, calls as
@@ -141,6 +143,8 @@ def build(out: Path, force: bool = False, shape: str = "tiny") -> Path:
         _update_template(out)
         return out
     out.mkdir(parents=True, exist_ok=True)
+    if shape in DEEPSEEK_SHAPES:
+        return _build_deepseek(out, shape)
     dims = SHAPES[shape]
     # steps: the tokenizer, each layer's weights, the save
     with progress(total=dims["num_hidden_layers"] + 2, desc=f"building {out.name}",
@@ -149,6 +153,27 @@ def build(out: Path, force: bool = False, shape: str = "tiny") -> Path:
         bar.update()
         _write(out, dims, tok, torch.float32 if shape == "tiny" else torch.bfloat16, bar)
     return out
+
+
+def _build_deepseek(out: Path, shape: str) -> Path:
+    """The default model's tokenizer (its ids are below the shape's vocabulary) and files,
+    then the config and weights as transformers writes them."""
+    with progress(total=2, desc=f"building {out.name}", unit="step") as bar:
+        tok = train_tokenizer(SHAPE["vocab_size"])
+        bar.update()
+        tok.save(str(out / "tokenizer.json"))
+        _write_tokenizer_config(out, DEEPSEEK_SHAPES[shape]["max_position_embeddings"])
+        write_checkpoint(out, shape, tok.token_to_id(BOS),
+                         [tok.token_to_id(EOS), tok.token_to_id(IM_END)], SEED)
+        bar.update()
+    return out
+
+
+def _write_tokenizer_config(out: Path, max_len: int) -> None:
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+        "pad_token": EOS, "add_bos_token": True, "model_max_length": max_len,
+        "chat_template": CHAT_TEMPLATE}, indent=2))
 
 
 def _update_template(out: Path) -> None:
@@ -175,10 +200,7 @@ def _write(out: Path, dims: dict, tok: Tokenizer, dtype: torch.dtype, bar) -> No
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg["bos_token_id"], "eos_token_id": eos_ids}, indent=2))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-        "pad_token": EOS, "add_bos_token": True, "model_max_length": dims[
-            "max_position_embeddings"], "chat_template": CHAT_TEMPLATE}, indent=2))
+    _write_tokenizer_config(out, dims["max_position_embeddings"])
     tmp = out / "model.safetensors.tmp"
     weights = {k: v.to(dtype) for k, v in random_weights(cfg, bar.update).items()}
     save_file(weights, str(tmp), metadata={"format": "pt"})

@@ -278,6 +278,7 @@ class GenerateRequest:
     n: int = 1  # choices per prompt
     echo: bool = False  # completions: the prompt is scored (with logprobs) and returned
     tools: list[dict] | None = None  # for the chat template
+    slo_ttft_ms: float | None = None  # the client's TTFT target (hybrid routing)
 
 
 @dataclass
@@ -311,6 +312,8 @@ class TextDelta:
     logprobs: list | None = None  # per token of token_ids: [logprob, top ids, top logprobs]
     prompt_ids: list[int] | None = None  # echo: with a choice's first piece
     prompt_logprobs: list | None = None  # echo with logprobs: per prompt token (first None)
+    pool: str | None = None  # the header delta: the model's pool that serves it (gpu, cpu)
+    route: str | None = None  # ... and the hybrid policy's reason for it
 
 
 class TokenizeRequest(BaseModel):

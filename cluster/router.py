@@ -21,8 +21,13 @@ import time
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from cluster.load import IN_FLIGHT, ReplicaLoad
+from cluster import load
+from cluster.load import ReplicaLoad
 from cluster.prefix_hash import prompt_digests
+
+# Serve pickles this module by value into every handle (RequestRouterConfig), globals and
+# all: process-wide state (streams in flight, the routers of this process) lives in
+# cluster.load, which travels by reference, so that the frontend and the router share it.
 
 
 class Policy:
@@ -118,13 +123,21 @@ def _ids(r: RunningReplica) -> set[str]:
 class LoadAwareRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, policy: str = "prefix_aware", block_size: int = 16,
                          prefix_margin: float = 1.0, kv_hot: float = 0.95,
-                         score_hot: float = 4.0, stale_after_s: float = 5.0, **_):
+                         score_hot: float = 4.0, stale_after_s: float = 5.0,
+                         deployment: str = "", **_):
         self.policy = make_policy(policy, prefix_margin)
         self.block_size = block_size
         self.kv_hot, self.score_hot, self.stale_s = kv_hot, score_hot, stale_after_s
         # replica id -> (the report last seen, when first seen by our clock, its prefix set)
         self._reports: dict = {}
         self.metrics = None
+        if deployment:
+            load.ROUTERS[deployment] = self
+
+    def fresh_loads(self) -> list[ReplicaLoad]:
+        now = time.monotonic()
+        loads = [self.load_of(r, now) for r in self.curr_replicas.values()]
+        return [ld for ld in loads if ld.age_s <= self.stale_s]
 
     def _report(self, r: RunningReplica, now: float) -> tuple[dict, float, frozenset]:
         stats = r.routing_stats or {}
@@ -145,7 +158,7 @@ class LoadAwareRouter(FIFOMixin, RequestRouter):
         # a replica with no report yet is not stale: it has only just started
         age = now - first_seen if stats else 0.0
         queued = max(self.replica_queue_len_cache.get(r.replica_id) or 0,
-                     IN_FLIGHT.get(r.replica_id.unique_id, 0))
+                     load.IN_FLIGHT.get(r.replica_id.unique_id, 0))
         return ReplicaLoad.of(stats, queued, prefix, age)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],

@@ -1,9 +1,10 @@
-"""The Serve application: HTTP frontends (Kunpeng) -> model replicas (GPU).
+"""The Serve application: HTTP frontends (Kunpeng) -> model replicas (GPU, or Kunpeng CPUs).
 
 A frontend tokenizes, asks the load-aware router for a model replica and streams from that
 replica's engine core directly (one message per engine step); the model replicas are the
-cores' control plane. `import_path: deployments.app:app` in a Serve config; the tandem
-settings are its `args`.
+cores' control plane. Each model served has up to two pools, each its own deployment of
+ModelReplica: `model_pool` (GPU nodes) and `cpu_pool` (the engine on Kunpeng CPUs).
+`import_path: deployments.app:app` in a Serve config; the tandem settings are its `args`.
 """
 
 from __future__ import annotations
@@ -11,35 +12,38 @@ from __future__ import annotations
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from cluster.config import AppConfig, PoolConfig, parse_app_config
+from cluster.config import GPU, AppConfig, ModelEntry, Pool, PoolConfig, parse_app_config
 from deployments.ingress import Ingress
 from deployments.model import ModelReplica
 
 
-def actor_options(pool: PoolConfig) -> dict:
+def gpus(pool: Pool) -> float:
+    return pool.num_gpus if isinstance(pool, PoolConfig) else 0.0
+
+
+def actor_options(pool: Pool) -> dict:
     opts: dict = {"num_cpus": pool.num_cpus}
-    if pool.num_gpus:
-        opts["num_gpus"] = pool.num_gpus
+    if gpus(pool):
+        opts["num_gpus"] = gpus(pool)
     if pool.label_selector:
         opts["label_selector"] = dict(pool.label_selector)
     return opts
 
 
-def spread(pool: PoolConfig) -> dict:
+def spread(pool: Pool) -> dict:
     return {} if pool.max_replicas_per_node is None else {
         "max_replicas_per_node": pool.max_replicas_per_node}
 
 
-def model_placement(cfg: AppConfig) -> dict:
+def model_placement(pool: Pool, tp: int) -> dict:
     """A tensor-parallel replica reserves one bundle per rank, packed on one node: the
     replica itself (rank 0) takes bundle 0, its peer ranks the others."""
-    pool, tp = cfg.model_pool, cfg.engine.tensor_parallel_size
     opts = actor_options(pool)
     if tp == 1:
         return {"ray_actor_options": opts}
     selector = opts.pop("label_selector", None)
-    rank0 = {"CPU": pool.num_cpus, **({"GPU": pool.num_gpus} if pool.num_gpus else {})}
-    peer = {"CPU": 0.01, **({"GPU": pool.num_gpus} if pool.num_gpus else {})}
+    gpu = {"GPU": gpus(pool)} if gpus(pool) else {}
+    rank0, peer = {"CPU": pool.num_cpus, **gpu}, {"CPU": 0.01, **gpu}
     placement = {"ray_actor_options": opts, "placement_group_bundles": [rank0] + [peer] * (tp - 1),
                  "placement_group_strategy": "STRICT_PACK"}
     if selector:
@@ -53,7 +57,7 @@ QUIET = {"enable_access_log": False}  # access logs cost 10-20% of request throu
 MODEL_HEALTH_CHECK_PERIOD_S = 2.0
 
 
-def sizing(pool: PoolConfig, drain_s: float) -> dict:
+def sizing(pool: Pool, drain_s: float) -> dict:
     """A fixed replica count, or our autoscaling policy; replicas leaving drain for drain_s."""
     if pool.autoscaling is None:
         return {"num_replicas": pool.num_replicas}
@@ -70,33 +74,46 @@ def sizing(pool: PoolConfig, drain_s: float) -> dict:
                            "policy_kwargs": a.model_dump()}}}
 
 
-def build(cfg: AppConfig) -> Application:
-    conf = cfg.model_dump()
-    routing = {} if cfg.router.policy == "serve_default" else {
-        "request_router_config": RequestRouterConfig(
-            request_router_class="cluster.router:LoadAwareRouter",
-            request_router_kwargs={
-                "policy": cfg.router.policy, "block_size": cfg.engine.block_size,
-                "prefix_margin": cfg.router.prefix_margin, "kv_hot": cfg.router.kv_hot,
-                "score_hot": cfg.router.score_hot,
-                "stale_after_s": cfg.router.stale_after_s},
-            request_routing_stats_period_s=cfg.router.stats_period_s)}
-    model = ModelReplica.options(
-        **sizing(cfg.model_pool, drain_s=60.0),
-        max_ongoing_requests=cfg.model_pool.max_ongoing_requests,
+def routing(cfg: AppConfig, block_size: int, deployment: str) -> dict:
+    """The load-aware router of one pool's handles (none: Serve's own)."""
+    r = cfg.router
+    if r.policy == "serve_default":
+        return {}
+    return {"request_router_config": RequestRouterConfig(
+        request_router_class="cluster.router:LoadAwareRouter",
+        request_router_kwargs={
+            "policy": r.hybrid.replica_policy if r.policy == "hybrid" else r.policy,
+            "block_size": block_size, "prefix_margin": r.prefix_margin,
+            "kv_hot": r.kv_hot, "score_hot": r.score_hot, "stale_after_s": r.stale_after_s,
+            "deployment": deployment},
+        request_routing_stats_period_s=r.stats_period_s)}
+
+
+def model_pool(cfg: AppConfig, entry: ModelEntry, pool: str) -> Application:
+    """One pool of one model: a ModelReplica deployment given that model's config."""
+    spec = entry.model_pool if pool == GPU else entry.cpu_pool
+    name, engine = cfg.deployment(entry, pool), entry.engine_of(pool)
+    return ModelReplica.options(
+        name=name,
+        **sizing(spec, drain_s=60.0),
+        max_ongoing_requests=spec.max_ongoing_requests,
         health_check_period_s=MODEL_HEALTH_CHECK_PERIOD_S,
         logging_config=QUIET,
-        **model_placement(cfg),
-        **spread(cfg.model_pool),
-        **routing,
-    ).bind(conf)
+        **model_placement(spec, engine.tensor_parallel_size),
+        **spread(spec),
+        **routing(cfg, engine.block_size, name),
+    ).bind(cfg.of_model(entry).model_dump(), pool)
+
+
+def build(cfg: AppConfig) -> Application:
+    pools = {e.model.name: {p: model_pool(cfg, e, p) for p in e.pools()} for e in cfg.served()}
     return Ingress.options(
         **sizing(cfg.frontend_pool, drain_s=30.0),
         max_ongoing_requests=cfg.frontend_pool.max_ongoing_requests,
         logging_config=QUIET,
         ray_actor_options=actor_options(cfg.frontend_pool),
         **spread(cfg.frontend_pool),
-    ).bind(conf, model)
+    ).bind(cfg.model_dump(), pools)
 
 
 def app(args: dict) -> Application:

@@ -144,28 +144,55 @@ def tenant_salt(api_key: str | None, asked: str | None) -> str:
     return f"{tenant}:{asked or ''}" if tenant or asked else ""
 
 
-@serve.deployment(name="Ingress")
-@serve.ingress(api)
-class Ingress:
-    def __init__(self, config: dict, model: DeploymentHandle):
-        self.cfg = AppConfig.model_validate(config)
-        self.model_name = self.cfg.model.name
-        self.generations = Generations(self.cfg, model)
-        # names the frontend that answered (x-tandem-frontend): logs and fault tests
-        self.replica_tag = serve.get_replica_context().replica_tag
-        self.generations.metrics = TokenizerMetrics(base_tags(self.model_name,
-                                                              self.replica_tag))
-        self.metrics = IngressMetrics(self.model_name)
-        self.cpu_mark = (time.process_time(), time.monotonic())
-        ing = self.cfg.ingress
-        self.keys = ApiKeys(ing.api_keys_file, ing.api_keys_env)
-        self.gate = Gate(ing.max_in_flight)
+class ServedModel:
+    """One model behind this frontend: its generations (tokenizer, pools) and settings."""
+
+    def __init__(self, cfg: AppConfig, pools: dict[str, DeploymentHandle], replica_tag: str):
+        self.cfg = cfg  # its one-model config
+        self.name = cfg.model.name
+        self.generations = Generations(cfg, pools)
+        self.generations.metrics = TokenizerMetrics(base_tags(self.name, replica_tag))
         self.grammar_tokenizer = None  # llguidance's view of the vocabulary, built on demand
         self.special_tokens = {t.content for t in self.generations.tokenizer.tok
                                .get_added_tokens_decoder().values() if t.special}
         # names this build and model: a client can tell answers of different deployments
         self.fingerprint = "fp_" + hashlib.sha256(
-            f"{self.model_name}:{self.cfg.model.path}".encode()).hexdigest()[:10]
+            f"{self.name}:{cfg.model.path}".encode()).hexdigest()[:10]
+
+    def card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": 0, "owned_by": "tandem"}
+
+    def pools(self) -> dict[str, int]:
+        """Live replicas this frontend's routers see per pool (0: still pending)."""
+        return {pool: len(self.generations.loads(pool)) for pool in self.generations.pools}
+
+    def check_grammar(self, spec: GrammarSpec, param: str) -> None:
+        if self.grammar_tokenizer is None:
+            self.grammar_tokenizer = structured.tokenizer_info(self.cfg.model.path)
+        try:
+            structured.validate(spec, self.grammar_tokenizer)
+        except ValueError as err:
+            raise APIError(f"the {param} cannot be compiled: {err}", param=param) from None
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    """`pools`: per model name, its deployments' handles by pool (gpu, cpu)."""
+
+    def __init__(self, config: dict, pools: dict[str, dict[str, DeploymentHandle]]):
+        self.cfg = AppConfig.model_validate(config)
+        # names the frontend that answered (x-tandem-frontend): logs and fault tests
+        self.replica_tag = serve.get_replica_context().replica_tag
+        self.models = {e.model.name: ServedModel(self.cfg.of_model(e), pools[e.model.name],
+                                                 self.replica_tag)
+                       for e in self.cfg.served()}
+        self.default = next(iter(self.models.values()))  # a request that names none
+        self.metrics = IngressMetrics(self.default.name)
+        self.cpu_mark = (time.process_time(), time.monotonic())
+        ing = self.cfg.ingress
+        self.keys = ApiKeys(ing.api_keys_file, ing.api_keys_env)
+        self.gate = Gate(ing.max_in_flight)
 
     def _check_key(self, request: Request, open_route: bool = False) -> str | None:
         """The caller's API key (None when no keys are configured)."""
@@ -188,8 +215,9 @@ class Ingress:
 
     def frontend_stats(self) -> dict:
         """What this frontend did (benchmarks): engine messages received, migrations."""
-        return {"messages": self.generations.client.messages(),
-                "migrations": self.generations.migrations,
+        gens = [m.generations for m in self.models.values()]
+        return {"messages": sum(g.client.messages() for g in gens),
+                "migrations": sum(g.migrations for g in gens),
                 "in_flight": self.gate.in_flight, "pid": os.getpid()}
 
     @api.get("/health")
@@ -203,25 +231,36 @@ class Ingress:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/models")
-    async def models(self, request: Request) -> dict:
+    async def list_models(self, request: Request) -> dict:
         self._check_key(request)
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model",
-                                            "created": 0, "owned_by": "tandem"}]}
+        return {"object": "list", "data": [m.card() for m in self.models.values()]}
 
     @api.get("/v1/models/{model_id:path}")
     async def model(self, model_id: str, request: Request) -> dict:
         self._check_key(request)
-        if model_id != self.model_name:
-            raise APIError(f"the model '{model_id}' does not exist", 404, param="model",
+        m = self._model(model_id)
+        body = {**m.card(), "max_model_len": m.generations.max_model_len}
+        if self.cfg.router.policy != "serve_default":  # Serve's own router reports no loads
+            body["pools"] = m.pools()
+        return body
+
+    def _model(self, name: str | None) -> ServedModel:
+        """The model a request names (none: the first one)."""
+        if name is None:
+            return self.default
+        m = self.models.get(name)
+        if m is None:
+            raise APIError(f"the model '{name}' does not exist; this server serves "
+                           f"{', '.join(repr(n) for n in self.models)}", 404, param="model",
                            code="model_not_found")
-        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "tandem",
-                "max_model_len": self.generations.max_model_len}
+        return m
 
     @api.post("/tokenize")
     async def tokenize(self, request: Request) -> dict:
         req, _ = await self._parse(request, TokenizeRequest)
         req.check()
-        tok = self.generations.tokenizer
+        gens = self._model(req.model).generations
+        tok = gens.tokenizer
         try:
             if req.messages is not None:
                 tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
@@ -232,17 +271,18 @@ class Ingress:
                 ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         except (ValueError, TypeError) as err:
             raise APIError(f"could not tokenize: {err}") from None
-        return {"count": len(ids), "max_model_len": self.generations.max_model_len,
-                "tokens": ids, "token_strs": [self.generations.token_text(t) for t in ids]
+        return {"count": len(ids), "max_model_len": gens.max_model_len,
+                "tokens": ids, "token_strs": [gens.token_text(t) for t in ids]
                 if req.return_token_strs else None}
 
     @api.post("/detokenize")
     async def detokenize(self, request: Request) -> dict:
         req, _ = await self._parse(request, DetokenizeRequest)
-        bad = [t for t in req.tokens if t >= self.generations.vocab_size]
+        gens = self._model(req.model).generations
+        bad = [t for t in req.tokens if t >= gens.vocab_size]
         if bad:
             raise APIError(f"token ids out of vocabulary: {bad[:5]}", param="tokens")
-        return {"prompt": self.generations.tokenizer.decode(req.tokens)}
+        return {"prompt": gens.tokenizer.decode(req.tokens)}
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -276,9 +316,7 @@ class Ingress:
             req = model.model_validate(doc, strict=True)
         except ValidationError as err:
             raise validation_error(err) from None
-        if req.model is not None and req.model != self.model_name:
-            raise APIError(f"the model '{req.model}' does not exist; this server serves "
-                           f"'{self.model_name}'", 404, param="model", code="model_not_found")
+        self._model(req.model)  # an unknown model: 404 before anything else
         return req, key
 
     def _deadline(self, request: Request) -> float:
@@ -293,33 +331,51 @@ class Ingress:
             raise APIError("X-Request-Timeout must be positive", param="X-Request-Timeout")
         return time.monotonic() + limit
 
+    @staticmethod
+    def _slo(request: Request) -> float | None:
+        """The client's TTFT target for hybrid routing (x-slo-ttft-ms), if it sets one."""
+        asked = request.headers.get("x-slo-ttft-ms")
+        if asked is None:
+            return None
+        try:
+            slo = float(asked)
+        except ValueError:
+            slo = 0.0
+        if not slo > 0 or slo == float("inf"):
+            raise APIError("x-slo-ttft-ms must be a positive number of milliseconds",
+                           param="x-slo-ttft-ms")
+        return slo
+
     async def _serve(self, request: Request, model: type[SamplingFields], kind: str) -> Response:
         endpoint = request.url.path
+        m = None
         try:
             req, key = await self._parse(request, model)
+            m = self._model(req.model)
             req.check()
             deadline = self._deadline(request)
-            gen, spec = self._to_engine(req, kind, tenant_salt(key, req.cache_salt))
+            gen, spec = self._to_engine(m, req, kind, tenant_salt(key, req.cache_salt))
+            gen.slo_ttft_ms = self._slo(request)
             ticket = self.gate.try_enter(deadline)
             if ticket is None:
                 raise APIError("the server is at capacity; retry shortly", 429,
                                "rate_limit_error", code="server_busy")
         except APIError as err:
-            self.metrics.request(endpoint, err.status)
+            self.metrics.request(endpoint, err.status, m and m.name)
             resp = error_response(err)
             if err.status == 429:
                 resp.headers["Retry-After"] = "1"
             return resp
         try:
-            resp = await self._generate(req, gen, spec, endpoint, deadline, ticket)
+            resp = await self._generate(m, req, gen, spec, endpoint, deadline, ticket)
             resp.headers["x-tandem-frontend"] = self.replica_tag
             return resp
         except BaseException:  # includes the cancellation of a client that went away
             self.gate.leave(ticket)
             raise
 
-    async def _generate(self, req, gen: GenerateRequest, spec: ChoiceSpec, endpoint: str,
-                        deadline: float, ticket: int) -> Response:
+    async def _generate(self, m: ServedModel, req, gen: GenerateRequest, spec: ChoiceSpec,
+                        endpoint: str, deadline: float, ticket: int) -> Response:
         """Owns one gate slot: released when the response (or its stream) is over.
 
         A stage that fails before anything reached the client (a tokenizer replica died, or a
@@ -330,7 +386,7 @@ class Ingress:
         stream = None
         try:
             for attempt in range(2):
-                stream = LocalStream(self.generations.generate(gen))
+                stream = LocalStream(m.generations.generate(gen))
                 head: TextDelta = await self._next(stream, deadline)
                 if head.error and head.status in RETRYABLE and attempt == 0:
                     stream.cancel()
@@ -338,12 +394,16 @@ class Ingress:
                     continue
                 if head.error:
                     self.gate.leave(ticket)
-                    self.metrics.request(endpoint, head.status)
+                    self.metrics.request(endpoint, head.status, m.name)
                     return JSONResponse(head.error, status_code=head.status)
-                meta = {"id": gen.request_id, "created": int(time.time()),
-                        "model": self.model_name}
+                if head.route is not None:
+                    self.metrics.routed(m.name, head.pool, head.route)
+                routed = {"x-tandem-pool": head.pool} | (
+                    {"x-tandem-route": head.route} if head.route else {})
+                meta = {"id": gen.request_id, "created": int(time.time()), "model": m.name,
+                        "system_fingerprint": m.fingerprint}
                 if req.stream:
-                    self.metrics.request(endpoint, 200)
+                    self.metrics.request(endpoint, 200, m.name)
 
                     def release(stream=stream) -> None:
                         self.gate.leave(ticket)
@@ -354,15 +414,15 @@ class Ingress:
                         self._sse(stream, meta, spec, head, start, deadline, ticket,
                                   req.include_usage(),
                                   bool(opts and opts.continuous_usage_stats)),
-                        release, media_type="text/event-stream")
+                        release, media_type="text/event-stream", headers=routed)
                 status, body = await self._collect(stream, meta, spec, head, start, deadline)
                 if status in RETRYABLE and attempt == 0:
                     stream.cancel()
                     gen = replace(gen, request_id=new_id(kind))
                     continue
                 self.gate.leave(ticket)
-                self.metrics.request(endpoint, status)
-                return JSONResponse(body, status_code=status)
+                self.metrics.request(endpoint, status, m.name)
+                return JSONResponse(body, status_code=status, headers=routed)
         except BaseException:  # a client that left mid-request: its generation ends too
             if stream is not None:
                 stream.cancel()
@@ -388,18 +448,18 @@ class Ingress:
                            "retry it", 503, "server_error", code="replica_failed")
             return TextDelta(finish_reason="error", error=err.body(), status=503)
 
-    def _to_engine(self, req: SamplingFields, kind: str, salt: str
+    def _to_engine(self, m: ServedModel, req: SamplingFields, kind: str, salt: str
                    ) -> tuple[GenerateRequest, ChoiceSpec]:
         """The engine's view of a request and how its answer is rendered; refuses (400)
         what cannot be served: a grammar that does not compile, tools without a parser."""
         chat = isinstance(req, ChatCompletionRequest)
         k = req.logprobs_k() if chat else req.logprobs
         echo = not chat and req.echo
-        grammar = self._grammar(req)
+        grammar = self._grammar(m, req)
         tools = None
         forced = False
         if chat and req.tools and req.tool_choice != "none":
-            if self.cfg.model.tool_parser is None:
+            if m.cfg.model.tool_parser is None:
                 raise APIError("this model has no tool-call format configured "
                                "(model.tool_parser)", param="tools")
             tools = [t.model_dump(exclude_none=True) for t in req.tools]
@@ -413,8 +473,8 @@ class Ingress:
                                    "decoding together are not supported", param="tool_choice")
                 forced = True
                 grammar = GrammarSpec("grammar", tool_calls.forced_call_grammar(
-                    tools, req.tool_choice, self.cfg.model.tool_parser, self.special_tokens))
-                self._check_grammar(grammar, "tool_choice")
+                    tools, req.tool_choice, m.cfg.model.tool_parser, m.special_tokens))
+                m.check_grammar(grammar, "tool_choice")
         elif chat and req.tool_choice not in (None, "none", "auto"):
             raise APIError("tool_choice needs tools", param="tool_choice")
         params = SamplingParams(
@@ -426,18 +486,18 @@ class Ingress:
             logit_bias=req.bias_list(), logprobs=k,
             prompt_logprobs=k if echo and k is not None else None,
             grammar=grammar.to_wire() if grammar else None)
-        bad = [t for t, _ in params.logit_bias if t >= self.generations.vocab_size]
+        bad = [t for t, _ in params.logit_bias if t >= m.generations.vocab_size]
         if bad:
             raise APIError(f"logit_bias token ids out of vocabulary: {bad[:5]}",
                            param="logit_bias")
         rid = new_id(kind)
-        m = self.cfg.model
+        mc = m.cfg.model
         spec = ChoiceSpec(
-            kind, self.generations.token_text, k, echo, n=req.n,
+            kind, m.generations.token_text, k, echo, n=req.n,
             discard_output=echo and req.max_tokens == 0, forced_tools=forced,
-            tool_stream=(lambda: tool_calls.ToolCallStream(m.tool_parser)) if tools else None,
-            reasoning_stream=(lambda: reasoning.ReasoningStream(m.reasoning_starts_open))
-            if chat and m.reasoning_parser else None)
+            tool_stream=(lambda: tool_calls.ToolCallStream(mc.tool_parser)) if tools else None,
+            reasoning_stream=(lambda: reasoning.ReasoningStream(mc.reasoning_starts_open))
+            if chat and mc.reasoning_parser else None)
         if chat:
             messages = [msg.for_template() for msg in req.messages]
             return GenerateRequest(rid, "chat", None, messages, params, req.max_new_tokens(),
@@ -445,27 +505,20 @@ class Ingress:
         prompts = req.prompts()
         if echo:
             spec.prompt_texts = [p if isinstance(p, str) else
-                                 self.generations.tokenizer.decode(p, False) for p in prompts]
+                                 m.generations.tokenizer.decode(p, False) for p in prompts]
         return GenerateRequest(rid, "completion", prompts, None, params,
                                1 if spec.discard_output else req.max_tokens, req.stop_list(),
                                salt, n=req.n, echo=echo), spec
 
-    def _grammar(self, req: SamplingFields) -> GrammarSpec | None:
+    @staticmethod
+    def _grammar(m: ServedModel, req: SamplingFields) -> GrammarSpec | None:
         try:
             spec = structured.spec_from_request(req.grammar_fields())
         except ValueError as err:
             raise APIError(str(err), param=next(iter(req.grammar_fields()), None)) from None
         if spec is not None:
-            self._check_grammar(spec, next(iter(req.grammar_fields())))
+            m.check_grammar(spec, next(iter(req.grammar_fields())))
         return spec
-
-    def _check_grammar(self, spec: GrammarSpec, param: str) -> None:
-        if self.grammar_tokenizer is None:
-            self.grammar_tokenizer = structured.tokenizer_info(self.cfg.model.path)
-        try:
-            structured.validate(spec, self.grammar_tokenizer)
-        except ValueError as err:
-            raise APIError(f"the {param} cannot be compiled: {err}", param=param) from None
 
     @classmethod
     async def _deltas(cls, stream, deadline: float) -> AsyncIterator[TextDelta]:
@@ -488,10 +541,10 @@ class Ingress:
                 return d.status, d.error
             choices.setdefault(d.index, Choice(spec, d.index)).add(d)
         usage = Usage(head.prompt_tokens).body(choices, spec.n)
-        self.metrics.finished(usage["prompt_tokens"], usage["completion_tokens"], ttft,
-                              time.monotonic() - start)
+        self.metrics.finished(meta["model"], usage["prompt_tokens"],
+                              usage["completion_tokens"], ttft, time.monotonic() - start)
         obj = "chat.completion" if spec.kind == "chat" else "text_completion"
-        return 200, {**meta, "object": obj, "system_fingerprint": self.fingerprint,
+        return 200, {**meta, "object": obj,
                      "choices": [choices[i].final() for i in sorted(choices)],
                      "usage": usage}
 
@@ -500,7 +553,7 @@ class Ingress:
                    continuous: bool) -> AsyncIterator[str]:
         chat = spec.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
-        base = {**meta, "object": obj, "system_fingerprint": self.fingerprint}
+        base = {**meta, "object": obj}
         choices: dict[int, Choice] = {}
         usage = Usage(head.prompt_tokens)
 
@@ -530,8 +583,8 @@ class Ingress:
                     yield chunk(piece)
             if not failed and choices:
                 body = usage.body(choices, spec.n)
-                self.metrics.finished(body["prompt_tokens"], body["completion_tokens"], ttft,
-                                      time.monotonic() - start)
+                self.metrics.finished(meta["model"], body["prompt_tokens"],
+                                      body["completion_tokens"], ttft, time.monotonic() - start)
                 if include_usage:
                     yield sse({**base, "choices": [], "usage": body})
             yield sse("[DONE]")

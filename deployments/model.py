@@ -1,10 +1,12 @@
-"""Model replicas: the control plane of an engine core, pinned to GPU (model) nodes.
+"""Model replicas: the control plane of an engine core, on GPU (model) nodes, or on Kunpeng
+nodes for a CPU pool.
 
 The engine itself runs in its own process (cluster/engine/core.py) and talks to the
 frontends directly over ZMQ; this Serve actor starts it, publishes its address to the
 routers (`record_replica_metadata`), reports its load and cache (`record_routing_stats`,
 `record_autoscaling_stats`), exports its metrics and answers Serve's health checks, so that
-a core that died, stalled or lost a tensor-parallel peer gets its replica replaced.
+a core that died, stalled or lost a tensor-parallel peer gets its replica replaced. A CPU
+pool's replica runs its engine on the CPU, pinned to cores of its own (cluster/cpu_cores.py).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import logging
 import os
 import resource
 from collections import deque
+from contextlib import nullcontext
 
 import ray
 from ray import serve
 
-from cluster.config import AppConfig
+from cluster.config import CPU, GPU, AppConfig, cpu_engine
+from cluster.cpu_cores import CoreShare
 from cluster.engine.core_process import CoreProcess
 from cluster.engine.engine import EngineStats
 from cluster.stage_metrics import EngineMetrics, base_tags
@@ -36,8 +40,16 @@ def rss_mb(pid: int | None = None) -> float:
 
 @serve.deployment(name="ModelReplica")
 class ModelReplica:
-    def __init__(self, config: dict):
+    """`config`: its model's one-model config; `pool`: gpu (model_pool) or cpu (cpu_pool)."""
+
+    def __init__(self, config: dict, pool: str = GPU):
         cfg = AppConfig.model_validate(config)
+        self.pool, self.cores = pool, None
+        if pool == CPU:
+            self.cores = CoreShare.claim(cfg.cpu_pool.num_cpus, cfg.cpu_pool.pin_threads)
+            engine = cpu_engine(cfg.engine, cfg.cpu_pool)
+            engine.torch_threads = self.cores.threads
+            cfg = cfg.model_copy(update={"engine": engine})
         self.cfg = cfg
         self.node_labels = ray.get_runtime_context().get_node_labels()
         rank = serve.get_replica_context().rank
@@ -46,15 +58,18 @@ class ModelReplica:
         if rank in cfg.engine.slow_replica_ranks:  # benchmarks of uneven replicas only
             delay = cfg.engine.slow_step_delay_s
             log.warning("replica rank %s throttled: +%.3f s per step", rank, delay)
-        self.core = CoreProcess(cfg, ray.util.get_node_ip_address(), delay)
+        with self.cores.applied() if self.cores else nullcontext():
+            self.core = CoreProcess(cfg, ray.util.get_node_ip_address(), delay)
         self.fault_injection = cfg.engine.fault_injection
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         replica = serve.get_replica_context().replica_tag
         self.metrics = EngineMetrics(base_tags(cfg.model.name, replica))
         self.core.on_stats = self._record
-        log.info("model replica on node %s (labels %s): engine core pid %d at %s",
-                 ray.get_runtime_context().get_node_id()[:8], self.node_labels,
-                 self.core.pid, self.core.addr)
+        log.info("model replica (%s pool) on node %s (labels %s): engine core pid %d at %s%s",
+                 pool, ray.get_runtime_context().get_node_id()[:8], self.node_labels,
+                 self.core.pid, self.core.addr,
+                 f", {self.cores.threads} threads on cores {self.cores.cpus}"
+                 if self.cores else "")
 
     def record_replica_metadata(self) -> dict:
         """Read by the routers once the replica is ready: where its engine core listens."""
@@ -120,7 +135,9 @@ class ModelReplica:
     def stats(self) -> dict:
         return {**self.core.stats.get("snapshot", {}), "device": self.core.stats.get("device"),
                 "node_id": ray.get_runtime_context().get_node_id(),
-                "node_labels": self.node_labels}
+                "node_labels": self.node_labels, "pool": self.pool,
+                "torch_threads": self.cfg.engine.torch_threads,
+                "cpus": self.cores.cpus if self.cores and self.cores.pinned else None}
 
     def __del__(self):
         core = getattr(self, "core", None)

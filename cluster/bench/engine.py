@@ -27,6 +27,7 @@ import torch
 
 from cluster.bench.progress import progress
 from cluster.config import DEFAULT_MODEL_DIR, EngineConfig
+from cluster.deepseek_shapes import DEEPSEEK_SHAPES
 from cluster.engine.engine import LLMEngine
 from cluster.engine.sequence import SamplingParams
 
@@ -45,6 +46,7 @@ PRESETS = {
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         "hidden_act": "silu", "torch_dtype": "bfloat16"},
+    **DEEPSEEK_SHAPES,  # deepseek-v2-lite, deepseek-v3-tiny
 }
 
 
@@ -161,6 +163,8 @@ def run_hf(hf, device: str, prompts, out_lens) -> dict:
     try:
         res = hf.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
         produced = sum(len(r.generated_tokens) for r in res.values())
+        if not produced:  # its requests failed inside (DeepSeek's MLA has no paged cache there)
+            raise RuntimeError("generate_batch produced no tokens")
         mode = "generate_batch (paged|sdpa)"
     except Exception as err:  # older transformers, or CPU: one generate per prompt
         mode = f"generate per prompt ({type(err).__name__} in generate_batch)"
@@ -209,6 +213,29 @@ def greedy_within(hf, device: str, prompt: list[int], got: list[int], tol: float
     implementations; a real bug picks tokens far from the best."""
     gap, scale = greedy_gap(hf, device, prompt, got)
     return gap <= allowed_gap(tol, scale)
+
+
+@torch.inference_mode()
+def teacher_forced_logits(engine: LLMEngine, tokens: list[int]) -> torch.Tensor:
+    """Our logits at every position of `tokens` (float32), in one prefill into KV blocks
+    0..; so only on an idle engine without a prefix cache (whose blocks hold nothing)."""
+    from cluster.engine.model_runner import StepInputs
+
+    assert not engine.has_work() and not engine.cfg.enable_prefix_caching
+    runner, n = engine.runner, len(tokens)
+    blocks = list(range(-(-n // runner.block_size)))
+    inp = StepInputs(list(tokens), list(range(n)), list(range(n)), [blocks], [0, n], [n], [0],
+                     scored=[(0, 1, n - 1)])
+    out = runner.execute(inp)  # the last position's row first, then positions 0..n-2
+    return torch.cat([out[1:], out[:1]])
+
+
+@torch.inference_mode()
+def logit_error(ref, device: str, engine: LLMEngine, tokens: list[int]) -> float:
+    """Relative L2 distance of our logits from the reference model's over `tokens`."""
+    want = ref(torch.tensor([tokens], device=device)).logits[0].float()
+    got = teacher_forced_logits(engine, tokens).to(want.device)
+    return float((got - want).norm() / want.norm())
 
 
 def _measure(engine: LLMEngine, prompts, out_lens, check) -> dict:
@@ -286,7 +313,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="qwen2.5-0.5b",
-                    help="qwen2.5-0.5b | llama3.1-8b | default | a checkpoint folder")
+                    help="qwen2.5-0.5b | llama3.1-8b | deepseek-v2-lite | deepseek-v3-tiny | "
+                    "default | a checkpoint folder")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--num-prompts", type=int, default=256)
@@ -303,6 +331,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--tp", type=int, default=1, help="compare TP=N with TP=1 (Ray actors)")
     ap.add_argument("--dp", action="store_true", help="with --tp N: also N TP=1 replicas")
+    ap.add_argument("--quantization", choices=["int8", "fp8"], default=None,
+                    help="engine.quantization (the check and errors are against fp32)")
+    ap.add_argument("--quantize-lm-head", action="store_true")
+    ap.add_argument("--fp8-emulation", action="store_true", help="fp8 without FP8 matmuls")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--profile", action="store_true", help="top CUDA kernels of decode steps")
     args = ap.parse_args(argv)
@@ -336,6 +368,7 @@ def main(argv=None) -> int:
     hf.eval()
     prompts, out_lens = workload(args, hf_cfg.vocab_size)
     result: dict = {"preset": args.preset, "device": args.device, "dtype": dtype_name,
+                    "quantization": args.quantization,
                     "num_prompts": len(prompts),
                     "input_tokens": sum(map(len, prompts)), "output_len": args.output_len}
 
@@ -349,18 +382,22 @@ def main(argv=None) -> int:
     cfg = EngineConfig(device=args.device, dtype=dtype_name, max_model_len=args.max_model_len,
                        max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
-                       cuda_graphs=not args.no_cuda_graphs, torch_threads=None)
+                       cuda_graphs=not args.no_cuda_graphs, torch_threads=None,
+                       quantization=args.quantization, quantize_lm_head=args.quantize_lm_head,
+                       fp8_emulation=args.fp8_emulation)
     # The check runs on an engine holding transformers' weights and a small KV cache. The
     # timed engine is built after transformers is freed, so that its KV cache is sized as in
     # a replica (an 8B model alive beside it would take 16 GB of it); a shape preset gets
     # seeded random weights there (speed does not depend on the values), a checkpoint its own.
     checker = LLMEngine(folder, cfg.model_copy(update={
         "num_kv_blocks": -(-args.max_model_len // cfg.block_size) + 64,
-        "max_num_seqs": max(1, len(check))}), weights=list(hf.state_dict().items()))
+        "max_num_seqs": max(1, len(check)), "enable_prefix_caching": False}),
+        weights=list(hf.state_dict().items()))
     del hf
     got = checker.generate(check, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     matched = [g == e for g, e in zip(got, expected, strict=True)]
-    tol = 0.0 if dtype_name == "float32" else 0.1
+    # quantized: as bf16 (its rounding errors are of that order), judged in fp32 all the same
+    tol = 0.0 if dtype_name == "float32" and not args.quantization else 0.1
     # Judged by the model in fp32: in bf16 our tokens must be within tol of its best logit,
     # or at worst as close as transformers' own bf16 tokens are (rounding over many layers
     # moves both implementations off the fp32 picks; a wrong kernel moves far more).
@@ -372,6 +409,8 @@ def main(argv=None) -> int:
     # a failed request ends short: that is wrong however close its few tokens are
     within = [len(g) == 32 and gap <= max(allowed_gap(tol, scale), hf_gap)
               for g, (gap, scale), hf_gap in zip(got, gaps, own, strict=True)]
+    errors = [logit_error(ref, args.device, checker, p + g) for p, g in zip(check, got,
+                                                                             strict=True)]
     del ref, checker
     if args.device == "cuda":
         torch.cuda.empty_cache()
@@ -388,13 +427,16 @@ def main(argv=None) -> int:
                        "within_tol": sum(within), "tol": tol,
                        "max_logit_gap": max(g for g, _ in gaps),
                        "transformers_max_logit_gap": max(own),
-                       "logit_scale": max(s for _, s in gaps)}
+                       "logit_scale": max(s for _, s in gaps),
+                       "logit_rel_err_vs_fp32": max(errors)}
     result["correct"] = correct
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         e, b = result["engine"], result.get("baseline")
-        print(f"{args.preset} on {args.device} ({dtype_name}), {len(prompts)} prompts")
+        quantized = f", {args.quantization}" if args.quantization else ""
+        print(f"{args.preset} on {args.device} ({dtype_name}{quantized}), {len(prompts)} "
+              "prompts")
         print(f"  tandem engine   {e['output_tok_s']:10.1f} output tok/s  "
               f"{e['total_tok_s']:10.1f} total tok/s  TTFT p50 {e['ttft_ms_p50']:.1f} ms  "
               f"ITL p50 {e['itl_ms_p50']:.2f} ms p99 {e['itl_ms_p99']:.2f} ms  "

@@ -51,10 +51,12 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str | lis
             "ignore_eos": True, "stream_options": {"include_usage": True}, **(extra or {})}
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     t0 = time.perf_counter()
-    stamps, out_tokens, error = [], 0, None
+    stamps, out_tokens, error, pool, route = [], 0, None, None, None
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body,
                                  headers=headers) as r:
+            # which of the model's pools served it, and why (hybrid routing)
+            pool, route = r.headers.get("x-tandem-pool"), r.headers.get("x-tandem-route")
             if r.status_code != 200:
                 error = f"HTTP {r.status_code}"
                 await r.aread()
@@ -74,7 +76,7 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str | lis
     end = time.perf_counter()
     return {"error": error, "ttft": stamps[0] - t0 if stamps else None, "e2e": end - t0,
             "itl": list(np.diff(stamps)) if len(stamps) > 1 else [], "out": out_tokens,
-            "events": len(stamps)}
+            "events": len(stamps), "pool": pool, "route": route}
 
 
 def pcts(xs: list[float]) -> dict:

@@ -11,7 +11,9 @@ import torch
 
 from cluster.arch import context_length
 from cluster.config import EngineConfig
+from cluster.engine import quant
 from cluster.engine.block_manager import BlockManager
+from cluster.engine.deepseek import DEEPSEEK_TP_REFUSED
 from cluster.engine.model import ModelArch
 from cluster.engine.model_runner import DTYPES, Launched, ModelRunner
 from cluster.engine.sampler import NAN_TOKEN
@@ -92,10 +94,14 @@ def build_runner(model_dir: str, cfg: EngineConfig, weights, init_group=None) ->
     if device.type == "cpu" and cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     tp = init_group(device) if init_group else None
+    fp8_native = quant.check_supported(cfg, device, arch)  # before loading any weight
     torch.manual_seed(cfg.seed)
-    return ModelRunner(model_dir, arch, device, DTYPES[resolve_dtype(cfg, device)],
-                       resolve_max_model_len(arch, cfg), cfg.block_size, weights, tp,
-                       cfg.cpu_attention_kernel)
+    runner = ModelRunner(model_dir, arch, device, DTYPES[resolve_dtype(cfg, device)],
+                         resolve_max_model_len(arch, cfg), cfg.block_size, weights, tp,
+                         cfg.cpu_attention_kernel)
+    if cfg.quantization:
+        quant.quantize_model(runner.model, cfg, fp8_native)
+    return runner
 
 
 def resolve_max_model_len(arch: ModelArch, cfg: EngineConfig) -> int:
@@ -115,6 +121,8 @@ class LLMEngine:
         dtype = resolve_dtype(cfg, self.device)
         self.max_model_len = resolve_max_model_len(self.arch, cfg)
         peers, init_group = None, None
+        if cfg.tensor_parallel_size > 1 and self.arch.deepseek is not None:
+            raise ValueError(DEEPSEEK_TP_REFUSED)  # before any peer is launched
         if cfg.tensor_parallel_size > 1:
             from cluster.engine.tp_workers import Peers
             from cluster.engine.tp_workers import init_group as join

@@ -1,4 +1,5 @@
-"""Loads Hugging Face safetensors checkpoints into CausalLM, fusing q/k/v and gate/up."""
+"""Loads Hugging Face safetensors checkpoints into CausalLM, fusing q/k/v and gate/up
+(DeepSeek's checkpoints: deepseek_loader.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from cluster.engine.deepseek_loader import load_deepseek_weights
 from cluster.engine.model import CausalLM
 
 # checkpoint name piece -> (our fused parameter, shard index among its parts)
@@ -32,6 +34,8 @@ def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, object]]:
 def load_weights(model: CausalLM, weights: Iterable[tuple[str, object]],
                  source: str = "checkpoint") -> None:
     """Copies Hugging Face-named tensors (from files or a live HF model) into our model."""
+    if model.arch.deepseek is not None:
+        return load_deepseek_weights(model, weights, source)
     params = dict(model.named_parameters(remove_duplicate=False))
     arch = model.arch
     lay, tp = model.layout, model.tp

@@ -14,6 +14,8 @@ from cluster.engine.attention import (
     paged_decode_gather,
     store_kv,
 )
+from cluster.engine.deepseek import DeepseekForCausalLM
+from cluster.engine.deepseek_loader import synthetic_deepseek_weights
 from cluster.engine.loader import iter_checkpoint, load_weights
 from cluster.engine.model import AttentionBackend, CausalLM, ModelArch, Ops
 from cluster.engine.parallel import TP
@@ -184,26 +186,32 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.graphs: dict[int, DecodeGraph] = {}
         self.clock = StepClock(device.type == "cuda")
+        # DeepSeek: multi-head latent attention over a compressed cache, mixture of experts
+        self.mla = arch.deepseek is not None
         torch.set_default_dtype(dtype)
         try:
             with torch.device(device):
-                self.model = CausalLM(arch, max_model_len, self.tp)
+                self.model = (DeepseekForCausalLM if self.mla else CausalLM)(
+                    arch, max_model_len, self.tp)
         finally:
             torch.set_default_dtype(torch.float32)
         if isinstance(weights, str) and weights.startswith("synthetic"):
             # benchmarks of a model shape need no checkpoint; seeded per tensor name so that
             # every rank (and a TP=1 run) derives the same full tensors, then keeps its slice
             seed = int(weights.partition(":")[2] or 0)
-            load_weights(self.model, synthetic_weights(self.model, seed), weights)
+            synthetic = synthetic_deepseek_weights if self.mla else synthetic_weights
+            load_weights(self.model, synthetic(self.model, seed), weights)
         else:
             load_weights(self.model, weights or iter_checkpoint(model_dir), model_dir)
         self.model.eval()
-        if device.type == "cpu" and dtype == torch.float32 and cpu_kernel:
+        # MLA attends over its latent cache in plain PyTorch on every device (deepseek.py):
+        # the C++ decode kernel and the Triton kernels read per-head K/V caches
+        if not self.mla and device.type == "cpu" and dtype == torch.float32 and cpu_kernel:
             from cluster.engine import cpu_kernels
 
             if arch.head_dim in cpu_kernels.HEAD_DIMS and cpu_kernels.load() is not None:
                 self.model.backend = AttentionBackend(cpu_kernels.paged_decode)
-        if device.type == "cuda":
+        if device.type == "cuda" and not self.mla:
             try:
                 self.model.backend = TritonBackend()
                 Ops.use_triton()
@@ -218,6 +226,9 @@ class ModelRunner:
 
     def kv_bytes_per_block(self) -> int:
         a = self.arch
+        if self.mla:  # one [latent, k_pe] entry per token and layer, shared by all heads
+            return a.num_layers * self.block_size * a.deepseek.cache_dim * \
+                torch.tensor([], dtype=self.dtype).element_size()
         return 2 * a.num_layers * self.block_size * self.model.layout.kv_heads * a.head_dim * \
             torch.tensor([], dtype=self.dtype).element_size()
 
@@ -225,6 +236,13 @@ class ModelRunner:
         a = self.arch
         # one extra block that no sequence owns: padded rows of a CUDA graph write there
         self.pad_slot = num_blocks * self.block_size
+        if self.mla:
+            cache = torch.zeros((a.num_layers, num_blocks + 1, self.block_size,
+                                 a.deepseek.cache_dim), dtype=self.dtype, device=self.device)
+            for i, layer in enumerate(self.model.layers):
+                layer.self_attn.kv_cache = cache[i]
+            self.k_caches, self.v_caches = list(cache), []
+            return
         shape = (a.num_layers, num_blocks + 1, self.block_size, self.model.layout.kv_heads,
                  a.head_dim)
         k = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -414,6 +432,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_decode_graphs(self, max_num_seqs: int) -> None:
+        if self.mla:  # MoE reads its expert counts on the host and MLA its context lengths
+            log.info("no decode CUDA graphs for MLA/MoE models yet: eager decode")
+            return
         sizes = sorted(set(self.graph_sizes(max_num_seqs)))
         max_bs = sizes[-1]
         max_blocks = -(-self.max_model_len // self.block_size)
