@@ -53,7 +53,8 @@ if __name__ == "__main__":
 """
 
 
-def run_vllm(python: str, model: str, prompts, out_len: int, conc: int) -> dict:
+def run_vllm(python: str, model: str, prompts, out_len: int, conc: int,
+             base_env: dict[str, str]) -> dict:
     with tempfile.TemporaryDirectory() as d:
         spec = os.path.join(d, "spec.json")
         script = os.path.join(d, "worker.py")
@@ -62,7 +63,7 @@ def run_vllm(python: str, model: str, prompts, out_len: int, conc: int) -> dict:
                        "concurrency": conc, "max_model_len": 1024}, f)
         with open(script, "w") as f:
             f.write(VLLM_WORKER)
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
+        env = {**base_env, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
         p = subprocess.run([python, script, spec], capture_output=True, text=True, env=env,
                            timeout=1800)
         line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -100,6 +101,10 @@ def main(argv=None) -> int:
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    # ours as the engine core runs (core_process.core_env; read when torch loads, below);
+    # vLLM keeps its own settings
+    peer_env = dict(os.environ)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.model == str(DEFAULT_MODEL_DIR):
         from cluster.model_init import build
 
@@ -112,7 +117,7 @@ def main(argv=None) -> int:
         with stdout_to_stderr():
             ours = run_tandem(args.model, prompts, args.output_len, c, args.threads)
             peer = None if args.skip_peer else run_vllm(args.vllm_python, args.model, prompts,
-                                                        args.output_len, c)
+                                                        args.output_len, c, peer_env)
         row = {"concurrency": c, "requests": n,
                "tandem_tok_s": n * args.output_len / ours["elapsed_s"]}
         if peer is not None:
