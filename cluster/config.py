@@ -256,6 +256,14 @@ class ModelEntry(Strict):
         return self.engine if pool == GPU else cpu_engine(self.engine, self.cpu_pool)
 
 
+class CanaryConfig(ModelEntry):
+    """A new version of one served model (its `model.name`) beside the running one: its own
+    replicas (deployments suffixed `-canary`), given `share` of that model's new requests."""
+
+    share: float = Field(0.0, ge=0, le=1, description="the share of new requests it gets "
+                         "(sticky per `user` or `x-tandem-session`, random without one)")
+
+
 class AppConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="the checkpoint served")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="the engine of "
@@ -277,6 +285,8 @@ class AppConfig(Strict):
                                  "frontend picks a model replica for a request")
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="what the "
                                    "frontends admit: API keys, limits, deadlines, migration")
+    canary: CanaryConfig | None = Field(None, description="a canary release of one model "
+                                        "(see Canary releases); null: none")
 
 
     @model_validator(mode="after")

@@ -12,7 +12,15 @@ from __future__ import annotations
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from cluster.config import GPU, AppConfig, ModelEntry, Pool, PoolConfig, parse_app_config
+from cluster.config import (
+    GPU,
+    AppConfig,
+    ConfigError,
+    ModelEntry,
+    Pool,
+    PoolConfig,
+    parse_app_config,
+)
 from deployments.ingress import Ingress
 from deployments.model import ModelReplica
 
@@ -89,10 +97,16 @@ def routing(cfg: AppConfig, block_size: int, deployment: str) -> dict:
         request_routing_stats_period_s=r.stats_period_s)}
 
 
-def model_pool(cfg: AppConfig, entry: ModelEntry, pool: str) -> Application:
-    """One pool of one model: a ModelReplica deployment given that model's config."""
+def canary_name(cfg: AppConfig, pool: str) -> str:
+    return cfg.deployment(cfg.canary, pool) + "-canary"
+
+
+def model_pool(cfg: AppConfig, entry: ModelEntry, pool: str, name: str | None = None
+               ) -> Application:
+    """One pool of one model: a ModelReplica deployment given that model's config (without
+    the canary's: adding or removing one leaves the running replicas as they are)."""
     spec = entry.model_pool if pool == GPU else entry.cpu_pool
-    name, engine = cfg.deployment(entry, pool), entry.engine_of(pool)
+    name, engine = name or cfg.deployment(entry, pool), entry.engine_of(pool)
     return ModelReplica.options(
         name=name,
         **sizing(spec, drain_s=60.0),
@@ -102,18 +116,25 @@ def model_pool(cfg: AppConfig, entry: ModelEntry, pool: str) -> Application:
         **model_placement(spec, engine.tensor_parallel_size),
         **spread(spec),
         **routing(cfg, engine.block_size, name),
-    ).bind(cfg.of_model(entry).model_dump(), pool)
+    ).bind(cfg.of_model(entry).model_copy(update={"canary": None}).model_dump(), pool)
 
 
 def build(cfg: AppConfig) -> Application:
     pools = {e.model.name: {p: model_pool(cfg, e, p) for p in e.pools()} for e in cfg.served()}
+    canary, canary_pools = cfg.canary, None
+    if canary is not None:
+        if canary.model.name not in pools:
+            raise ConfigError(f"canary.model.name: {canary.model.name!r} is not a served model "
+                              f"({', '.join(pools)})")
+        canary_pools = {p: model_pool(cfg, canary, p, canary_name(cfg, p))
+                        for p in canary.pools()}
     return Ingress.options(
         **sizing(cfg.frontend_pool, drain_s=30.0),
         max_ongoing_requests=cfg.frontend_pool.max_ongoing_requests,
         logging_config=QUIET,
         ray_actor_options=actor_options(cfg.frontend_pool),
         **spread(cfg.frontend_pool),
-    ).bind(cfg.model_dump(), pools)
+    ).bind(cfg.model_dump(), pools, canary_pools)
 
 
 def app(args: dict) -> Application:

@@ -41,6 +41,7 @@ from cluster.protocol import (
     validation_error,
 )
 from cluster.render import Choice, ChoiceSpec, Usage
+from cluster.rollout import CANARY, STABLE, session_key, to_canary
 from cluster.stage_metrics import TokenizerMetrics, base_tags
 from cluster.structured import GrammarSpec
 
@@ -147,9 +148,11 @@ def tenant_salt(api_key: str | None, asked: str | None) -> str:
 class ServedModel:
     """One model behind this frontend: its generations (tokenizer, pools) and settings."""
 
-    def __init__(self, cfg: AppConfig, pools: dict[str, DeploymentHandle], replica_tag: str):
+    def __init__(self, cfg: AppConfig, pools: dict[str, DeploymentHandle], replica_tag: str,
+                 version: str = STABLE):
         self.cfg = cfg  # its one-model config
         self.name = cfg.model.name
+        self.version = version
         self.generations = Generations(cfg, pools)
         self.generations.metrics = TokenizerMetrics(base_tags(self.name, replica_tag))
         self.grammar_tokenizer = None  # llguidance's view of the vocabulary, built on demand
@@ -178,9 +181,11 @@ class ServedModel:
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    """`pools`: per model name, its deployments' handles by pool (gpu, cpu)."""
+    """`pools`: per model name, its deployments' handles by pool (gpu, cpu); `canary`: the
+    canary's (config `canary`), serving that model's name beside it."""
 
-    def __init__(self, config: dict, pools: dict[str, dict[str, DeploymentHandle]]):
+    def __init__(self, config: dict, pools: dict[str, dict[str, DeploymentHandle]],
+                 canary: dict[str, DeploymentHandle] | None = None):
         self.cfg = AppConfig.model_validate(config)
         # names the frontend that answered (x-tandem-frontend): logs and fault tests
         self.replica_tag = serve.get_replica_context().replica_tag
@@ -188,6 +193,10 @@ class Ingress:
                                                  self.replica_tag)
                        for e in self.cfg.served()}
         self.default = next(iter(self.models.values()))  # a request that names none
+        c = self.cfg.canary
+        self.canary = None if c is None else ServedModel(
+            self.cfg.of_model(c).model_copy(update={"canary": None}), canary,
+            self.replica_tag, CANARY)
         self.metrics = IngressMetrics(self.default.name)
         self.cpu_mark = (time.process_time(), time.monotonic())
         ing = self.cfg.ingress
@@ -243,6 +252,13 @@ class Ingress:
         if self.cfg.router.policy != "serve_default":  # Serve's own router reports no loads
             body["pools"] = m.pools()
         return body
+
+    def _version(self, m: ServedModel, request: Request, user: str | None) -> ServedModel:
+        """The version of `m` that serves a new request: the canary for its share."""
+        c = self.canary
+        if c is None or c.name != m.name:
+            return m
+        return c if to_canary(session_key(request.headers, user), self.cfg.canary.share) else m
 
     def _model(self, name: str | None) -> ServedModel:
         """The model a request names (none: the first one)."""
@@ -351,7 +367,7 @@ class Ingress:
         m = None
         try:
             req, key = await self._parse(request, model)
-            m = self._model(req.model)
+            m = self._version(self._model(req.model), request, req.user)
             req.check()
             deadline = self._deadline(request)
             gen, spec = self._to_engine(m, req, kind, tenant_salt(key, req.cache_salt))
@@ -361,7 +377,8 @@ class Ingress:
                 raise APIError("the server is at capacity; retry shortly", 429,
                                "rate_limit_error", code="server_busy")
         except APIError as err:
-            self.metrics.request(endpoint, err.status, m and m.name)
+            self.metrics.request(endpoint, err.status, m and m.name,
+                                 m.version if m else STABLE)
             resp = error_response(err)
             if err.status == 429:
                 resp.headers["Retry-After"] = "1"
@@ -369,6 +386,7 @@ class Ingress:
         try:
             resp = await self._generate(m, req, gen, spec, endpoint, deadline, ticket)
             resp.headers["x-tandem-frontend"] = self.replica_tag
+            resp.headers["x-tandem-version"] = m.version
             return resp
         except BaseException:  # includes the cancellation of a client that went away
             self.gate.leave(ticket)
@@ -394,7 +412,7 @@ class Ingress:
                     continue
                 if head.error:
                     self.gate.leave(ticket)
-                    self.metrics.request(endpoint, head.status, m.name)
+                    self.metrics.request(endpoint, head.status, m.name, m.version)
                     return JSONResponse(head.error, status_code=head.status)
                 if head.route is not None:
                     self.metrics.routed(m.name, head.pool, head.route)
@@ -403,7 +421,7 @@ class Ingress:
                 meta = {"id": gen.request_id, "created": int(time.time()), "model": m.name,
                         "system_fingerprint": m.fingerprint}
                 if req.stream:
-                    self.metrics.request(endpoint, 200, m.name)
+                    self.metrics.request(endpoint, 200, m.name, m.version)
 
                     def release(stream=stream) -> None:
                         self.gate.leave(ticket)
@@ -413,15 +431,16 @@ class Ingress:
                     return OwnedStream(
                         self._sse(stream, meta, spec, head, start, deadline, ticket,
                                   req.include_usage(),
-                                  bool(opts and opts.continuous_usage_stats)),
+                                  bool(opts and opts.continuous_usage_stats), m.version),
                         release, media_type="text/event-stream", headers=routed)
-                status, body = await self._collect(stream, meta, spec, head, start, deadline)
+                status, body = await self._collect(stream, meta, spec, head, start, deadline,
+                                                   m.version)
                 if status in RETRYABLE and attempt == 0:
                     stream.cancel()
                     gen = replace(gen, request_id=new_id(kind))
                     continue
                 self.gate.leave(ticket)
-                self.metrics.request(endpoint, status, m.name)
+                self.metrics.request(endpoint, status, m.name, m.version)
                 return JSONResponse(body, status_code=status, headers=routed)
         except BaseException:  # a client that left mid-request: its generation ends too
             if stream is not None:
@@ -532,7 +551,7 @@ class Ingress:
                 return
 
     async def _collect(self, stream, meta: dict, spec: ChoiceSpec, head: TextDelta,
-                       start: float, deadline: float) -> tuple[int, dict]:
+                       start: float, deadline: float, version: str) -> tuple[int, dict]:
         choices: dict[int, Choice] = {}
         ttft = None
         async for d in self._deltas(stream, deadline):
@@ -542,7 +561,8 @@ class Ingress:
             choices.setdefault(d.index, Choice(spec, d.index)).add(d)
         usage = Usage(head.prompt_tokens).body(choices, spec.n)
         self.metrics.finished(meta["model"], usage["prompt_tokens"],
-                              usage["completion_tokens"], ttft, time.monotonic() - start)
+                              usage["completion_tokens"], ttft, time.monotonic() - start,
+                              version)
         obj = "chat.completion" if spec.kind == "chat" else "text_completion"
         return 200, {**meta, "object": obj,
                      "choices": [choices[i].final() for i in sorted(choices)],
@@ -550,7 +570,7 @@ class Ingress:
 
     async def _sse(self, stream, meta: dict, spec: ChoiceSpec, head: TextDelta,
                    start: float, deadline: float, ticket: int, include_usage: bool,
-                   continuous: bool) -> AsyncIterator[str]:
+                   continuous: bool, version: str) -> AsyncIterator[str]:
         chat = spec.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
         base = {**meta, "object": obj}
@@ -584,7 +604,8 @@ class Ingress:
             if not failed and choices:
                 body = usage.body(choices, spec.n)
                 self.metrics.finished(meta["model"], body["prompt_tokens"],
-                                      body["completion_tokens"], ttft, time.monotonic() - start)
+                                      body["completion_tokens"], ttft,
+                                      time.monotonic() - start, version)
                 if include_usage:
                     yield sse({**base, "choices": [], "usage": body})
             yield sse("[DONE]")
