@@ -50,9 +50,13 @@ async def ask(client: httpx.AsyncClient, url: str, stream: bool, max_tokens: int
                       frontend=frontend)
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         frontend = r.headers.get("x-tandem-frontend")
-        if r.status_code != 200:
-            return Answer(r.status_code, error=json.loads(await r.aread()).get("error"),
-                          frontend=frontend)
+        if r.status_code != 200:  # the proxy's plain-text 500 for a frontend that died
+            body = (await r.aread()).decode(errors="replace")
+            try:
+                return Answer(r.status_code, error=json.loads(body).get("error"),
+                              frontend=frontend)
+            except ValueError:
+                return Answer(r.status_code, error={"message": body}, frontend=frontend)
         ans = Answer(200, frontend=frontend)
         try:
             async for line in r.aiter_lines():
