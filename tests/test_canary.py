@@ -5,7 +5,6 @@ version's metrics, and removing the canary fails no request."""
 from __future__ import annotations
 
 import math
-import threading
 
 import httpx
 import pytest
@@ -72,37 +71,3 @@ def test_the_split_follows_the_share_and_sticks_per_key(canary_url):
     assert canary.requests >= want and canary.errors == 0 == stable.errors
     assert canary.requests + stable.requests >= 60 + 10 + n
     assert canary.ttft.count == canary.requests and canary.itl.count == canary.requests
-
-
-def test_removing_the_canary_fails_no_request(canary_url, app_config):
-    from ray import serve
-
-    from deployments.app import build
-
-    failures: list[str] = []
-    versions: list[str] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with httpx.Client() as http:
-            while not stop.is_set():
-                try:
-                    versions.append(ask(http, canary_url))
-                except (AssertionError, httpx.HTTPError) as err:
-                    failures.append(repr(err))
-
-    threads = [threading.Thread(target=load) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
-        serve.run(build(config_with(app_config[1], None)), name="canary", route_prefix=PREFIX)
-        status = serve.status().applications["canary"].deployments
-        assert not [d for d in status if d.endswith("-canary")]
-        with httpx.Client() as http:
-            assert {ask(http, canary_url) for _ in range(10)} == {STABLE}
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    assert not failures, failures[:3]
-    assert CANARY in versions and len(versions) > 10
