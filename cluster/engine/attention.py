@@ -76,23 +76,17 @@ def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     one SDPA each. A per-sequence loop over decode rows costs a gather and an SDPA call per
     sequence per layer, which at batch 64 was 70% of a step."""
     nd = meta.num_decodes
-    if kernel is not None and nd:  # cpu_kernels.paged_decode: K/V read in place
-        out = torch.empty_like(q)
-        out[:nd] = kernel(q[:nd], k_cache, v_cache, block_tables[:nd],
-                          meta.context_lens[:nd], scale)
-        if nd < len(meta.context_lens_host):
-            cu = meta.cu_seqlens_q_host
-            out[nd:] = paged_attention_ref(q[nd:], k_cache, v_cache, block_tables[nd:],
-                                           [c - cu[nd] for c in cu[nd:]],
-                                           meta.context_lens_host[nd:], scale)
-        return out
-    if nd < 2:
+    if nd < 2 and (kernel is None or not nd):
         return paged_attention_ref(q, k_cache, v_cache, block_tables, meta.cu_seqlens_q_host,
                                    meta.context_lens_host, scale)
     out = torch.empty_like(q)
-    _batched_decode(q[:nd], k_cache, v_cache, block_tables[:nd],
-                    meta.context_lens_host[:nd], scale, out[:nd])
-    if nd < len(meta.context_lens_host):
+    if kernel is not None:  # cpu_kernels.paged_decode: K/V read in place
+        out[:nd] = kernel(q[:nd], k_cache, v_cache, block_tables[:nd],
+                          meta.context_lens[:nd], scale)
+    else:
+        _batched_decode(q[:nd], k_cache, v_cache, block_tables[:nd],
+                        meta.context_lens_host[:nd], scale, out[:nd])
+    if nd < len(meta.context_lens_host):  # the prefill chunks after the decode rows
         cu = meta.cu_seqlens_q_host
         out[nd:] = paged_attention_ref(q[nd:], k_cache, v_cache, block_tables[nd:],
                                        [c - cu[nd] for c in cu[nd:]],
