@@ -93,13 +93,15 @@ def _supervise(doc: dict, cfg, args) -> int:
     try:
         ray.init(address=cluster.address)
         STATE.write_text(json.dumps({"pid": os.getpid(), "ready": False, "url": None,
-                                     "ray_address": cluster.address}))
+                                     "ray_address": cluster.address,
+                                     "config": str(Path(args.config).resolve())}))
         url = local_cluster.deploy(doc, cfg)
         token = RUN_DIR / "ray_auth_token"
         token.write_text(os.environ["RAY_AUTH_TOKEN"])
         token.chmod(0o600)
         STATE.write_text(json.dumps({"pid": os.getpid(), "ready": True, "url": url,
-                                     "ray_address": cluster.address}))
+                                     "ray_address": cluster.address,
+                                     "config": str(Path(args.config).resolve())}))
         print(f"serving at {url}/v1", flush=True)
         while not stop:
             time.sleep(0.5)
@@ -134,6 +136,59 @@ def cmd_stop(args) -> int:
     return 0
 
 
+def _connect() -> dict | None:
+    """Joins the cluster of `tandem up` (its state file); None when none runs."""
+    if not STATE.exists() or not json.loads(STATE.read_text()).get("ready"):
+        print("no local tandem cluster is running (`tandem up` first)", file=sys.stderr)
+        return None
+    import ray
+
+    state = json.loads(STATE.read_text())
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = (RUN_DIR / "ray_auth_token").read_text().strip()
+    ray.init(address=state["ray_address"], logging_level="ERROR", log_to_driver=False)
+    return state
+
+
+def cmd_rollout(args) -> int:
+    from cluster import rollout_controller as rc
+    from cluster.config import ConfigError, load_serve_config
+    from cluster.rollout import RolloutPlan, load_plan
+
+    if args.action == "start":
+        try:
+            new_doc, _ = load_serve_config(args.config)
+            plan = load_plan(args.plan) if args.plan else RolloutPlan()
+        except ConfigError as err:
+            print(err, file=sys.stderr)
+            return 2
+    state = _connect()
+    if state is None:
+        return 1
+    import ray
+
+    doc, _ = load_serve_config(state["config"])
+    app = rc.tandem_app(doc)["name"]
+    if args.action == "start":
+        try:
+            rc.begin(doc, new_doc, plan)
+        except (ConfigError, ValueError) as err:
+            print(err, file=sys.stderr)
+            return 2
+        print(f"rollout of {args.config} started ({len(plan.steps)} steps); "
+              "`tandem rollout status` to follow it")
+        return 0
+    try:
+        controller = rc.get(app)
+    except ValueError:
+        print(f"no rollout of app {app!r}", file=sys.stderr)
+        return 1
+    method = {"status": controller.status, "pause": controller.pause,
+              "resume": controller.resume, "abort": controller.abort}[args.action]
+    print(json.dumps(ray.get(method.remote()), indent=2))
+    return 0
+
+
 def cmd_bench(args) -> int:
     import importlib
 
@@ -162,6 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     up.set_defaults(fn=cmd_up)
     stop = sub.add_parser("stop", help="stop the cluster that `tandem up` started")
     stop.set_defaults(fn=cmd_stop)
+    rollout = sub.add_parser("rollout", help="a canary rollout on the `tandem up` cluster")
+    rsub = rollout.add_subparsers(dest="action", required=True)
+    rstart = rsub.add_parser("start", help="deploy the new config's model as the canary and "
+                             "start the rollout controller")
+    rstart.add_argument("--config", required=True, help="the new version's Serve config")
+    rstart.add_argument("--plan", help="rollout plan YAML (default: 0.05, 0.25, 0.5, 1.0, "
+                        "300 s each)")
+    for action in ("status", "pause", "resume", "abort"):
+        rsub.add_parser(action)
+    rollout.set_defaults(fn=cmd_rollout)
     bench = sub.add_parser("bench", help="benchmarks: serve | engine | routing (args follow)")
     bench.add_argument("which", choices=["serve", "engine", "routing"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)

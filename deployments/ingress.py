@@ -49,6 +49,9 @@ log = logging.getLogger("ray.serve")
 api = FastAPI(title="tandem", description="OpenAI-compatible LLM serving")
 
 
+SHARE_REFRESH_S = 1.0
+
+
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
@@ -202,6 +205,12 @@ class Ingress:
         ing = self.cfg.ingress
         self.keys = ApiKeys(ing.api_keys_file, ing.api_keys_env)
         self.gate = Gate(ing.max_in_flight)
+        # the canary's live share, from the app's rollout controller (none: the config's)
+        self.app_name = serve.get_replica_context().app_name
+        self.live_share: float | None = None
+        self.share_at = 0.0
+        self.share_task: asyncio.Task | None = None
+        self.controller = None
 
     def _check_key(self, request: Request, open_route: bool = False) -> str | None:
         """The caller's API key (None when no keys are configured)."""
@@ -258,7 +267,33 @@ class Ingress:
         c = self.canary
         if c is None or c.name != m.name:
             return m
-        return c if to_canary(session_key(request.headers, user), self.cfg.canary.share) else m
+        return c if to_canary(session_key(request.headers, user), self._share()) else m
+
+    def _share(self) -> float:
+        """The canary's share: the rollout controller's, refreshed about once a second in
+        the background (this frontend's metrics go with each refresh); the config's without
+        a controller."""
+        now = time.monotonic()
+        if now - self.share_at >= SHARE_REFRESH_S and self.share_task is None:
+            self.share_at = now
+            self.share_task = asyncio.get_running_loop().create_task(self._refresh_share())
+        return self.cfg.canary.share if self.live_share is None else self.live_share
+
+    async def _refresh_share(self) -> None:
+        import ray
+
+        from cluster.rollout_controller import NAMESPACE, controller_name
+
+        try:
+            if self.controller is None:
+                self.controller = await asyncio.to_thread(
+                    ray.get_actor, controller_name(self.app_name), namespace=NAMESPACE)
+            self.live_share = await self.controller.report.remote(
+                self.replica_tag, self.metrics.render())
+        except Exception:  # noqa: BLE001 - no controller (or it went): the config's share
+            self.controller, self.live_share = None, None
+        finally:
+            self.share_task = None
 
     def _model(self, name: str | None) -> ServedModel:
         """The model a request names (none: the first one)."""

@@ -333,7 +333,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dp", action="store_true", help="with --tp N: also N TP=1 replicas")
     ap.add_argument("--quantization", choices=["int8", "fp8"], default=None,
                     help="engine.quantization (the check and errors are against fp32)")
-    ap.add_argument("--quantize-lm-head", action="store_true")
+    ap.add_argument("--quantize-lm-head", choices=["yes", "no"], default=None,
+                    help="default: engine.quantize_lm_head's")
     ap.add_argument("--fp8-emulation", action="store_true", help="fp8 without FP8 matmuls")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--profile", action="store_true", help="top CUDA kernels of decode steps")
@@ -383,8 +384,8 @@ def main(argv=None) -> int:
                        max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        cuda_graphs=not args.no_cuda_graphs, torch_threads=None,
-                       quantization=args.quantization, quantize_lm_head=args.quantize_lm_head,
-                       fp8_emulation=args.fp8_emulation)
+                       quantization=args.quantization, fp8_emulation=args.fp8_emulation,
+                       quantize_lm_head={"yes": True, "no": False}.get(args.quantize_lm_head))
     # The check runs on an engine holding transformers' weights and a small KV cache. The
     # timed engine is built after transformers is freed, so that its KV cache is sized as in
     # a replica (an 8B model alive beside it would take 16 GB of it); a shape preset gets

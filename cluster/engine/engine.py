@@ -95,6 +95,9 @@ def build_runner(model_dir: str, cfg: EngineConfig, weights, init_group=None) ->
         torch.set_num_threads(cfg.torch_threads)
     tp = init_group(device) if init_group else None
     fp8_native = quant.check_supported(cfg, device, arch)  # before loading any weight
+    fp8_weights = quant.fp8_checkpoint(model_dir) if weights is None else None
+    if fp8_weights:  # read dequantized: the loader knows no scales
+        weights = quant.dequantized_checkpoint(model_dir, fp8_weights)
     torch.manual_seed(cfg.seed)
     runner = ModelRunner(model_dir, arch, device, DTYPES[resolve_dtype(cfg, device)],
                          resolve_max_model_len(arch, cfg), cfg.block_size, weights, tp,

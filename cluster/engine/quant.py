@@ -10,20 +10,25 @@ Where there are none (the CPU), it can be emulated (quantize, dequantize, fp32 m
 tests only: it is slower than not quantizing at all.
 
 Both replace the decoder layers' nn.Linear projections (qkv_proj, o_proj, gate_up_proj,
-down_proj) with the modules below after the checkpoint is loaded, each rank its own shard;
-the LM head only with `quantize_lm_head` (the logits take its error undamped, and a tied
-head then keeps a quantized copy beside the embedding). Embeddings and norms stay as loaded.
+down_proj) with the modules below after the checkpoint is loaded, each rank its own shard,
+and the LM head as `quantize_lm_head` says (by default for int8, not for fp8; a tied head
+keeps a quantized copy beside the embedding). Embeddings and norms stay as loaded.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from cluster.config import EngineConfig
+from cluster.engine.loader import iter_checkpoint
 from cluster.engine.model import ModelArch
 
 log = logging.getLogger(__name__)
@@ -43,12 +48,17 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 #   256   69.0 / 26.1   13.8 / 6.01   31.7 / 16.6   12.6 / 6.72
 #   1024  223 / 99.7    44.4 / 24.2   155 / 63.9    80.3 / 25.0
 #
-# torch._weight_int8pack_mm reads int8 weights once per row block: 4-9x faster than fp32 (2-4x
-# than bf16) for decode-sized M, but its cost grows linearly with M, while a bf16 GEMM on
-# weights converted per call amortizes the conversion over M. fp32 activations into
-# int8pack_mm take a path ~25x slower than bf16 ones (M=16: 104 ms), hence the casts.
-# Dequantizing into a scaled bf16 weight (q * scale, then linear) was slower at every M than
-# scaling the output (M=16: 22.0 ms); torch.compile takes tens of seconds per shape to start.
+# torch._weight_int8pack_mm is the fastest at decode sizes (M=1: 3-9x fp32, 2-4x bf16; M=16:
+# about bf16), but its cost grows about linearly with M, while a bf16 GEMM on weights
+# converted per call amortizes the conversion over M. Into int8pack_mm, fp32 activations
+# take a path ~70x slower than bf16 ones (896 -> 4864, M=16: 104 ms vs 1.5), hence the
+# casts. Dequantizing into a scaled bf16 weight (q * scale, then linear) was slower than
+# scaling the output (896 -> 9728, M=16: 22.0 ms). torch.compile of convert-and-matmul took
+# 19 s to compile, then was no faster (M=1/16/256: 4.6/5.1/15.2 ms). int8 activations as
+# well (per-token scales, torch._int_mm on VNNI) were faster still (M=16: 1.1 ms, M=256:
+# 8.7), but that is not weight-only: in a real checkpoint an outlier channel sets its token's
+# scale and flattens the other channels. (One thread: the two cores were shared while
+# measuring, and two-thread timings were noise.)
 INT8PACK_MAX_ROWS = 16
 
 
@@ -119,8 +129,8 @@ class Fp8Linear(nn.Module):
 def fp8_native(device: torch.device) -> bool:
     """Whether this device runs _scaled_mm with per-row scales: probed, since support
     depends on the GPU (Hopper and newer), the CUDA build and the torch version."""
-    if device.type != "cuda":
-        return False
+    if device.type != "cuda":  # torch's CPU _scaled_mm runs, but converts: 896 -> 9728 at
+        return False  # M=1 took 84 ms here, a bf16 linear 1.3 (the emulation: 59)
     a = torch.ones(16, 16, device=device).to(FP8)
     s = torch.ones(16, 1, device=device)
     try:
@@ -166,11 +176,18 @@ def _quantized(linear: nn.Linear, method: str, native: bool | None) -> nn.Module
     return Fp8Linear(linear, bool(native))
 
 
+def quantize_lm_head(cfg: EngineConfig) -> bool:
+    if cfg.quantize_lm_head is not None:
+        return cfg.quantize_lm_head
+    return cfg.quantization == "int8"
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, cfg: EngineConfig, native: bool | None) -> None:
     """Replaces the model's projections in place (each one's full-precision weight is freed
     as soon as it is replaced, unless it is tied to another module)."""
     method = cfg.quantization
+    head = quantize_lm_head(cfg)
     before = _weight_bytes(model)
     for layer in model.layers:
         for parent in (layer.self_attn, layer.mlp):
@@ -178,13 +195,13 @@ def quantize_model(model: nn.Module, cfg: EngineConfig, native: bool | None) -> 
                 linear = getattr(parent, name, None)
                 if isinstance(linear, nn.Linear):
                     setattr(parent, name, _quantized(linear, method, native))
-    if cfg.quantize_lm_head:
+    if head:
         model.lm_head = _quantized(model.lm_head, method, native)
     if next(model.parameters()).device.type == "cuda":
         torch.cuda.empty_cache()  # the KV cache is sized from the memory freed here
     kind = ("native" if native else "emulated") if method == "fp8" else "weight-only"
     log.info("quantized to %s (%s, lm_head %s): weights %.1f -> %.1f MiB", method, kind,
-             method if cfg.quantize_lm_head else "unquantized", before / 2**20,
+             method if head else "unquantized", before / 2**20,
              _weight_bytes(model) / 2**20)
 
 
@@ -194,3 +211,55 @@ def _weight_bytes(model: nn.Module) -> int:
     tensors = {id(t): t for t in [*model.parameters(),
                                   *(b for m in quantized for b in m.buffers())]}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# Pre-quantized FP8 checkpoints (config.json's `quantization_config`): compressed-tensors
+# ("float-quantized") and fbgemm_fp8, e4m3 weights with a `weight_scale` per tensor or per
+# output channel; `fp8` (DeepSeek-V3's format), one `weight_scale_inv` per 128x128 block.
+# Either scale multiplies: w = q * scale. Their weights are dequantized as they are read, so
+# such a checkpoint loads as its original did (less the rounding); `quantization: fp8` then
+# quantizes them again per channel. The checkpoint's static `input_scale`s are not used (ours
+# are per token). Running the checkpoint's own fp8 values and block scales is not done yet.
+FP8_CHECKPOINTS = ("compressed-tensors", "fbgemm_fp8", "fp8")
+
+
+def fp8_checkpoint(model_dir: str | Path) -> dict | None:
+    """The quantization_config of an FP8 checkpoint, None for an unquantized one; raises for
+    other quantized formats, which the plain loader would read as unscaled numbers."""
+    path = Path(model_dir) / "config.json"
+    qc = (json.loads(path.read_text()).get("quantization_config") or {}) if path.exists() else {}
+    method = qc.get("quant_method")
+    if method is None:
+        return None
+    if method not in FP8_CHECKPOINTS or (method == "compressed-tensors" and
+                                         qc.get("format") != "float-quantized"):
+        raise ValueError(f"{model_dir}: quantized checkpoint ({method}, "
+                         f"{qc.get('format', qc.get('fmt'))}) not supported: FP8 ones are")
+    return qc
+
+
+def dequantized_checkpoint(model_dir: str | Path, qc: dict
+                           ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors with FP8 weights dequantized (fp32); the scales first read
+    whole (they are small), since a weight may come before its scale."""
+    rows, cols = qc.get("weight_block_size") or (128, 128)
+    scales = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            scales |= {n: st.get_tensor(n) for n in st.keys()
+                       if n.endswith(("weight_scale", "weight_scale_inv"))}
+    for name, tensor in iter_checkpoint(model_dir):
+        if name.endswith(("_scale", "_scale_inv")):
+            continue
+        scale = scales.get(f"{name}_scale", scales.get(f"{name}_scale_inv"))
+        if scale is None:
+            yield name, tensor
+            continue
+        w = tensor[:].float()
+        scale = scale.float()
+        if scale.dim() == 2 and scale.shape[1] > 1:  # per block: each entry covers a tile
+            scale = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
+            scale = scale[: w.shape[0], : w.shape[1]]
+        elif scale.numel() > 1:  # per output channel, [N] or [N, 1]
+            scale = scale.reshape(-1, 1)
+        yield name, w * scale
