@@ -201,3 +201,52 @@ def test_a_resumed_stream_counts_its_earlier_tokens_as_output(model_dir, prompts
                        logit_bias=[(eos, 100.0)])
     got = run(eng, {"r": (prompts[0] + made, p)})["r"]
     assert len(got["tokens"]) == 3 and got["tokens"][-1] == eos  # 2 + 2 masked, then EOS
+
+
+def test_the_device_draw_follows_the_distribution():
+    """The exponential race (argmax of probs / Exp(1) noise) picks token t with probability
+    probs[t]: 40,000 rows of one distribution, each frequency within 4 sigma of it."""
+    from cluster.engine.sampler import sample_on_device
+    from cluster.engine.sequence import Sequence
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0]).repeat(40_000, 1)
+    seqs = [Sequence("r", [1], SamplingParams(temperature=1.0, max_tokens=1))] * len(logits)
+    freq = torch.bincount(sample_on_device(logits, seqs), minlength=5).float() / len(logits)
+    probs = logits[0].softmax(-1)
+    sigma = (probs * (1 - probs) / len(logits)).sqrt()
+    assert ((freq - probs).abs() <= 4 * sigma + 1e-9).all(), (freq, probs)
+    assert freq[4] == 0  # e^-32 of the mass: never drawn in 40,000
+
+
+def test_sampled_steps_run_ahead_and_a_seed_gives_the_same_text_either_way(model_dir,
+                                                                           prompts):
+    """Temperature / top-k / top-p requests step one ahead (sampled on the device), and a
+    seeded one's text is the same with steps run ahead, one at a time, or batched beside a
+    penalized request (whose steps take the host sampler)."""
+    params = [SamplingParams(temperature=1.0, max_tokens=12, seed=7, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_k=20, top_p=0.9, max_tokens=12, seed=8,
+                             ignore_eos=True)]
+
+    def texts(overlap: bool, beside=None):
+        eng = make_engine(model_dir, overlap_steps=overlap)
+        reqs = {f"s{i}": (prompts[i % 2], p) for i, p in enumerate(params)}
+        if beside:
+            reqs["pen"] = (prompts[0], beside)
+        ahead = []
+        for rid, (ids, p) in reqs.items():
+            eng.add_request(rid, ids, p)
+        got = {rid: [] for rid in reqs}
+        while eng.has_work():
+            for o in eng.step():
+                got[o.request_id] += o.new_token_ids
+            ahead.append(eng._flight is not None)
+        return [got[f"s{i}"] for i in range(len(params))], ahead
+
+    one_ahead, ahead = texts(True)
+    assert sum(ahead) >= 8  # the decode steps were launched before the last one's tokens
+    one_at_a_time, never = texts(False)
+    assert not any(never)
+    host, _ = texts(True, beside=SamplingParams(temperature=1.0, max_tokens=12, seed=9,
+                                                 presence_penalty=1.0, ignore_eos=True))
+    assert one_ahead == one_at_a_time == host
+    assert all(len(t) == 12 for t in one_ahead)

@@ -75,7 +75,7 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) * 1000 if xs else float("nan")
 
 
-def run_engine(engine: LLMEngine, prompts, out_lens) -> dict:
+def run_engine(engine: LLMEngine, prompts, out_lens, temperature: float = 0.0) -> dict:
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     # warm-up: Triton compiles its prefill variants once
     engine.generate([prompts[0][:64]], SamplingParams(temperature=0, max_tokens=4,
@@ -86,7 +86,7 @@ def run_engine(engine: LLMEngine, prompts, out_lens) -> dict:
     last: dict[str, float] = {}
     itl: list[float] = []
     for i, (p, n) in enumerate(zip(prompts, out_lens, strict=True)):
-        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=n,
+        engine.add_request(str(i), p, SamplingParams(temperature=temperature, max_tokens=n,
                                                      ignore_eos=True))
     produced = 0
     with progress(total=sum(out_lens), desc="engine", unit="tok") as bar:
@@ -113,11 +113,11 @@ def run_engine(engine: LLMEngine, prompts, out_lens) -> dict:
             "kv_blocks": s.kv_blocks_total, "preemptions": s.preemptions}
 
 
-def _decode_profile(engine: LLMEngine, batch: int, steps: int):
+def _decode_profile(engine: LLMEngine, batch: int, steps: int, temperature: float = 0.0):
     """Profiles `steps` pure decode steps at a batch size; returns (profiler, wall seconds)."""
     from torch.profiler import ProfilerActivity, profile
 
-    params = SamplingParams(temperature=0, max_tokens=steps + 20, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, max_tokens=steps + 20, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"prof-{i}", [1 + i % 100] * 32, params)
     while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
@@ -136,11 +136,12 @@ def _decode_profile(engine: LLMEngine, batch: int, steps: int):
     return prof, wall
 
 
-def gpu_idle_fraction(engine: LLMEngine, batch: int, steps: int = 50) -> float:
+def gpu_idle_fraction(engine: LLMEngine, batch: int, steps: int = 50,
+                      temperature: float = 0.0) -> float:
     """GPU idle share of decode steps at a batch size: 1 - kernel time / wall time."""
     if engine.device.type != "cuda":
         return float("nan")
-    prof, wall = _decode_profile(engine, batch, steps)
+    prof, wall = _decode_profile(engine, batch, steps, temperature)
     busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
     return max(0.0, 1 - busy / wall)
 
@@ -336,6 +337,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quantize-lm-head", choices=["yes", "no"], default=None,
                     help="default: engine.quantize_lm_head's")
     ap.add_argument("--fp8-emulation", action="store_true", help="fp8 without FP8 matmuls")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="of the timed run and the GPU-idle profile (unseeded, as OpenAI "
+                    "traffic by default; the correctness check stays greedy)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--profile", action="store_true", help="top CUDA kernels of decode steps")
     args = ap.parse_args(argv)
@@ -418,9 +422,10 @@ def main(argv=None) -> int:
     checkpoint = any(Path(folder).glob("*.safetensors"))
     engine = LLMEngine(folder, cfg, weights=None if checkpoint else f"synthetic:{args.seed}")
     correct = all(within)
-    result["engine"] = run_engine(engine, prompts, out_lens)
+    result["engine"] = run_engine(engine, prompts, out_lens, args.temperature)
     correct = correct and result["engine"]["output_tokens"] == sum(out_lens)  # none failed
-    result["engine"]["gpu_idle_frac"] = gpu_idle_fraction(engine, min(64, args.max_num_seqs))
+    result["engine"]["gpu_idle_frac"] = gpu_idle_fraction(engine, min(64, args.max_num_seqs),
+                                                          temperature=args.temperature)
     if args.profile and args.device == "cuda":
         profile_decode(engine, 1)
         profile_decode(engine, 64)

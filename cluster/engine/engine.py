@@ -273,7 +273,7 @@ class LLMEngine:
         return [RequestOutput(s.request_id, [], "moved", s.num_prompt_tokens) for s in seqs]
 
     def step(self) -> list[RequestOutput]:
-        """Runs one step and returns its tokens. Greedy steps are launched one ahead: the
+        """Runs one step and returns its tokens. Plain steps are launched one ahead: the
         next step is scheduled and sent to the GPU before this one's tokens are read, so the
         host's work between steps (reading tokens, bookkeeping, scheduling, building inputs)
         overlaps the GPU's."""
@@ -326,10 +326,11 @@ class LLMEngine:
         return outputs
 
     def _overlaps(self, batch: ScheduledBatch) -> bool:
-        """Greedy steps on one rank run one ahead (sampling reads its logits on the host
-        first; TP peers run steps in lockstep)."""
+        """Steps of plain requests (greedy, or temperature / top-k / top-p sampled on the
+        device) on one rank run one ahead; penalties, logprobs, grammars and the like read
+        the step's tokens on the host first, and TP peers run steps in lockstep."""
         return self.cfg.overlap_steps and self.runner.peers is None and all(
-            seq.params.greedy and seq.params.plain for seq in batch.seqs)
+            seq.params.plain for seq in batch.seqs)
 
     def _launch(self, batch: ScheduledBatch, prev: Flight | None) -> Flight:
         """Sends a step to the GPU without waiting, then counts its tokens as computed:

@@ -19,7 +19,7 @@ from cluster.engine.deepseek_loader import synthetic_deepseek_weights
 from cluster.engine.loader import iter_checkpoint, load_weights
 from cluster.engine.model import AttentionBackend, CausalLM, ModelArch, Ops
 from cluster.engine.parallel import TP
-from cluster.engine.sampler import Picks, greedy_tokens, prompt_logprobs, sample
+from cluster.engine.sampler import Picks, greedy_tokens, prompt_logprobs, sample, sample_on_device
 from cluster.engine.scheduler import ScheduledBatch
 from cluster.engine.sequence import PENDING, Sequence
 from cluster.engine.step_clock import StepClock
@@ -359,23 +359,28 @@ class ModelRunner:
         return (torch.from_numpy(bitmask).to(self.device, non_blocking=True),
                 torch.tensor(rows, device=self.device))
 
-    # One step ahead: a greedy step is launched with some of its input tokens still on the
-    # GPU (the previous step's picks, not read yet), so the host schedules and launches step
-    # N+1 while the GPU runs step N, and only then waits for N's tokens. The GPU no longer
-    # idles through the host's work between steps.
+    # One step ahead: a plain step (greedy or sampled) is launched with some of its input
+    # tokens still on the GPU (the previous step's picks, not read yet), so the host
+    # schedules and launches step N+1 while the GPU runs step N, and only then waits for
+    # N's tokens. The GPU no longer idles through the host's work between steps.
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: Launched | None = None) -> Launched:
-        """A greedy step, not waited for. Input tokens that are PENDING (the last token of a
-        sequence that emitted in `prev`) are prev's picks, taken on the device."""
+        """A step of plain requests (greedy, or sampled on the device), not waited for.
+        Input tokens that are PENDING (the last token of a sequence that emitted in `prev`)
+        are prev's picks, taken on the device."""
         inp = self.make_inputs(batch)
         fill = self._pending_inputs(inp, batch, prev)
         self.clock.begin()
+        rows = [batch.seqs[i] for i in inp.rows]
+        greedy = all(s.params.greedy for s in rows)
         if inp.graph_bs is not None:
-            tokens = _emitting(self._replay(inp, fill).tokens, inp)
+            graph = self._replay(inp, fill)
+            tokens = (_emitting(graph.tokens, inp) if greedy else
+                      sample_on_device(_emitting(graph.logits, inp), rows))
         else:
             logits = self.execute(inp, fill)
-            tokens = (greedy_tokens(logits) if logits is not None else
+            tokens = (sample_on_device(logits, rows) if logits is not None else
                       torch.empty(0, dtype=torch.int64, device=self.device))
         if self.device.type != "cuda":
             self.clock.end()

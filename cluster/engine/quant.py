@@ -116,7 +116,7 @@ class Fp8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq, xscale = quantize_fp8(x)
+        xq, xscale = _per_token_fp8(x) if self.native else quantize_fp8(x)
         if self.native:  # qweight.t(): the column-major [K, N] operand _scaled_mm wants
             y = torch._scaled_mm(xq, self.qweight.t(), scale_a=xscale, scale_b=self.scale,
                                  out_dtype=torch.bfloat16)
@@ -124,6 +124,16 @@ class Fp8Linear(nn.Module):
             y = (xq.float() @ self.qweight.float().t()) * xscale * self.scale
         y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+
+def _per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_fp8 of activations, in one Triton kernel where Triton runs (native fp8 is
+    a GPU, so it does but for a build without it)."""
+    try:
+        from cluster.engine.triton_ops import per_token_fp8
+    except ImportError:
+        return quantize_fp8(x)
+    return per_token_fp8(x.reshape(-1, x.shape[-1]))
 
 
 def fp8_native(device: torch.device) -> bool:

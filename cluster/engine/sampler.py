@@ -131,23 +131,53 @@ def _draw(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor) -> l
         floor = _t([p.min_p for p in params], logits.device, torch.float32)[:, None] * \
             probs.max(-1, keepdim=True).values
         logits = logits.masked_fill(probs < floor, float("-inf"))
+    return _pick(logits, seqs, greedy).tolist()
+
+
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The tokens of a batch of plain requests (temperature, top-k, top-p, seed: nothing
+    that needs the host) as a device tensor, without waiting for the device: a step
+    launched ahead samples this way, and its tokens are read a step later. The same draw
+    as `sample`'s for the same generator state, so a seeded request's text does not depend
+    on which path its steps took."""
+    greedy = greedy_tokens(logits)
+    params = [s.params for s in seqs]
+    if all(p.greedy for p in params):
+        return greedy
+    if any(not p.greedy and p.temperature != 1.0 for p in params):
+        logits = logits / _pinned([p.temperature or 1.0 for p in params], logits.device,
+                                  torch.float32)[:, None]
+    return _pick(logits, seqs, greedy)
+
+
+def _pick(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor) -> torch.Tensor:
+    """top-k / top-p, then one draw per sampled row: the argmax of probs / E with E ~
+    Exp(1) (the exponential race: the winner is distributed as probs), so the draw is a
+    few batched kernels with no host sync, where torch.multinomial waits. Seeded rows draw
+    their noise from their own generators; greedy and failed rows keep `greedy`."""
+    params = [s.params for s in seqs]
     top_k = [p.top_k for p in params]
     top_p = [p.top_p for p in params]
     if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
         logits = _filter_top_k_top_p(logits, top_k, top_p)
     probs = logits.softmax(dim=-1)
-    out = greedy.tolist()
-    # rows that failed keep NAN_TOKEN: their probabilities are NaN, never sampled from
-    sampled = [i for i, p in enumerate(params) if not p.greedy and out[i] != NAN_TOKEN]
-    unseeded = [i for i in sampled if seqs[i].generator is None]
-    if unseeded:
-        picks = torch.multinomial(probs[unseeded], 1).squeeze(1).tolist()
-        for i, t in zip(unseeded, picks, strict=True):
-            out[i] = t
-    for i in sampled:
-        if seqs[i].generator is not None:
-            out[i] = int(torch.multinomial(probs[i], 1, generator=seqs[i].generator))
-    return out
+    noise = torch.empty_like(probs).exponential_()
+    for i, s in enumerate(seqs):
+        if s.generator is not None and not s.params.greedy:
+            noise[i].exponential_(generator=s.generator)
+    drawn = probs.div_(noise).argmax(-1)
+    sampled = _pinned([not p.greedy for p in params], logits.device, torch.bool)
+    # rows that failed keep NAN_TOKEN: their probabilities are NaN
+    return torch.where(sampled & (greedy != NAN_TOKEN), drawn, greedy)
+
+
+def _pinned(xs, dev, dtype) -> torch.Tensor:
+    """A small host list on the device without a blocking copy (a pageable copy would
+    wait for the step in flight)."""
+    t = torch.tensor(xs, dtype=dtype)
+    if dev.type != "cuda":
+        return t
+    return t.pin_memory().to(dev, non_blocking=True)
 
 
 def _logprobs(lps: torch.Tensor, tokens: list[int], params) -> list[Logprobs | None]:
@@ -185,10 +215,10 @@ def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[Lo
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]):
     sorted_logits, idx = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
-    k = torch.tensor([k if k > 0 else vocab for k in top_k], device=logits.device)
+    k = _pinned([k if k > 0 else vocab for k in top_k], logits.device, torch.int64)
     ranks = torch.arange(vocab, device=logits.device)[None, :]
     drop = ranks >= k[:, None]
-    p = torch.tensor(top_p, device=logits.device)
+    p = _pinned(top_p, logits.device, torch.float32)
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
     # keep the smallest set whose mass reaches p: a token goes when the mass before it >= p
     drop |= (probs.cumsum(-1) - probs) >= p[:, None]

@@ -49,6 +49,25 @@ def test_scaled_mm_matches_the_emulation():
         assert _rel(y.float(), lin(x).float()) < 0.08  # e4m3 rounding of both operands
 
 
+@needs_fp8
+@pytest.mark.parametrize("k", [896, 4864, 14336])  # 0.5B projections' inputs, 8B's down_proj
+def test_per_token_fp8_kernel_equals_the_torch_quantization(k):
+    from cluster.engine.triton_ops import per_token_fp8
+
+    torch.manual_seed(0)
+    x = torch.randn(300, k, device="cuda", dtype=torch.bfloat16) * 3
+    x[7] = 0  # a row of zeros: the tiny scale, not a division by zero
+    x[11, 5] = 1e4  # an outlier sets its row's scale
+    q, scale = per_token_fp8(x)
+    want_q, want_scale = quant.quantize_fp8(x)
+    assert q.dtype == quant.FP8 and scale.shape == (300, 1)
+    torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
+    # the same scaled values round to the same e4m3 numbers (ties may go either way)
+    assert float((q.float() != want_q.float()).float().mean()) < 1e-4
+    # and where not, by one e4m3 step (1/8 relative; 2^-9 among the subnormals)
+    torch.testing.assert_close(q.float(), want_q.float(), rtol=0.125, atol=2**-9)
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(model_dir):
     """Per checkpoint (tests/test_quant.py's two): bf16 and fp8 greedy continuations and

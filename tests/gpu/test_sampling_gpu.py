@@ -88,3 +88,34 @@ def test_mixed_features_batch_on_cuda_matches_transformers():
     assert g["why"] == "stop"
     doc = json.loads(tok.decode([t for t in g["t"] if t not in eng.eos]))
     assert doc["k"] in ("a", "b") and isinstance(doc["n"], int)
+
+
+def test_sampled_decode_runs_ahead_through_the_graphs_with_the_same_seeded_text():
+    """temperature / top-k / top-p traffic on the GPU: decode steps replay the CUDA graphs
+    and are launched one ahead (sampled on the device), and seeded texts equal those of
+    steps run one at a time."""
+    folder = str(build(DEFAULT_MODEL_DIR))
+    prompts = [[3 + i, 40 + i, 7] * (4 + i) for i in range(24)]
+    params = [SamplingParams(temperature=1.0, top_p=0.95 if i % 2 else 1.0,
+                             top_k=50 if i % 3 == 0 else 0, max_tokens=24, seed=i,
+                             ignore_eos=True) for i in range(24)]
+
+    def run(overlap: bool):
+        cfg = EngineConfig(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=32,
+                           num_kv_blocks=256, overlap_steps=overlap)
+        eng = LLMEngine(folder, cfg)
+        assert eng.runner.graphs
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+            eng.add_request(str(i), p, sp)
+        got, ahead = {str(i): [] for i in range(24)}, 0
+        while eng.has_work():
+            for o in eng.step():
+                got[o.request_id] += o.new_token_ids
+            ahead += eng._flight is not None
+        return [got[str(i)] for i in range(24)], ahead
+
+    one_ahead, ahead = run(True)
+    one_at_a_time, none = run(False)
+    assert ahead >= 16 and none == 0
+    assert one_ahead == one_at_a_time
+    assert all(len(t) == 24 for t in one_ahead) and len({tuple(t) for t in one_ahead}) > 12
