@@ -201,10 +201,23 @@ def test_mtp_layers_are_skipped(case, tmp_path, caplog):
     assert engine.generate(prompts[:2], GREEDY) == expected[:2]
 
 
-def test_tensor_parallel_is_refused(case):
+def test_tensor_parallel_2_equals_hf(case, ray_cluster):
+    """TP=2 over gloo through Ray (placement group, rank 0 and a peer actor): heads, the
+    dense, shared and routed experts' widths and the vocab split in two, each rank reading
+    its slices from the safetensors files; greedy tokens equal transformers'."""
+    from tests.test_tensor_parallel import run_tp
+
+    folder, _, prompts, expected = case
+    out, labels = run_tp(folder, prompts, 2, max_model_len=MAX_POS, max_num_batched_tokens=64)
+    assert out == [e[:16] for e in expected] and len(labels) == 2  # run_tp asks for 16
+
+
+def test_tensor_parallel_with_attention_biases_is_refused(case, tmp_path):
     folder, *_ = case
-    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
-        make_engine(folder, tensor_parallel_size=2)
+    cfg = json.loads((folder / "config.json").read_text()) | {"attention_bias": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="attention biases"):
+        make_engine(tmp_path, tensor_parallel_size=2)
 
 
 def test_v3_rope_not_interleaved(tmp_path):

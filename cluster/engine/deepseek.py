@@ -2,7 +2,14 @@
 compressed paged cache (mla_attention.py) and mixture-of-experts layers (moe.py).
 
 The same interface as CausalLM (model.py): forward(input_ids, positions, meta) and
-compute_logits, layers[i].self_attn.kv_cache bound by the model runner. Plain PyTorch on every
+compute_logits, layers[i].self_attn.kv_cache bound by the model runner.
+
+Tensor parallelism splits the attention heads (q_proj / q_b_proj and kv_b_proj by output rows,
+o_proj by input columns) and every MLP's intermediate width (dense, shared and each routed
+expert: gate/up by rows, down by columns), with one all-reduce after attention and one after
+the MLP or MoE block. The low-rank q_a / kv_a projections and the router are replicated, and so
+is the latent cache: each rank stores every token's [latent, k_pe] (it is one vector per token,
+not per head; vLLM's MLA keeps it whole on each rank too). Plain PyTorch on every
 device: the runner gives these models no Triton attention and no decode CUDA graphs yet.
 """
 
@@ -23,8 +30,8 @@ from cluster.engine.parallel import TP, Layout
 
 # the q_a / kv_a layernorms use RMSNorm's default eps in DeepSeek's code, not rms_norm_eps
 LATENT_NORM_EPS = 1e-6
-DEEPSEEK_TP_REFUSED = ("DeepSeek (MLA + MoE) models run with tensor_parallel_size=1 for now: "
-                       "MLA heads and experts are not sharded across ranks yet")
+DEEPSEEK_TP_REFUSED = ("DeepSeek models with attention biases run with tensor_parallel_size=1: "
+                       "a row-parallel o_proj would add its bias once per rank")
 
 
 def rope_inv_freq(rope: Rope, dim: int) -> torch.Tensor:
@@ -151,7 +158,7 @@ class DeepseekForCausalLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.tp = tp or TP()
-        if self.tp.size > 1:
+        if self.tp.size > 1 and arch.attention_bias:  # no released DeepSeek checkpoint has them
             raise ValueError(DEEPSEEK_TP_REFUSED)
         self.layout = Layout.of(arch, self.tp)
         rotary = Rotary(arch.deepseek, max_positions)

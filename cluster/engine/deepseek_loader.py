@@ -48,7 +48,9 @@ def load_deepseek_weights(model, weights: Iterable[tuple[str, object]],
             continue
         param, index, piece = placed
         with torch.no_grad():
-            params[param][index].copy_(tensor[:])
+            dest = params[param][index]
+            src = _rank_slice(param, tensor, dest.shape, model.tp)
+            dest.narrow(0, 0, src.shape[0]).copy_(src)  # the last vocab shard may be short
         if piece == WHOLE:
             todo[param].clear()
         else:
@@ -61,6 +63,34 @@ def load_deepseek_weights(model, weights: Iterable[tuple[str, object]],
         missing = [n for n in missing if n != "lm_head.weight"]
     if missing:
         raise ValueError(f"{source}: lacks tensors for {len(missing)} parameters: {missing[:5]}")
+
+
+def _shape(tensor) -> tuple[int, ...]:
+    return tuple(tensor.get_shape()) if hasattr(tensor, "get_shape") else tuple(tensor.shape)
+
+
+def _rank_slice(param: str, tensor, dest: torch.Size, tp) -> torch.Tensor:
+    """This rank's part of a checkpoint tensor for a place of `dest`'s shape (reading only
+    that part of a lazy safetensors slice). Under tensor parallelism a sharded place is
+    smaller than the tensor along exactly one dim, and the rank takes its block there:
+    heads are contiguous row blocks of q_(b_)proj and kv_b_proj and column blocks of o_proj,
+    an MLP's intermediate units rows of gate/up and columns of down, vocab rows of the
+    embedding and the head. A live model's stacked experts.gate_up_proj holds gate rows
+    then up rows: each half is cut on its own."""
+    full = _shape(tensor)
+    if tp.size == 1 or full == tuple(dest):
+        return tensor[:]
+    dims = [d for d, (a, b) in enumerate(zip(full, dest, strict=True)) if a != b]
+    if len(dims) != 1:
+        raise ValueError(f"{param}: checkpoint shape {full} does not shard into {tuple(dest)}")
+    d, n = dims[0], dest[dims[0]]
+    if param.endswith("experts.gate_up_proj") and d == 1:
+        half, part = full[1] // 2, n // 2
+        whole = tensor[:]
+        return torch.cat([whole[:, h * half + tp.rank * part : h * half + (tp.rank + 1) * part]
+                          for h in (0, 1)], dim=1)
+    start = tp.rank * n
+    return tensor[(slice(None),) * d + (slice(start, min(start + n, full[d])),)]
 
 
 def _pieces(name: str, param: torch.Tensor) -> set:

@@ -124,7 +124,8 @@ class LLMEngine:
         dtype = resolve_dtype(cfg, self.device)
         self.max_model_len = resolve_max_model_len(self.arch, cfg)
         peers, init_group = None, None
-        if cfg.tensor_parallel_size > 1 and self.arch.deepseek is not None:
+        if (cfg.tensor_parallel_size > 1 and self.arch.deepseek is not None
+                and self.arch.attention_bias):
             raise ValueError(DEEPSEEK_TP_REFUSED)  # before any peer is launched
         if cfg.tensor_parallel_size > 1:
             from cluster.engine.tp_workers import Peers

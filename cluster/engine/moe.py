@@ -111,9 +111,13 @@ class MoE(nn.Module):
         super().__init__()
         self.tp = tp
         self.gate = Router(hidden, dims)
-        self.experts = Experts(dims.n_routed_experts, hidden, dims.moe_intermediate_size)
-        self.shared_experts = GatedMLP(hidden, dims.moe_intermediate_size *
-                                       dims.n_shared_experts) if dims.n_shared_experts else None
+        # each rank holds a slice of every expert's intermediate width (not whole experts:
+        # the load stays even however the router picks)
+        self.experts = Experts(dims.n_routed_experts, hidden,
+                               tp.split(dims.moe_intermediate_size, "moe_intermediate_size"))
+        self.shared_experts = GatedMLP(hidden, tp.split(
+            dims.moe_intermediate_size * dims.n_shared_experts, "shared experts' width")) \
+            if dims.n_shared_experts else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
