@@ -105,6 +105,10 @@ class EngineConfig(Strict):
     fp8_emulation: bool = Field(False, description="`fp8` where there are no FP8 matmuls "
                                 "(CPU): emulated, for tests (slower than no quantization); "
                                 "false: the engine refuses to start there")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="the KV cache's element type: `auto`, the model's `dtype`; `fp8`, "
+        "e4m3 holding K and V unscaled (saturating at +-448), half bf16's bytes per token: "
+        "twice the tokens in the same memory (not for DeepSeek's latent cache)")
 
 
 class Pool(Strict):

@@ -33,7 +33,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 # the defaults: int8 quantizes the LM head too, fp8 only the decoder layers
 CONFIGS = {"bf16": dict(dtype="bfloat16"), "int8": dict(quantization="int8"),
            "int8_layers": dict(quantization="int8", quantize_lm_head=False),
-           "fp8": dict(quantization="fp8", fp8_emulation=True)}
+           "fp8": dict(quantization="fp8", fp8_emulation=True),
+           "fp8_kv": dict(kv_cache_dtype="fp8")}
 
 
 def _engine(model_dir, weights: dict | None = None, **kw) -> LLMEngine:
@@ -162,8 +163,11 @@ def test_quantized_layers_replace_the_projections(model_dir):
 # layers' errors from compounding, ~1.5% at the logits. e4m3 keeps 3 mantissa bits, up to
 # 2^-4 relative per operand, ~3% RMS on weights and activations each: ~5% per matmul. The
 # bounds are twice and 1.5x those; a wrong scale or channel axis is off by O(100%).
+# fp8 KV (e4m3 K and V, unscaled): each value rounded by up to 2^-4 relative, ~2.5% RMS,
+# which attention's weighted sums of V average down: measured 0.015, bound 2x.
 @pytest.mark.parametrize(("cfg", "bound"), [("bf16", 0.02), ("int8", 0.03),
-                                            ("int8_layers", 0.03), ("fp8", 0.10)])
+                                            ("int8_layers", 0.03), ("fp8", 0.10),
+                                            ("fp8_kv", 0.03)])
 def test_logits_close_to_fp32(runs, cfg, bound):
     assert _rel_l2(runs, "builtin", cfg) < bound
 
@@ -172,7 +176,8 @@ def test_logits_close_to_fp32(runs, cfg, bound):
 # built-in checkpoint although its top-2 gaps are small: measured bf16 0.977, int8 0.965
 # (0.971 without the head), fp8 0.873 of 512 positions.
 @pytest.mark.parametrize(("cfg", "share"), [("bf16", 0.95), ("int8", 0.94),
-                                            ("int8_layers", 0.94), ("fp8", 0.80)])
+                                            ("int8_layers", 0.94), ("fp8", 0.80),
+                                            ("fp8_kv", 0.95)])  # fp8_kv: measured 0.984
 def test_teacher_forced_picks_agree(runs, cfg, share):
     assert _top1_agreement(runs, "builtin", cfg) >= share
 
@@ -185,7 +190,8 @@ def test_teacher_forced_picks_agree(runs, cfg, share):
 # 6 of 16 and 0.96 of the picks. (fp8 with its LM head too: 2 of 16, 0.947: hence not by
 # default.)
 @pytest.mark.parametrize(("cfg", "most", "share"), [("int8", 12, 0.97), ("int8_layers", 12, 0.97),
-                                                    ("fp8", 6, 0.96)])
+                                                    ("fp8", 6, 0.96),
+                                                    ("fp8_kv", 12, 0.97)])  # 13, 0.994
 def test_greedy_continuations_match_on_a_confident_model(runs, cfg, most, share):
     _, res = runs["peaked"]
     same = sum(a == b for a, b in zip(res[cfg][0], res["fp32"][0], strict=True))
@@ -197,7 +203,7 @@ def test_greedy_continuations_match_on_a_confident_model(runs, cfg, most, share)
 # Measured (builtin: 315, peaked: 2.69): int8 +0.07% / -0.04%, without the head +0.04% /
 # -0.01%, fp8 +0.11% / +0.09%.
 @pytest.mark.parametrize("ckpt", ["builtin", "peaked"])
-@pytest.mark.parametrize("cfg", ["int8", "int8_layers", "fp8"])
+@pytest.mark.parametrize("cfg", ["int8", "int8_layers", "fp8", "fp8_kv"])  # fp8_kv: -0.03%
 def test_perplexity_of_fp32_greedy_text_rises_under_1_percent(runs, ckpt, cfg):
     assert _perplexity(runs, ckpt, cfg) < 1.01 * _perplexity(runs, ckpt, "fp32")
 
@@ -251,3 +257,30 @@ def test_other_quantized_checkpoints_are_refused(model_dir, tmp_path):
         cfg | {"quantization_config": {"quant_method": "awq", "bits": 4}}))
     with pytest.raises(ValueError, match="awq"):
         _engine(tmp_path / "awq")
+
+
+
+def test_fp8_kv_cache_holds_twice_bf16s_tokens_and_its_prefix_blocks_are_reused(model_dir):
+    """e4m3 caches: a block takes a quarter of fp32's bytes (half of bf16's), so the same
+    cpu_kv_cache_gib holds 4x the blocks; the CPU decode kernel (fp32 caches) steps aside;
+    a prompt served again from the prefix cache's fp8 blocks gives the same greedy text."""
+    kw = dict(device="cpu", dtype="float32", max_model_len=256, cpu_kv_cache_gib=0.01,
+              torch_threads=1)
+    f32 = LLMEngine(str(model_dir), EngineConfig(**kw))
+    f8 = LLMEngine(str(model_dir), EngineConfig(**kw, kv_cache_dtype="fp8"))
+    assert f8.runner.k_caches[0].dtype == torch.float8_e4m3fn
+    assert f8.runner.kv_bytes_per_block() * 4 == f32.runner.kv_bytes_per_block()
+    assert f8.blocks.num_blocks >= 4 * f32.blocks.num_blocks - 4
+    prompt = torch.randint(2, 4096, (70,), generator=torch.Generator().manual_seed(3)).tolist()
+    first = f8.generate([prompt], GREEDY)
+    hits = f8.blocks.prefix_hits
+    assert f8.generate([prompt], GREEDY) == first and f8.blocks.prefix_hits > hits
+
+
+def test_fp8_kv_cache_is_refused_for_deepseek(tmp_path):
+    from cluster.model_init import build
+
+    folder = build(tmp_path / "ds", shape="deepseek-v3-tiny")
+    with pytest.raises(ValueError, match="latent cache"):
+        LLMEngine(str(folder), EngineConfig(device="cpu", dtype="float32", max_model_len=128,
+                                            num_kv_blocks=16, kv_cache_dtype="fp8"))

@@ -34,10 +34,26 @@ class AttentionMetadata:
     prefill_tiles: tuple | None = None  # built by the Triton backend at its first layer
 
 
+# `engine.kv_cache_dtype: fp8`: e4m3 caches holding K and V unscaled (a scale of 1.0, as
+# vLLM's default without calibrated scales), saturating at +-448; readers convert to the
+# query's dtype after the gather (the Triton kernels in registers).
+FP8_KV = torch.float8_e4m3fn
+FP8_KV_MAX = torch.finfo(FP8_KV).max
+
+
+def to_cache(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    if cache.dtype != FP8_KV:
+        return x
+    return x.clamp(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV)
+
+
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Writes this step's K/V ([num_tokens, kv_heads, dim]) into their cache slots."""
     _, _, kv_heads, dim = k_cache.shape
+    k, v = to_cache(k, k_cache), to_cache(v, v_cache)
+    if k_cache.dtype == FP8_KV:  # as bytes: index_copy_ has no fp8 kernel on the CPU
+        k, v, k_cache, v_cache = (t.view(torch.uint8) for t in (k, v, k_cache, v_cache))
     k_cache.view(-1, kv_heads, dim).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, kv_heads, dim).index_copy_(0, slot_mapping, v)
 
@@ -53,8 +69,8 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         qs, qe = cu_seqlens_q[b], cu_seqlens_q[b + 1]
         q_len = qe - qs
         blocks = block_tables[b, : (ctx + block_size - 1) // block_size]
-        k = k_cache[blocks].reshape(-1, kv_heads, dim)[:ctx]
-        v = v_cache[blocks].reshape(-1, kv_heads, dim)[:ctx]
+        k = k_cache[blocks].reshape(-1, kv_heads, dim)[:ctx].to(q.dtype)
+        v = v_cache[blocks].reshape(-1, kv_heads, dim)[:ctx].to(q.dtype)
         qb = q[qs:qe].transpose(0, 1)  # [heads, q_len, dim]
         if q_len == 1:
             mask = None
@@ -101,8 +117,10 @@ def _batched_decode(q, k_cache, v_cache, block_tables, ctx: list[int], scale: fl
     keys = blocks.numel() // batch * block_size
     # whole blocks as rows of a 2-D view: index_select copies each block in one piece
     # (advanced indexing on the 4-D cache was 3x slower)
-    k = k_cache.view(num_blocks, -1).index_select(0, blocks).view(batch, keys, kv_heads, dim)
-    v = v_cache.view(num_blocks, -1).index_select(0, blocks).view(batch, keys, kv_heads, dim)
+    k = k_cache.view(num_blocks, -1).index_select(0, blocks).view(batch, keys, kv_heads,
+                                                                   dim).to(q.dtype)
+    v = v_cache.view(num_blocks, -1).index_select(0, blocks).view(batch, keys, kv_heads,
+                                                                   dim).to(q.dtype)
     live = torch.arange(keys)[None, :] < torch.tensor(ctx)[:, None]
     o = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=live[:, None, None, :], scale=scale,

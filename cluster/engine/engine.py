@@ -99,9 +99,12 @@ def build_runner(model_dir: str, cfg: EngineConfig, weights, init_group=None) ->
     if fp8_weights:  # read dequantized: the loader knows no scales
         weights = quant.dequantized_checkpoint(model_dir, fp8_weights)
     torch.manual_seed(cfg.seed)
+    if cfg.kv_cache_dtype == "fp8" and arch.deepseek is not None:
+        raise ValueError("kv_cache_dtype fp8 is not supported for DeepSeek's latent cache")
     runner = ModelRunner(model_dir, arch, device, DTYPES[resolve_dtype(cfg, device)],
                          resolve_max_model_len(arch, cfg), cfg.block_size, weights, tp,
-                         cfg.cpu_attention_kernel)
+                         cfg.cpu_attention_kernel,
+                         torch.float8_e4m3fn if cfg.kv_cache_dtype == "fp8" else None)
     if cfg.quantization:
         quant.quantize_model(runner.model, cfg, fp8_native)
     return runner

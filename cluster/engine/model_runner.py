@@ -179,8 +179,9 @@ class DecodeGraph:
 class ModelRunner:
     def __init__(self, model_dir: str, arch: ModelArch, device: torch.device, dtype: torch.dtype,
                  max_model_len: int, block_size: int, weights=None, tp: TP | None = None,
-                 cpu_kernel: bool = True):
+                 cpu_kernel: bool = True, kv_dtype: torch.dtype | None = None):
         self.arch, self.device, self.dtype = arch, device, dtype
+        self.kv_dtype = kv_dtype or dtype  # fp8 (e4m3): attention converts after reading
         self.tp = tp or TP()
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -206,7 +207,8 @@ class ModelRunner:
         self.model.eval()
         # MLA attends over its latent cache in plain PyTorch on every device (deepseek.py):
         # the C++ decode kernel and the Triton kernels read per-head K/V caches
-        if not self.mla and device.type == "cpu" and dtype == torch.float32 and cpu_kernel:
+        if not self.mla and device.type == "cpu" and self.kv_dtype == torch.float32 and \
+                cpu_kernel:  # the C++ kernel reads fp32 caches
             from cluster.engine import cpu_kernels
 
             if arch.head_dim in cpu_kernels.HEAD_DIMS and cpu_kernels.load() is not None:
@@ -230,7 +232,7 @@ class ModelRunner:
             return a.num_layers * self.block_size * a.deepseek.cache_dim * \
                 torch.tensor([], dtype=self.dtype).element_size()
         return 2 * a.num_layers * self.block_size * self.model.layout.kv_heads * a.head_dim * \
-            torch.tensor([], dtype=self.dtype).element_size()
+            torch.tensor([], dtype=self.kv_dtype).element_size()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         a = self.arch
@@ -245,8 +247,8 @@ class ModelRunner:
             return
         shape = (a.num_layers, num_blocks + 1, self.block_size, self.model.layout.kv_heads,
                  a.head_dim)
-        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        k = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = k[i], v[i]
         self.k_caches, self.v_caches = list(k), list(v)

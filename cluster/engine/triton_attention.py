@@ -51,13 +51,13 @@ def _decode_split_kernel(
         block = tl.load(tables_ptr + b * stride_tb + n // PAGE, mask=valid, other=0)
         slot = block.to(tl.int64) * PAGE + n % PAGE
         kv_off = slot[:, None] * stride_kslot + kvh * stride_kh + d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
+        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0).to(q.dtype)  # fp8 KV
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
-        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         ell = ell * alpha + tl.sum(p, 1)
         m = m_new
@@ -168,14 +168,14 @@ def _prefill_kernel(
         block = tl.load(tables_ptr + b * stride_tb + n // PAGE, mask=valid, other=0)
         slot = block.to(tl.int64) * PAGE + n % PAGE
         kv_off = slot[:, None] * stride_kslot + kvh * stride_kh + d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
+        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0).to(q.dtype)  # fp8 KV
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(valid[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
-        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         ell = ell * alpha + tl.sum(p, 1)
         m = m_new
@@ -227,6 +227,15 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, con
 
 
 @triton.jit
+def _to_cache(x, cache_ptr):
+    """fp32 values as the cache holds them: rounded to its dtype; an fp8 (e4m3) cache holds
+    them unscaled and saturating (casts past +-448 would be NaN)."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        x = tl.clamp(x, -448.0, 448.0)
+    return x.to(cache_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, stride_kt, stride_vt, stride_ct,
                      WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr):
     t = tl.program_id(0)
@@ -234,10 +243,10 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, stride_kt, stride_
     if slot >= 0:
         x = tl.arange(0, WIDTH_PAD)
         mask = x < WIDTH
-        tl.store(kc_ptr + slot * stride_ct + x, tl.load(k_ptr + t * stride_kt + x, mask=mask),
-                 mask=mask)
-        tl.store(vc_ptr + slot * stride_ct + x, tl.load(v_ptr + t * stride_vt + x, mask=mask),
-                 mask=mask)
+        k = _to_cache(tl.load(k_ptr + t * stride_kt + x, mask=mask).to(tl.float32), kc_ptr)
+        v = _to_cache(tl.load(v_ptr + t * stride_vt + x, mask=mask).to(tl.float32), vc_ptr)
+        tl.store(kc_ptr + slot * stride_ct + x, k, mask=mask)
+        tl.store(vc_ptr + slot * stride_ct + x, v, mask=mask)
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -278,11 +287,12 @@ def _rope_store_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr
         y1 = tl.load(ka, mask=km).to(tl.float32)
         y2 = tl.load(ka + HALF, mask=km).to(tl.float32)
         ca = kc_ptr + slot * stride_ct + kh * (2 * HALF) + j
-        tl.store(ca, (y1 * cos - y2 * sin).to(kc_ptr.dtype.element_ty), mask=km)
-        tl.store(ca + HALF, (y2 * cos + y1 * sin).to(kc_ptr.dtype.element_ty), mask=km)
+        tl.store(ca, _to_cache(y1 * cos - y2 * sin, kc_ptr), mask=km)
+        tl.store(ca + HALF, _to_cache(y2 * cos + y1 * sin, kc_ptr), mask=km)
         jj = tl.arange(0, 2 * HALF)[None, :]
-        tl.store(vc_ptr + slot * stride_ct + kh * (2 * HALF) + jj,
-                 tl.load(v_ptr + t * stride_vt + kh * (2 * HALF) + jj, mask=km), mask=km)
+        vals = tl.load(v_ptr + t * stride_vt + kh * (2 * HALF) + jj, mask=km).to(tl.float32)
+        tl.store(vc_ptr + slot * stride_ct + kh * (2 * HALF) + jj, _to_cache(vals, vc_ptr),
+                 mask=km)
 
 
 def rope_store_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):
