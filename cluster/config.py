@@ -109,6 +109,24 @@ class EngineConfig(Strict):
         "auto", description="the KV cache's element type: `auto`, the model's `dtype`; `fp8`, "
         "e4m3 holding K and V unscaled (saturating at +-448), half bf16's bytes per token: "
         "twice the tokens in the same memory (not for DeepSeek's latent cache)")
+    kv_host_tier_bytes: int = Field(0, ge=0, description="host memory (bytes) of the KV "
+                                    "cache's tier 1: blocks the prefix cache evicts are "
+                                    "kept there (LRU, at most this much) and copied back on "
+                                    "a prefix miss instead of recomputed (see KV cache "
+                                    "tiers); 0: off")
+
+
+class KVPoolConfig(Strict):
+    """Tier 2 of the KV cache: store actors in the CPU nodes' memory (cluster/kv_pool.py)."""
+
+    label_selector: dict[str, str] = Field(default_factory=lambda: {"cpu-arch": "kunpeng"},
+                                           description="one store actor on each live node "
+                                           "carrying these Ray node labels")
+    capacity_bytes: int = Field(4 << 30, ge=1 << 20, description="KV block bytes each "
+                                "store holds at most (least recently used out first)")
+    max_fetch_wait_s: float = Field(1.0, gt=0, description="longest a request waits at "
+                                    "admission for its blocks from the pool (it waits less "
+                                    "when computing them is faster: see KV cache tiers)")
 
 
 class Pool(Strict):
@@ -294,6 +312,9 @@ class AppConfig(Strict):
                                    "frontends admit: API keys, limits, deadlines, migration")
     canary: CanaryConfig | None = Field(None, description="a canary release of one model "
                                         "(see Canary releases); null: none")
+    kv_pool: KVPoolConfig | None = Field(None, description="the cluster KV pool, tier 2 "
+                                         "of the KV cache: each engine core starts or finds "
+                                         "its store actors (see KV cache tiers); null: none")
 
 
     @model_validator(mode="after")

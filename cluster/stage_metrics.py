@@ -80,6 +80,40 @@ class EngineMetrics:
             self.gpu_mem.set(gpu["gpu_mem_used"], t)
             self.gpu_power.set(gpu["gpu_power_w"], t)
 
+    def kv_tier(self, s: dict) -> None:
+        """The KV tiers' figures from one core report (kv_tier.KVTier.stats); their series
+        exist only on replicas with tiers."""
+        t = self.tags
+        if not hasattr(self, "kv_hits"):
+            g, c = metrics.Gauge, metrics.Counter
+            self.kv_hits = c("tandem_kv_tier_hits", "Prompt blocks copied back from a KV "
+                             "tier instead of computed", (*TAGS, "tier"))
+            self.kv_decisions = c("tandem_kv_tier_decisions", "Requests whose missing "
+                                  "blocks were fetched from the KV pool or computed",
+                                  (*TAGS, "decision"))
+            self.kv_host_bytes = g("tandem_kv_host_tier_bytes", "Bytes held by the host "
+                                   "KV tier", TAGS)
+            self.kv_host_blocks = g("tandem_kv_host_tier_blocks", "Blocks held by the host "
+                                    "KV tier", TAGS)
+            self.kv_fetch_bw = g("tandem_kv_pool_fetch_bandwidth_bytes", "KV pool fetch "
+                                 "bandwidth, fitted over recent fetches (B/s)", TAGS)
+            self.kv_prefill = g("tandem_kv_tier_prefill_tokens_per_second", "The engine's "
+                                "prefill speed the fetch-or-recompute rule uses", TAGS)
+        for name, counter, label in (("host_hits", self.kv_hits, {"tier": "host"}),
+                                     ("pool_hits", self.kv_hits, {"tier": "pool"}),
+                                     ("fetch_decisions", self.kv_decisions,
+                                      {"decision": "fetch"}),
+                                     ("recompute_decisions", self.kv_decisions,
+                                      {"decision": "recompute"})):
+            value, last = s.get(name, 0), self.last.get(name, 0)
+            if value > last:
+                counter.inc(value - last, {**t, **label})
+            self.last[name] = value
+        self.kv_host_bytes.set(s.get("host_bytes", 0), t)
+        self.kv_host_blocks.set(s.get("host_blocks", 0), t)
+        self.kv_fetch_bw.set(s.get("fetch_bw_bytes_s", 0.0), t)
+        self.kv_prefill.set(s.get("prefill_tok_s", 0.0), t)
+
     def gpu_reading(self) -> dict[str, float]:
         """NVML's view of this replica's GPU now; empty without one."""
         if self.gpu is None:

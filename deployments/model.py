@@ -88,6 +88,8 @@ class ModelReplica:
             m.tokens_after(gap * n, n)
         for n_prompt, n_out, reason, ttft, e2e in obs["done"]:
             m.request_done(n_prompt, n_out, reason, ttft, e2e)
+        if report.get("kv_tier"):
+            m.kv_tier(report["kv_tier"])
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose engine core stopped, stalled or lost a

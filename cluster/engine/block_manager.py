@@ -3,7 +3,8 @@
 A full block is identified by a digest chained with its predecessor's (cluster.prefix_hash:
 SHA-256 over token ids, salted per tenant), so equal digests mean equal token prefixes.
 Blocks whose reference count drops to zero keep their contents and stay findable until they
-are reused (least recently freed first).
+are reused (least recently freed first). With KV tiers (cluster/engine/kv_tier.py) a reused
+block's contents go down a tier first, and a miss on a block a tier holds is copied back.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class BlockManager:
         self.free_blocks: deque[int] = deque(range(num_blocks))  # never held a cached prefix
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; LRU first
         self.prefix_queries = 0  # prompt blocks looked up
-        self.prefix_hits = 0
+        self.prefix_hits = 0  # found in this cache (the tiers count their own)
+        self.tier = None  # the KV tiers below this cache (kv_tier.KVTier), set by the engine
 
     @property
     def num_free(self) -> int:
@@ -53,18 +55,37 @@ class BlockManager:
             nh = block_hash(h, seq.token_ids[i * bs : (i + 1) * bs])
             self.prefix_queries += 1
             block = self.hash_to_block.get(nh)
-            if block is None:
-                break
+            if block is not None:
+                self.prefix_hits += 1
+                if self.ref_count[block] == 0:
+                    del self.evictable[block]
+                self.ref_count[block] += 1
+            else:
+                block = self._restore(seq, nh)
+                if block is None:
+                    break
             h = nh
-            self.prefix_hits += 1
-            if self.ref_count[block] == 0:
-                del self.evictable[block]
-            self.ref_count[block] += 1
             seq.block_table.append(block)
+        if self.tier is not None:
+            self.tier.done_matching(seq)
         seq.num_hashed_blocks = len(seq.block_table)
         seq.prefix_hash = h
         seq.num_computed_tokens = len(seq.block_table) * bs
         seq.num_cached_prompt_tokens = seq.num_computed_tokens
+
+    def _restore(self, seq: Sequence, h: bytes) -> int | None:
+        """A fresh block holding h's contents copied back from a tier (referenced once and
+        published, as if computed here); None where no tier holds it or no block is free."""
+        if self.tier is None or not self.num_free:
+            return None
+        src = self.tier.find(seq, h)
+        if src is None:
+            return None
+        block = self._take_block()
+        self.tier.load(block, h, src)
+        self.hash_to_block[h] = block
+        self.block_to_hash[block] = h
+        return block
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grows seq's block table to hold num_tokens; False (and no change) if out of blocks."""
@@ -80,7 +101,10 @@ class BlockManager:
             block = self.free_blocks.popleft()
         else:
             block, _ = self.evictable.popitem(last=False)
-            del self.hash_to_block[self.block_to_hash.pop(block)]
+            h = self.block_to_hash.pop(block)
+            if self.tier is not None:  # its contents go down a tier before they are reused
+                self.tier.save(block, h)
+            del self.hash_to_block[h]
         self.ref_count[block] = 1
         return block
 

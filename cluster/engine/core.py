@@ -270,7 +270,8 @@ class EngineCore:
                 "tok_s": (eng.generated_tokens - g0) / max(1e-3, now - t0),
                 "ttft_p95_ms": recent[int(0.95 * (len(recent) - 1))] * 1000 if recent else 0.0,
                 "idle_gaps": gaps, "obs": obs, "failure": self.failure, "pid": os.getpid(),
-                "device": str(eng.device)}
+                "device": str(eng.device),
+                "kv_tier": eng.blocks.tier.stats() if eng.blocks.tier is not None else None}
 
     def _die(self, why: str) -> None:
         self.failure = why
@@ -320,7 +321,19 @@ def main() -> None:
                         format="%(asctime)s engine-core %(levelname)s %(message)s")
     spec = json.loads(sys.stdin.readline())
     threading.Thread(target=_watch_parent, args=(spec["parent_pid"],), daemon=True).start()
-    engine = LLMEngine(spec["model_dir"], EngineConfig.model_validate(spec["engine"]))
+    pool, pool_cfg = None, spec.get("kv_pool")
+    if pool_cfg:  # tier 2 of the KV cache: this process joins the Ray cluster for it
+        from cluster.kv_pool import connect
+
+        ready = os.dup(1)  # Ray's start-up output must not come before READY on the pipe
+        os.dup2(2, 1)
+        pool = connect(spec.get("ray_address"), pool_cfg["capacity_bytes"],
+                       pool_cfg["label_selector"], pool_cfg["max_fetch_wait_s"])
+        os.dup2(ready, 1)
+        os.close(ready)
+    engine = LLMEngine(spec["model_dir"], EngineConfig.model_validate(spec["engine"]),
+                       kv_pool=pool,
+                       max_fetch_wait_s=pool_cfg["max_fetch_wait_s"] if pool_cfg else 1.0)
     engine.step_delay_s = spec.get("step_delay_s", 0.0)
     core = EngineCore(engine, spec["host"], spec.get("move_after_s"),
                       spec.get("kv_hot", 0.95), spec.get("score_hot", 4.0))

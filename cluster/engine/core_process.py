@@ -41,6 +41,13 @@ class CoreProcess:
                 # Serve's own router: no hand-backs (it would not route them elsewhere)
                 "move_after_s": r.move_after_s if r.policy != "serve_default" else None,
                 "kv_hot": r.kv_hot, "score_hot": r.score_hot}
+        if cfg.kv_pool is not None and cfg.engine.tensor_parallel_size == 1:
+            import ray
+
+            spec["kv_pool"] = cfg.kv_pool.model_dump()
+            # the core joins this replica's Ray cluster to reach the pool's store actors
+            spec["ray_address"] = ray.get_runtime_context().gcs_address \
+                if ray.is_initialized() else None
         self.proc: subprocess.Popen | None = None
         self.thread: threading.Thread | None = None
         self.core = None

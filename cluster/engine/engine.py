@@ -11,7 +11,7 @@ import torch
 
 from cluster.arch import context_length
 from cluster.config import EngineConfig
-from cluster.engine import quant
+from cluster.engine import kv_tier, quant
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.deepseek import DEEPSEEK_TP_REFUSED
 from cluster.engine.model import ModelArch
@@ -115,8 +115,10 @@ def resolve_max_model_len(arch: ModelArch, cfg: EngineConfig) -> int:
 
 
 class LLMEngine:
-    def __init__(self, model_dir: str, cfg: EngineConfig, weights=None):
-        """weights: None (the checkpoint in model_dir), "random", or (name, tensor) pairs."""
+    def __init__(self, model_dir: str, cfg: EngineConfig, weights=None, kv_pool=None,
+                 max_fetch_wait_s: float = 1.0):
+        """weights: None (the checkpoint in model_dir), "random", or (name, tensor) pairs;
+        kv_pool: the cluster KV pool's client (cluster.kv_pool.PoolClient), tier 2."""
         self.cfg = cfg
         self.model_dir = model_dir
         self._grammar_vocab = None
@@ -153,6 +155,8 @@ class LLMEngine:
             # every rank captures together: the all-reduces are inside the graphs
             self._on_all_ranks("capture_decode_graphs", cfg.max_num_seqs)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.blocks.tier = kv_tier.build(self.runner, cfg, model_dir, weights, kv_pool,
+                                         max_fetch_wait_s)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.eos = frozenset(self.arch.eos_token_ids)
@@ -232,6 +236,8 @@ class LLMEngine:
             seq.waiting_for = parent
             parent.held.append(seq)
             return
+        if self.blocks.tier is not None:  # the pool's transfer overlaps its time in line
+            self.blocks.tier.prefetch(seq, self.blocks)
         self.scheduler.add(seq)
 
     def grammar_vocab(self):

@@ -153,7 +153,7 @@ def _leading_ones(xs: list[int]) -> int:
 
 @dataclass
 class Launched:
-    """A greedy step on its way: the GPU may still be running it."""
+    """A step on its way: the GPU may still be running it."""
 
     inp: StepInputs
     seqs: list[Sequence]
@@ -225,6 +225,7 @@ class ModelRunner:
         self.peers = None  # tensor-parallel ranks 1..N-1 (cluster.engine.tp_workers)
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
+        self.kv_tensors: list[torch.Tensor] = []
 
     def kv_bytes_per_block(self) -> int:
         a = self.arch
@@ -244,6 +245,7 @@ class ModelRunner:
             for i, layer in enumerate(self.model.layers):
                 layer.self_attn.kv_cache = cache[i]
             self.k_caches, self.v_caches = list(cache), []
+            self.kv_tensors = [cache]
             return
         shape = (a.num_layers, num_blocks + 1, self.block_size, self.model.layout.kv_heads,
                  a.head_dim)
@@ -252,6 +254,8 @@ class ModelRunner:
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = k[i], v[i]
         self.k_caches, self.v_caches = list(k), list(v)
+        # the whole caches, [layer, block, ...]: the KV tiers copy one block of all layers
+        self.kv_tensors = [k, v]
 
     def make_inputs(self, batch: ScheduledBatch) -> StepInputs:
         bs = self.block_size

@@ -99,6 +99,12 @@ class Scheduler:
                 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not seq.block_table:
+                tier = self.blocks.tier
+                # its blocks are on their way from the KV pool: the steps of the others go
+                # on meanwhile (an idle engine has nothing else to do: it waits for them)
+                if tier is not None and tier.fetch_pending(seq, self.blocks,
+                                                           idle=not self.running):
+                    break
                 self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.blocks.allocate(seq, seq.num_computed_tokens + n):
@@ -117,6 +123,8 @@ class Scheduler:
             budget -= n
         # one-token rows first: attention serves them with the decode kernel in a mixed step
         order = sorted(range(len(seqs)), key=lambda i: counts[i] != 1)
+        if self.blocks.tier is not None:  # once a step: its speed, fetches, spills
+            self.blocks.tier.on_schedule(sum(counts))
         return ScheduledBatch([seqs[i] for i in order], [counts[i] for i in order])
 
     def _reset(self, seq: Sequence) -> None:

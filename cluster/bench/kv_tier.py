@@ -1,0 +1,264 @@
+"""KV cache tiers benchmark: multi-turn chat with the engine's cache far smaller than the
+conversations' histories.
+
+    python -m cluster.bench.kv_tier [--quick] [--json]
+
+An engine-level run (the engine driven in-process, as the model replica's core drives it;
+the pool is real Ray store actors in their own processes, reached over Ray's object
+transfer): `--conversations` chats share one system prompt; each turn's prompt is the whole
+history (system prompt, every earlier user message and answer) plus a new user message.
+Turns of different conversations interleave (the next turn goes to a random conversation
+whose previous turn has ended), `--concurrency` requests at a time. The engine's cache holds
+about a tenth of the working set (every conversation's final history), so a conversation's
+history has left the device cache by the time it comes back. Three runs on the same
+workload: tiers off; host tier (`--host-share` of the working set); host tier + pool (the
+pool sized to hold the whole working set).
+
+"Reusable" prompt tokens: the full blocks at the start of a prompt that an earlier request's
+prompt + output already held (its history, and the system prompt after its first use), less
+the prompt's last token (always computed: its logits give the first output token). Per run:
+prefix_hit_rate (prompt tokens served from any cache or tier / prompt tokens),
+reusable_served (tokens served from a cache or tier / reusable tokens),
+prefill_tokens_computed, TTFT p50/p99, output tok/s, requests_failed (an error, or greedy
+output other than the tiers-off run's), blocks restored per tier, and the fetch rule's
+measurements. The default model shape (`--shape small`: 6 layers, 384 wide, synthetic
+weights) computes slower than Ray returns its blocks; `--shape tiny` (the default
+checkpoint's shape) computes a block faster than a Ray round trip: there the rule recomputes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {
+    "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=4),
+    "small": dict(vocab_size=4096, hidden_size=384, intermediate_size=1024,
+                  num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2),
+}
+
+
+def model_folder(shape: str, max_len: int) -> str:
+    d = Path(tempfile.mkdtemp(prefix=f"kv-tier-{shape}-"))
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **SHAPES[shape],
+           "max_position_embeddings": max_len, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False,
+           "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": [2]}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def workload(args) -> tuple[list[int], list[list[list[int]]]]:
+    """The shared system prompt and each conversation's user messages."""
+    rng = random.Random(args.seed)
+
+    def text(n: int) -> list[int]:
+        return [rng.randrange(3, 4096) for _ in range(n)]
+
+    system = text(args.system_len)
+    users = [[text(args.user_len) for _ in range(args.turns)]
+             for _ in range(args.conversations)]
+    return system, users
+
+
+def chain(tokens: list[int], bs: int) -> list[bytes]:
+    from cluster.prefix_hash import block_hash
+
+    out, h = [], b""
+    for i in range(len(tokens) // bs):
+        h = block_hash(h, tokens[i * bs : (i + 1) * bs])
+        out.append(h)
+    return out
+
+
+def run(args, model_dir: str, system, users, host_bytes: int, pool, reference=None) -> dict:
+    from cluster.config import EngineConfig
+    from cluster.engine.engine import LLMEngine
+    from cluster.engine.sequence import SamplingParams
+
+    bs = args.block_size
+    cfg = EngineConfig(device="cpu", dtype="float32", block_size=bs,
+                       num_kv_blocks=args.kv_blocks, max_model_len=args.max_len,
+                       max_num_seqs=args.concurrency, max_num_batched_tokens=256,
+                       torch_threads=args.threads, kv_host_tier_bytes=host_bytes)
+    engine = LLMEngine(model_dir, cfg, weights="synthetic:0", kv_pool=pool)
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    rng = random.Random(args.seed + 1)
+    history = [list(system) for _ in users]
+    turn = [0] * len(users)
+    ready = set(range(len(users)))
+    seen: set[bytes] = set()
+    active: dict[str, tuple[int, float, list[int]]] = {}  # rid -> (conv, added at, prompt)
+    first: dict[str, float] = {}
+    outs: dict[str, list[int]] = {}
+    ttfts, prompt_tok, cached, reusable, failed, out_tok = [], 0, 0, 0, 0, 0
+    outputs: dict[str, list[int]] = {}
+    t0 = time.perf_counter()
+    while ready or active:
+        while ready and len(active) < args.in_flight:
+            c = rng.choice(sorted(ready))
+            ready.discard(c)
+            prompt = history[c] + users[c][turn[c]]
+            rid = f"c{c}-t{turn[c]}"
+            hashes = chain(prompt, bs)[: (len(prompt) - 1) // bs]
+            n = 0
+            while n < len(hashes) and hashes[n] in seen:
+                n += 1
+            reusable += n * bs
+            active[rid] = (c, time.perf_counter(), prompt)
+            outs[rid] = []
+            engine.add_request(rid, prompt, params)
+        for o in engine.step():
+            now = time.perf_counter()
+            c, added, prompt = active[o.request_id]
+            if o.new_token_ids and o.request_id not in first:
+                first[o.request_id] = now
+                ttfts.append(now - added)
+            outs[o.request_id] += o.new_token_ids
+            if o.finish_reason is None:
+                continue
+            del active[o.request_id]
+            out = outs[o.request_id]
+            prompt_tok += len(prompt)
+            cached += o.num_cached_tokens
+            out_tok += len(out)
+            outputs[o.request_id] = out
+            if o.finish_reason == "error" or (reference is not None and
+                                              reference[o.request_id] != out):
+                failed += 1
+            seen.update(chain(prompt + out[:-1], bs))  # the last token's KV is never made
+            history[c] = prompt + out
+            turn[c] += 1
+            if turn[c] < args.turns:
+                ready.add(c)
+    wall = time.perf_counter() - t0
+    tier = engine.blocks.tier.stats() if engine.blocks.tier is not None else {}
+    result = {
+        "prefix_hit_rate": round(cached / max(1, prompt_tok), 4),
+        "reusable_tokens": reusable,
+        "reusable_served": round(min(cached, reusable) / max(1, reusable), 4),
+        "prompt_tokens": prompt_tok,
+        "prefill_tokens_computed": prompt_tok - cached,
+        "ttft_ms_p50": round(float(np.percentile(ttfts, 50)) * 1000, 1),
+        "ttft_ms_p99": round(float(np.percentile(ttfts, 99)) * 1000, 1),
+        "output_tok_s": round(out_tok / wall, 1),
+        "requests": len(outputs),
+        "requests_failed": failed,
+        "wall_s": round(wall, 2),
+        "preemptions": engine.scheduler.num_preemptions,  # their recompute is not counted
+        "device_hit_blocks": engine.blocks.prefix_hits,
+        "host_hit_blocks": tier.get("host_hits", 0),
+        "pool_hit_blocks": tier.get("pool_hits", 0),
+    }
+    if tier:
+        result |= {k: tier[k] for k in ("host_capacity_bytes", "fetch_decisions",
+                                         "recompute_decisions", "torn", "pool_errors",
+                                         "spills_dropped")}
+        result["fetch_bw_mb_s"] = round(tier["fetch_bw_bytes_s"] / 1e6, 1)
+        result["fetch_latency_ms"] = round(tier["fetch_latency_s"] * 1000, 2)
+        result["prefill_tok_s"] = round(tier["prefill_tok_s"], 1)
+    result["_outputs"] = outputs
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cluster.bench.kv_tier", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="24 conversations of 4 turns")
+    p.add_argument("--conversations", type=int, default=32)
+    p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--system-len", type=int, default=64)
+    p.add_argument("--user-len", type=int, default=48)
+    p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=2, help="the engine's batch "
+                   "(max_num_seqs); its cache has room for that many of the longest prompts")
+    p.add_argument("--in-flight", type=int, default=4, help="requests sent and not answered "
+                   "(beyond the batch they queue in the engine)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--host-share", type=float, default=0.125,
+                   help="the host tier's size, as a share of the working set")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the engine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.conversations, args.turns = 24, 4
+
+    import ray
+
+    from cluster.kv_pool import PoolClient, start_pool
+
+    bs = args.block_size
+    final = args.system_len + args.turns * (args.user_len + args.output_len)
+    args.max_len = -(-final // bs) * bs + bs
+    ws_blocks = args.conversations * -(-final // bs)
+    # a tenth of the working set, but room for the running requests' longest prompts
+    args.kv_blocks = max(ws_blocks // 10, args.concurrency * args.max_len // bs + 1)
+    model_dir = model_folder(args.shape, args.max_len)
+    system, users = workload(args)
+
+    a = SHAPES[args.shape]
+    head_dim = a["hidden_size"] // a["num_attention_heads"]
+    # K and V of every layer, float32
+    block_bytes = 2 * a["num_hidden_layers"] * bs * a["num_key_value_heads"] * head_dim * 4
+    host_bytes = int(args.host_share * ws_blocks) * block_bytes
+
+    # a Ray of its own ("local"), never another cluster running on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING")
+    actors = start_pool(2 * ws_blocks * (block_bytes + 64), {}, prefix="kv-tier-bench-",
+                        detached=False)
+    ray.get([a.stats.remote() for a in actors])  # started before the clock runs
+    runs = {}
+    try:
+        off = run(args, model_dir, system, users, 0, None)
+        runs["tiers_off"] = off
+        ref = off["_outputs"]
+        runs["host_tier"] = run(args, model_dir, system, users, host_bytes, None, ref)
+        runs["host_and_pool"] = run(args, model_dir, system, users, host_bytes,
+                                    PoolClient(actors), ref)
+        pool_stats = ray.get([a.stats.remote() for a in actors])
+    finally:
+        for a in actors:
+            ray.kill(a)
+        ray.shutdown()
+    for r in runs.values():
+        r.pop("_outputs")
+    setup = {"shape": args.shape, "conversations": args.conversations, "turns": args.turns,
+             "concurrency": args.concurrency, "in_flight": args.in_flight, "block_size": bs,
+             "working_set_blocks": ws_blocks, "engine_kv_blocks": args.kv_blocks,
+             "host_tier_blocks": host_bytes // block_bytes, "block_bytes": block_bytes,
+             "pool_stores": len(actors), "pool_blocks_held": sum(s["blocks"] for s in
+                                                                 pool_stats)}
+    off, pooled = runs["tiers_off"], runs["host_and_pool"]
+    summary = {
+        "prefill_computed_ratio": round(pooled["prefill_tokens_computed"] /
+                                        max(1, off["prefill_tokens_computed"]), 3),
+        "ttft_p50_change": round(pooled["ttft_ms_p50"] / max(1e-9, off["ttft_ms_p50"]) - 1,
+                                 3)}
+    report = {"setup": setup, "runs": runs, "summary": summary}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"setup: {setup}")
+        keys = ("prefix_hit_rate", "reusable_served", "prefill_tokens_computed", "ttft_ms_p50",
+                "ttft_ms_p99", "output_tok_s", "requests_failed", "host_hit_blocks",
+                "pool_hit_blocks")
+        print(f"{'run':16}" + "".join(f"{k:>24}" for k in keys))
+        for name, r in runs.items():
+            print(f"{name:16}" + "".join(f"{r[k]!s:>24}" for k in keys))
+        print(f"summary: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""Tiers of KV cache below the engine's device cache: host memory (tier 1) and the cluster
+pool on the CPU nodes (tier 2, cluster/kv_pool.py).
+
+Tier 1 is written back on eviction (SGLang HiCache's `write_back`, vLLM's offloading
+connector's LRU CPU store): when the prefix cache hands out a cached-but-free block for new
+KV, that block's contents, all layers' K and V, are first copied into one contiguous buffer
+of a host slab (HiCache's "page first" layout: one transfer per block, not one per layer),
+keyed by the block's chained hash. The slab is sized by `engine.kv_host_tier_bytes` and
+recycled least recently used first, so it never holds more. On a GPU the copy runs on a side
+stream into pinned memory; the side stream waits for the work already queued (the step that
+wrote the block) and the compute stream waits for the copy before anything after it (the
+next step, which may overwrite the block), so no step waits on the host. On the CPU the
+"device" cache is itself host memory and the copy is a plain one; the tier is still its own
+bounded store.
+
+A prefix-cache miss on a block whose hash a tier holds takes a fresh device block and copies
+the contents back instead of computing them. Every block put in tier 1 is also spilled to
+the pool (batched once a step, never waited for); a request whose prompt continues past what
+this engine holds asks the pool for the rest when it arrives, so the transfer overlaps its
+time in the queue. When it could be admitted and its blocks are still on their way, the
+scheduler admits it a step later instead of blocking the engine's loop (the others' steps
+go on); an idle engine, with nothing else to run, waits for them.
+
+Fetch or recompute (per request, at arrival): fetch the n missing blocks iff the predicted
+fetch time, latency + n x block bytes / bandwidth (fitted over recent fetches, end to end),
+is below the time this engine would take to compute them, n x block tokens / its prefill
+speed (tokens per second of its recent steps of at least two blocks' worth of tokens). From
+the moment it could be admitted it waits for the fetch at most that recompute time (and
+`kv_pool.max_fetch_wait_s`); what has not arrived by then, a block that is torn (wrong size,
+or not the key asked for) and everything after it in the chain are computed. Until both
+speeds are measured it fetches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+import warnings
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from cluster.prefix_hash import block_hash, salt_digest
+
+if TYPE_CHECKING:
+    from cluster.engine.block_manager import BlockManager
+    from cluster.engine.sequence import Sequence
+    from cluster.kv_pool import Fetch, PoolClient
+
+log = logging.getLogger(__name__)
+
+KEY_BYTES = 48  # a pool key: the model's (16 bytes) + the block's chained digest (32)
+FETCH_TTL_S = 60.0  # a fetch whose request never got admitted (aborted) is dropped then
+
+
+def model_key(model_dir: str, weights, dtype: torch.dtype, block_size: int) -> bytes:
+    """What makes two engines' blocks interchangeable in the shared pool: the checkpoint (its
+    folder name, config.json and weight file sizes; or the synthetic weights' name), the
+    cache's dtype and block size. Engines of different models never read each other's blocks."""
+    d = Path(model_dir)
+    named = weights if isinstance(weights, str) else ""
+    h = hashlib.sha256(f"{d.name}|{dtype}|{block_size}|{named}".encode())
+    cfg = d / "config.json"
+    if cfg.exists():
+        h.update(cfg.read_bytes())
+    for f in sorted(d.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.digest()[:16]
+
+
+class HostPool:
+    """Tier 1's store: `capacity` block buffers in one slab, by chained hash, LRU."""
+
+    def __init__(self, capacity: int, shape: tuple[int, ...], dtype: torch.dtype, pin: bool):
+        self.capacity = capacity
+        self.slab = torch.empty((capacity, *shape), dtype=dtype, pin_memory=pin) \
+            if capacity else None
+        self.slots: OrderedDict[bytes, int] = OrderedDict()
+        self.free = list(range(capacity - 1, -1, -1))
+        self.evicted = 0
+        # the entry a restore is about to read: the block taken for it may push one out
+        self.protected: bytes | None = None
+
+    def __contains__(self, h: bytes) -> bool:
+        return h in self.slots
+
+    def get(self, h: bytes) -> int | None:
+        slot = self.slots.get(h)
+        if slot is not None:
+            self.slots.move_to_end(h)
+        return slot
+
+    def take(self, h: bytes) -> int | None:
+        """A slot for a new entry h, the least recently used one when full; None: no slab."""
+        if not self.capacity:
+            return None
+        if self.free:
+            slot = self.free.pop()
+        else:
+            victim = next(iter(self.slots))
+            if victim == self.protected:
+                if len(self.slots) == 1:
+                    return None
+                self.slots.move_to_end(victim)
+                victim = next(iter(self.slots))
+            slot = self.slots.pop(victim)
+            self.evicted += 1
+        self.slots[h] = slot
+        return slot
+
+
+@dataclass
+class SeqFetch:
+    """A request's fetches from the pool: the chain of blocks it asked for, in order (one
+    part at its arrival, maybe one more for blocks that left this engine while it queued)."""
+
+    hashes: list[bytes]
+    parts: list[tuple[list[bytes], Fetch]]
+    wait_s: float  # from admission on, wait at most this (what computing them would take)
+    blobs: dict[bytes, bytes] | None = None  # once collected: the unbroken prefix that came
+    deadline: float | None = None  # set when the request could first have been admitted
+
+
+class KVTier:
+    def __init__(self, runner, host_bytes: int, pool: PoolClient | None = None,
+                 key: bytes = b"\0" * 16, max_fetch_wait_s: float = 1.0):
+        self.tensors: list[torch.Tensor] = runner.kv_tensors  # each [layer, block, ...]
+        self.block_size = runner.block_size
+        self.device = runner.device
+        self.cuda = self.device.type == "cuda"
+        t0 = self.tensors[0]
+        self.dtype = t0.dtype
+        self.shape = (len(self.tensors), t0.shape[0], *t0.shape[2:])
+        self.block_bytes = math.prod(self.shape) * t0.element_size()
+        capacity = host_bytes // self.block_bytes
+        if self.cuda and pool is not None and not capacity:
+            raise ValueError("the KV pool needs engine.kv_host_tier_bytes of at least one "
+                             "block on a GPU engine: its blocks move through pinned host "
+                             "memory")
+        self.host = HostPool(capacity, self.shape, self.dtype, pin=self.cuda)
+        self.pool, self.key, self.max_fetch_wait_s = pool, key, max_fetch_wait_s
+        self.side = torch.cuda.Stream(self.device) if self.cuda else None
+        self.events: dict[int, torch.cuda.Event] = {}  # host slot -> its last device copy
+        self.spills: list[tuple[bytes, int]] = []  # (hash, host slot) not sent yet
+        self.direct: list[tuple[bytes, bytes]] = []  # pool-only (CPU): blocks to send
+        self.fetches: dict[str, SeqFetch] = {}
+        self.hits = {"host": 0, "pool": 0}
+        self.decisions = {"fetch": 0, "recompute": 0}
+        self.saved = self.torn = self.fetched_bytes = 0
+        self.samples: deque[tuple[int, float]] = deque(maxlen=32)  # (bytes, seconds) fetches
+        self.prefill_tok_s: float | None = None
+        self._last_at: float | None = None
+        self._last_tokens = 0
+
+    # ---- tier 1: out of the device cache and back
+
+    def save(self, block: int, h: bytes) -> None:
+        """Keeps the contents of a cached block the device cache is about to reuse."""
+        if self.host.get(h) is not None:
+            return  # still held from before (it was restored from here)
+        slot = self.host.take(h)
+        if slot is None and self.host.capacity:
+            return  # its only slot is being restored from: this block is not kept
+        self.saved += 1
+        if slot is None:  # no host slab (a CPU engine with the pool only): straight out
+            if self.pool is not None:
+                blob = torch.stack([t[:, block] for t in self.tensors])
+                self.direct.append((self.key + h, self._blob(self.key + h, blob)))
+            return
+        dst = self.host.slab[slot]
+        if self.cuda:
+            main = torch.cuda.current_stream(self.device)
+            self.side.wait_stream(main)  # after the step that wrote the block
+            with torch.cuda.stream(self.side):
+                for j, t in enumerate(self.tensors):
+                    dst[j].copy_(t[:, block], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self.side)
+            main.wait_stream(self.side)  # before anything that overwrites it
+            self.events[slot] = ev
+        else:
+            for j, t in enumerate(self.tensors):
+                dst[j].copy_(t[:, block])
+        if self.pool is not None:
+            self.spills.append((h, slot))
+
+    def find(self, seq: Sequence, h: bytes) -> tuple[int | None, bytes | None] | None:
+        """Where a tier holds h's block: (host slot, None) or (None, pool blob); None: no."""
+        slot = self.host.get(h)
+        if slot is not None:
+            self.host.protected = h
+            return slot, None
+        f = self.fetches.get(seq.request_id)
+        if f is None:
+            return None
+        if f.blobs is None:
+            self._collect(f)
+        blob = f.blobs.get(h)
+        return None if blob is None else (None, blob)
+
+    def load(self, block: int, h: bytes, src: tuple[int | None, bytes | None]) -> None:
+        """Copies a tier's block into device block `block`."""
+        slot, blob = src
+        self.host.protected = None
+        if blob is not None:
+            self.hits["pool"] += 1
+            with warnings.catch_warnings():  # read only: torch warns of the bytes' immutability
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.frombuffer(blob, dtype=torch.uint8, offset=KEY_BYTES)
+            slot = self.host.take(h)  # kept here too: the next miss is a host hit
+            if slot is None:
+                for j, t in enumerate(self.tensors):
+                    t[:, block].copy_(raw.view(self.dtype).view(self.shape)[j])
+                return
+            self._host_ready(slot)
+            self.host.slab[slot].view(torch.uint8).view(-1).copy_(raw)
+        else:
+            self.hits["host"] += 1
+        src_t = self.host.slab[slot]
+        for j, t in enumerate(self.tensors):
+            t[:, block].copy_(src_t[j], non_blocking=self.cuda)
+        if self.cuda:  # the slot may be rewritten on the host only after this copy
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self.events[slot] = ev
+
+    def _host_ready(self, slot: int) -> None:
+        ev = self.events.pop(slot, None)
+        if ev is not None:
+            ev.synchronize()
+
+    # ---- tier 2: spill, prefetch, collect
+
+    def _missing(self, seq: Sequence, blocks: BlockManager) -> list[bytes]:
+        """The chain of seq's prompt blocks after the longest prefix this engine holds (in
+        its cache or its host tier), as match_prefix walks it (one token left to compute)."""
+        bs, h, missing = self.block_size, salt_digest(seq.cache_salt), []
+        for i in range((seq.num_tokens - 1) // bs):
+            h = block_hash(h, seq.token_ids[i * bs : (i + 1) * bs])
+            if missing or (h not in blocks.hash_to_block and h not in self.host):
+                missing.append(h)
+        return missing
+
+    def prefetch(self, seq: Sequence, blocks: BlockManager) -> None:
+        """At arrival: asks the pool for the blocks of seq's prompt that follow what this
+        engine holds, if fetching them beats computing them."""
+        if self.pool is not None and seq.prompt_logprobs is None:
+            self._ask(seq, self._missing(seq, blocks))
+
+    def _ask(self, seq: Sequence, hashes: list[bytes]) -> None:
+        """Fetches these blocks (which come before any asked for already) if that is faster
+        than computing them."""
+        if not hashes:
+            return
+        fetch_s, compute_s = self.predict(len(hashes))
+        if fetch_s >= compute_s:
+            self.decisions["recompute"] += 1
+            return
+        fetch = self.pool.get([self.key + x for x in hashes])
+        if fetch is None:  # no store up
+            return
+        self.decisions["fetch"] += 1
+        wait = min(compute_s, self.max_fetch_wait_s)
+        f = self.fetches.get(seq.request_id)
+        if f is None:
+            self.fetches[seq.request_id] = SeqFetch(list(hashes), [(hashes, fetch)], wait)
+        else:
+            f.hashes[:0] = hashes
+            f.parts.append((hashes, fetch))
+            f.wait_s = max(f.wait_s, wait)
+
+    def fetch_pending(self, seq: Sequence, blocks: BlockManager, idle: bool) -> bool:
+        """True while seq's fetch is in flight and within its wait: the scheduler admits it
+        later rather than block the engine's loop on it (an idle engine blocks instead).
+        First called when seq could be admitted: blocks this engine held at its arrival
+        may have left meanwhile (other requests ran while it queued): those are asked too."""
+        if self.pool is None or seq.prompt_logprobs is not None:
+            return False
+        f = self.fetches.get(seq.request_id)
+        if f is None or f.deadline is None:  # the first look at it since it arrived
+            missing = self._missing(seq, blocks)
+            self._ask(seq, missing[: max(0, len(missing) - (len(f.hashes) if f else 0))])
+            f = self.fetches.get(seq.request_id)
+            if f is None:
+                return False
+            f.deadline = time.monotonic() + f.wait_s
+        if f.blobs is not None or idle or all(self.pool.poll(p) for _, p in f.parts):
+            return False
+        return time.monotonic() < f.deadline
+
+    def predict(self, n_blocks: int) -> tuple[float, float]:
+        """(fetch seconds, compute seconds) of n blocks; 0 and inf while unmeasured."""
+        compute = (n_blocks * self.block_size / self.prefill_tok_s if self.prefill_tok_s
+                   else math.inf)
+        lat, bw = self.fetch_model()
+        fetch = lat + n_blocks * self.block_bytes / bw if bw else 0.0
+        return fetch, compute
+
+    def fetch_model(self) -> tuple[float, float | None]:
+        """(latency s, bandwidth B/s) fitted to the recent fetches (least squares of time
+        on bytes); one size seen so far: all of it bandwidth."""
+        if not self.samples:
+            return 0.0, None
+        n = len(self.samples)
+        mb = sum(b for b, _ in self.samples) / n
+        mt = sum(t for _, t in self.samples) / n
+        var = sum((b - mb) ** 2 for b, _ in self.samples)
+        if var > 0:
+            slope = sum((b - mb) * (t - mt) for b, t in self.samples) / var
+            if slope > 0:
+                return max(0.0, mt - slope * mb), 1.0 / slope
+        return 0.0, (mb / mt if mt > 0 and mb > 0 else None)
+
+    def _collect(self, f: SeqFetch) -> None:
+        wait = f.wait_s if f.deadline is None else f.deadline - time.monotonic()
+        got: dict[bytes, bytes | None] = {}
+        for hashes, fetch in f.parts:
+            raw = self.pool.collect(fetch, wait)
+            got.update(zip(hashes, raw, strict=True))
+            done = fetch.ready_at
+            if done is not None and not fetch.late:  # a late one measures only our patience
+                self.samples.append((sum(len(b) for b in raw if b is not None),
+                                     max(1e-6, done - fetch.issued)))
+        f.blobs = {}
+        for h in f.hashes:  # in chain order
+            blob = got.get(h)
+            if blob is None:
+                break  # the chain ends here: the rest is computed
+            if len(blob) != KEY_BYTES + self.block_bytes or blob[:KEY_BYTES] != self.key + h:
+                self.torn += 1  # a torn or foreign answer is a miss, as is all after it
+                break
+            f.blobs[h] = blob
+            self.fetched_bytes += len(blob)
+
+    def done_matching(self, seq: Sequence) -> None:
+        self.fetches.pop(seq.request_id, None)
+
+    def on_schedule(self, num_tokens: int) -> None:
+        """Once a step (from the scheduler): measures the engine's prefill speed, stamps
+        fetches that arrived, sends the spills."""
+        now = time.perf_counter()
+        if self._last_at is not None and self._last_tokens >= 2 * self.block_size:
+            dt = now - self._last_at
+            # a gap much longer than such a step is the engine idling between requests
+            expected = self._last_tokens / self.prefill_tok_s if self.prefill_tok_s else 1.0
+            if 0 < dt < 4 * expected:
+                speed = self._last_tokens / dt
+                self.prefill_tok_s = speed if self.prefill_tok_s is None else \
+                    0.8 * self.prefill_tok_s + 0.2 * speed
+        self._last_at, self._last_tokens = now, num_tokens
+        if self.pool is None:
+            return
+        stale = time.monotonic() - FETCH_TTL_S
+        for rid, f in list(self.fetches.items()):
+            if f.parts[0][1].issued < stale:
+                del self.fetches[rid]
+        self.flush()
+
+    def flush(self) -> None:
+        """Sends the blocks put in tier 1 since the last call to the pool (not waited for)."""
+        items, keep = self.direct, []
+        self.direct = []
+        for h, slot in self.spills:
+            if self.host.slots.get(h) != slot:
+                continue  # left tier 1 before it was sent: it is gone
+            ev = self.events.get(slot)
+            if ev is not None and not ev.query():
+                keep.append((h, slot))  # its copy out of the device is still running
+                continue
+            items.append((self.key + h, self._blob(self.key + h, self.host.slab[slot])))
+        self.spills = keep
+        if items:
+            self.pool.put(items)
+
+    def _blob(self, key: bytes, t: torch.Tensor) -> bytes:
+        """key + the block's bytes: the key lets a fetch tell its block from another."""
+        return b"".join((key, memoryview(t.contiguous().view(torch.uint8).reshape(-1)
+                                         .numpy())))
+
+    def stats(self) -> dict:
+        lat, bw = self.fetch_model()
+        return {"host_blocks": len(self.host.slots),
+                "host_bytes": len(self.host.slots) * self.block_bytes,
+                "host_capacity_bytes": self.host.capacity * self.block_bytes,
+                "host_hits": self.hits["host"], "pool_hits": self.hits["pool"],
+                "saved": self.saved, "torn": self.torn, "fetched_bytes": self.fetched_bytes,
+                "fetch_decisions": self.decisions["fetch"],
+                "recompute_decisions": self.decisions["recompute"],
+                "fetch_bw_bytes_s": bw or 0.0, "fetch_latency_s": lat,
+                "prefill_tok_s": self.prefill_tok_s or 0.0,
+                "pool_errors": self.pool.errors if self.pool else 0,
+                "spills_dropped": self.pool.dropped if self.pool else 0}
+
+
+def build(runner, cfg, model_dir: str, weights=None, pool: PoolClient | None = None,
+          max_fetch_wait_s: float = 1.0) -> KVTier | None:
+    """The engine's tiers from its config (None: off)."""
+    if not cfg.kv_host_tier_bytes and pool is None:
+        return None
+    if not cfg.enable_prefix_caching:
+        raise ValueError("KV tiers need engine.enable_prefix_caching (blocks are found by "
+                         "their prefix hash)")
+    if cfg.tensor_parallel_size > 1:
+        raise ValueError("KV tiers do not support tensor_parallel_size > 1 yet (each rank "
+                         "holds a shard of every block)")
+    # the cache's own element type (an fp8 KV cache's blocks are not a bf16 one's)
+    key = model_key(model_dir, weights, runner.kv_tensors[0].dtype, runner.block_size)
+    tier = KVTier(runner, cfg.kv_host_tier_bytes, pool, key, max_fetch_wait_s)
+    log.info("KV tiers: host %d blocks (%.1f MiB)%s", tier.host.capacity,
+             tier.host.capacity * tier.block_bytes / 2**20,
+             f", pool of {len(pool.actors)} stores" if pool else "")
+    return tier

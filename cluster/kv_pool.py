@@ -1,0 +1,280 @@
+"""Tier 2 of the KV cache: a cluster pool of KV blocks in the CPU nodes' memory.
+
+One store actor per CPU node (label `cpu-arch: kunpeng` by default) holds blocks in a bounded
+LRU, keyed by the model's key + the block's chained SHA-256 (cluster/prefix_hash.py: the
+tenant's salt is the chain's start, so tenants never share a key). Engines spill blocks there
+from their host tier (cluster/engine/kv_tier.py) and fetch them on a miss; the transport is
+Ray's object transfer. A key lives on one actor (its first bytes pick it), so the blocks of
+one prompt are striped over all the actors and one fetch asks them all at once.
+
+Nothing here can fail a request: an actor that is gone, slow or answers a torn block is a
+miss, and the engine computes the block instead. No torch here: the store runs on CPU nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+import ray
+
+log = logging.getLogger(__name__)
+
+POOL_NAMESPACE = "tandem"
+NAME_PREFIX = "tandem-kv-pool-"
+KEY_BYTES = 48  # model key (16) + block digest (32)
+DOWN_FOR_S = 5.0  # an actor that failed a call is skipped this long (misses, no waiting)
+
+
+class KVPoolStore:
+    """One node's share of the pool (a Ray actor): blocks by key, least recently used out
+    first, never more than `capacity_bytes` of block payload."""
+
+    def __init__(self, capacity_bytes: int, name: str = ""):
+        self.capacity = capacity_bytes
+        self.blocks: OrderedDict[bytes, bytes] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = self.puts = self.evicted = self.refused = 0
+        self.fault: tuple[str, int] | None = None
+        self.name = name
+        self._metrics = None
+        try:
+            from ray.util import metrics
+
+            tags = ("pool",)
+            self._metrics = (
+                metrics.Gauge("tandem_kv_pool_bytes", "KV block bytes held by a pool store",
+                              tags),
+                metrics.Gauge("tandem_kv_pool_blocks", "KV blocks held by a pool store", tags),
+                metrics.Counter("tandem_kv_pool_hits", "Blocks a pool store served", tags),
+                metrics.Counter("tandem_kv_pool_misses", "Blocks asked of a pool store that "
+                                "it did not hold", tags))
+        except Exception:  # noqa: BLE001 - outside a Ray worker: no metrics, same store
+            self._metrics = None
+
+    def put(self, items: list[tuple[bytes, bytes]]) -> int:
+        """Stores blocks; returns how many are new. A block larger than the whole bound is
+        refused; others push out the least recently used until they fit."""
+        new = 0
+        for key, blob in items:
+            if key in self.blocks:
+                self.blocks.move_to_end(key)
+                continue
+            if len(blob) > self.capacity:
+                self.refused += 1
+                continue
+            while self.bytes + len(blob) > self.capacity:
+                _, old = self.blocks.popitem(last=False)
+                self.bytes -= len(old)
+                self.evicted += 1
+            self.blocks[key] = blob
+            self.bytes += len(blob)
+            new += 1
+        self.puts += new
+        self._gauges()
+        return new
+
+    def get(self, keys: list[bytes]) -> list[bytes | None]:
+        """The blocks of these keys (None: not held); each one found becomes most recent."""
+        out: list[bytes | None] = []
+        for key in keys:
+            blob = self.blocks.get(key)
+            if blob is not None:
+                self.blocks.move_to_end(key)
+            out.append(blob)
+        found = sum(b is not None for b in out)
+        self.hits += found
+        self.misses += len(out) - found
+        if self._metrics is not None:
+            tags = {"pool": self.name}
+            if found:
+                self._metrics[2].inc(found, tags)
+            if len(out) - found:
+                self._metrics[3].inc(len(out) - found, tags)
+        if self.fault is not None:  # tests: a transfer torn after `n` blocks
+            _, n = self.fault
+            self.fault = None
+            out = [b if i < n or b is None else b[: len(b) // 2] for i, b in enumerate(out)]
+        return out
+
+    def stats(self) -> dict:
+        return {"bytes": self.bytes, "blocks": len(self.blocks), "capacity": self.capacity,
+                "hits": self.hits, "misses": self.misses, "puts": self.puts,
+                "evicted": self.evicted, "refused": self.refused}
+
+    def inject_fault(self, after_blocks: int) -> None:
+        """Tests only: the next get answers its blocks from `after_blocks` on cut in half (a
+        transfer torn mid-way)."""
+        self.fault = ("torn", after_blocks)
+
+    def _gauges(self) -> None:
+        if self._metrics is not None:
+            tags = {"pool": self.name}
+            self._metrics[0].set(self.bytes, tags)
+            self._metrics[1].set(len(self.blocks), tags)
+
+
+PoolActor = ray.remote(num_cpus=0, max_restarts=-1)(KVPoolStore)
+
+
+def _matches(labels: dict, selector: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def start_pool(capacity_bytes: int, label_selector: dict[str, str], prefix: str = NAME_PREFIX,
+               detached: bool = True) -> list:
+    """One store actor per live node carrying `label_selector`'s labels, named
+    prefix + the node's id (an existing one is reused); their handles, in node order."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted((n for n in ray.nodes() if n["Alive"]
+                    and _matches(n.get("Labels", {}), label_selector)),
+                   key=lambda n: n["NodeID"])
+    actors = []
+    for node in nodes:
+        name = prefix + node["NodeID"][:12]
+        opts = dict(name=name, namespace=POOL_NAMESPACE, get_if_exists=True,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"],
+                                                                       soft=False))
+        if detached:  # the pool outlives the replica that started it
+            opts["lifetime"] = "detached"
+        actors.append(PoolActor.options(**opts).remote(capacity_bytes, name))
+    if not actors:
+        log.warning("no live node carries %s: the KV pool has no store", label_selector)
+    return actors
+
+
+@dataclass
+class Fetch:
+    """A get in flight: one call per store actor, each for the keys that live there. Each
+    answer is read (deserialized) by Ray's own thread as it arrives, which stamps its time:
+    the bandwidth the fetch rule uses is not rounded up to the engine's step."""
+
+    keys: list[bytes]
+    calls: list[tuple[int, list[int], Future]]  # (actor, positions in keys, its answer)
+    issued: float = field(default_factory=time.monotonic)
+    answered: list[float] = field(default_factory=list)  # when each call's answer came
+    late: bool = False  # some call had not answered (or failed) when it was collected
+
+    @property
+    def ready_at(self) -> float | None:
+        return max(self.answered) if len(self.answered) == len(self.calls) else None
+
+
+class PoolClient:
+    """An engine's view of the pool: puts without waiting, gets as futures; any failure of
+    an actor is a miss (and that actor is skipped for DOWN_FOR_S)."""
+
+    MAX_PUTS_IN_FLIGHT = 16  # per actor: beyond, spills are dropped (later misses)
+
+    def __init__(self, actors: list, timeout_s: float = 1.0):
+        self.actors = list(actors)
+        self.timeout_s = timeout_s
+        self.down_until = [0.0] * len(self.actors)
+        self.puts: list[list] = [[] for _ in self.actors]
+        self.errors = self.dropped = 0
+
+    def _shard(self, key: bytes) -> int:
+        # the digest's bytes after the model key: uniform, and the same on every engine
+        return int.from_bytes(key[16:20], "little") % len(self.actors)
+
+    def _up(self, i: int, now: float) -> bool:
+        return now >= self.down_until[i]
+
+    def _failed(self, i: int, err: BaseException) -> None:
+        self.errors += 1
+        self.down_until[i] = time.monotonic() + DOWN_FOR_S
+        log.warning("KV pool store %d failed (%s): its blocks are misses for %.0f s", i,
+                    type(err).__name__, DOWN_FOR_S)
+
+    def put(self, items: list[tuple[bytes, bytes]]) -> None:
+        if not self.actors:
+            return
+        now = time.monotonic()
+        by_actor: dict[int, list] = {}
+        for key, blob in items:
+            by_actor.setdefault(self._shard(key), []).append((key, blob))
+        for i, batch in by_actor.items():
+            self._reap(i)
+            if not self._up(i, now) or len(self.puts[i]) >= self.MAX_PUTS_IN_FLIGHT:
+                self.dropped += len(batch)
+                continue
+            self.puts[i].append(self.actors[i].put.remote(batch))
+
+    def _reap(self, i: int) -> None:
+        """Takes the answered puts of actor i (an error there: the actor is down)."""
+        refs = self.puts[i]
+        if not refs:
+            return
+        done, self.puts[i] = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - a lost store: misses later, no error
+                self._failed(i, err)
+
+    def get(self, keys: list[bytes]) -> Fetch | None:
+        if not self.actors or not keys:
+            return None
+        now = time.monotonic()
+        pos: dict[int, list[int]] = {}
+        for j, key in enumerate(keys):
+            i = self._shard(key)
+            if self._up(i, now):
+                pos.setdefault(i, []).append(j)
+        if not pos:
+            return None
+        fetch = Fetch(keys, [])
+        for i, js in pos.items():
+            fut = self.actors[i].get.remote([keys[j] for j in js]).future()
+            fut.add_done_callback(lambda _, f=fetch: f.answered.append(time.monotonic()))
+            fetch.calls.append((i, js, fut))
+        return fetch
+
+    def poll(self, fetch: Fetch) -> bool:
+        """True once every call of the fetch has answered."""
+        return fetch.ready_at is not None
+
+    def collect(self, fetch: Fetch, timeout_s: float) -> list[bytes | None]:
+        """The fetch's blocks in key order; None for each one that is missing, late (past
+        timeout_s) or whose actor failed."""
+        out: list[bytes | None] = [None] * len(fetch.keys)
+        deadline = time.monotonic() + max(0.0, min(timeout_s, self.timeout_s))
+        for i, js, fut in fetch.calls:
+            try:
+                blobs = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                fetch.late = True
+                continue  # late: recomputing is faster than waiting (the rule in kv_tier)
+            except Exception as err:  # noqa: BLE001 - a lost store: misses, never an error
+                self._failed(i, err)
+                fetch.late = True  # its time measures no transfer either
+                continue
+            if not isinstance(blobs, list) or len(blobs) != len(js):
+                continue  # not an answer of ours: misses
+            for j, blob in zip(js, blobs, strict=True):
+                out[j] = blob
+        return out
+
+
+def connect(address: str | None, capacity_bytes: int, label_selector: dict[str, str],
+            timeout_s: float) -> PoolClient | None:
+    """The pool client of an engine core (its own process): joins the Ray cluster at
+    `address` as a driver and starts or finds the store actors. None where that fails: the
+    engine then runs without the pool (its misses are computed), never refusing requests."""
+    if address is None and not ray.is_initialized():
+        log.warning("no Ray cluster address: the engine runs without the KV pool")
+        return None
+    try:
+        if not ray.is_initialized():
+            ray.init(address=address, namespace=POOL_NAMESPACE, log_to_driver=False,
+                     logging_level=logging.WARNING)
+        actors = start_pool(capacity_bytes, label_selector)
+    except Exception:  # noqa: BLE001 - no pool is misses, not a failed replica
+        log.exception("KV pool unavailable: the engine runs without it")
+        return None
+    return PoolClient(actors, timeout_s) if actors else None

@@ -1,0 +1,65 @@
+"""The host KV tier on a GPU: copies out on a side stream into pinned memory while steps run
+one ahead (CUDA graphs on), back on the compute stream. Run on the device:
+    python -m pytest -m gpu tests/gpu/test_kv_tier_gpu.py
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from cluster.bench.kv_tier import model_folder
+from cluster.config import EngineConfig
+from cluster.engine.engine import LLMEngine
+from cluster.engine.sequence import SamplingParams
+from cluster.prefix_hash import block_hash
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+BS = 16
+G = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+def tokens(seed: int, n: int = 150) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 4000) for _ in range(n)]
+
+
+def chain(prompt: list[int]) -> list[bytes]:
+    h, out = b"", []
+    for i in range((len(prompt) - 1) // BS):
+        h = block_hash(h, prompt[i * BS : (i + 1) * BS])
+        out.append(h)
+    return out
+
+
+def contents(engine: LLMEngine, blocks: list[int]) -> torch.Tensor:
+    return torch.stack([torch.stack([t[:, b] for t in engine.runner.kv_tensors])
+                        for b in blocks]).clone()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_blocks_come_back_bit_exact_with_the_same_tokens(dtype):
+    folder = model_folder("tiny", 512)
+    cfg = EngineConfig(device="cuda", dtype=dtype, max_model_len=256, num_kv_blocks=24,
+                       block_size=BS, max_num_batched_tokens=64, max_num_seqs=8,
+                       kv_host_tier_bytes=64 << 20)
+    engine = LLMEngine(folder, cfg, weights="synthetic:0")
+    tier = engine.blocks.tier
+    assert tier.cuda and tier.host.slab.is_pinned()
+    a, fillers = tokens(1), [tokens(10 + i) for i in range(4)]
+    hashes = chain(a)
+    engine.generate([a], G)
+    saved = contents(engine, [engine.blocks.hash_to_block[h] for h in hashes])
+    hit = engine.generate([a], G)  # from the device cache: the same chunks as a restore
+    for f in fillers:
+        engine.generate([f], G)
+    assert not set(hashes) & engine.blocks.hash_to_block.keys()
+    restored = engine.generate([a], G)
+    assert tier.hits["host"] == len(hashes)
+    torch.cuda.synchronize()
+    back = contents(engine, [engine.blocks.hash_to_block[h] for h in hashes])
+    assert torch.equal(back, saved)
+    assert restored == hit

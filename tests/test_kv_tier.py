@@ -1,0 +1,264 @@
+"""KV cache tiers (CPU, fp32): blocks evicted from the engine's cache come back from host
+memory (tier 1) or the cluster pool's store actors (tier 2) with the same greedy output as
+recomputing them; torn fetches and lost stores are misses, never errors; both tiers stay
+within their byte bounds; tenants (cache salts) never share a block. The pool is real Ray
+actors on the session cluster's Kunpeng nodes."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+import uuid
+
+import pytest
+import ray
+import torch
+
+from cluster.config import AppConfig, EngineConfig, KVPoolConfig, ModelConfig
+from cluster.engine.engine import LLMEngine
+from cluster.engine.sequence import SamplingParams
+from cluster.kv_pool import NAME_PREFIX, POOL_NAMESPACE, PoolActor, PoolClient, start_pool
+from cluster.prefix_hash import block_hash, salt_digest
+
+BS = 16
+BLOCK_BYTES = 2 * 4 * BS * 4 * 32 * 4  # the default model: 4 layers, 4 KV heads of 32, fp32
+G = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+_ids = itertools.count()
+
+
+def tokens(seed: int, n: int = 150) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 4000) for _ in range(n)]
+
+
+A = tokens(1)  # 9 full blocks before its last token
+FILLERS = [tokens(10 + i) for i in range(4)]  # together they push A out of a 24-block cache
+A_BLOCKS = (len(A) - 1) // BS
+
+
+def make(model_dir, pool=None, **kw) -> LLMEngine:
+    cfg = dict(max_model_len=256, num_kv_blocks=24, block_size=BS, max_num_batched_tokens=64,
+               torch_threads=1, dtype="float32", device="cpu", cpu_attention_kernel=False)
+    return LLMEngine(str(model_dir), EngineConfig(**(cfg | kw)), kv_pool=pool)
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], salt: str = "") -> list[list[int]]:
+    rids = [f"r{next(_ids)}" for _ in prompts]
+    for rid, p in zip(rids, prompts, strict=True):
+        engine.add_request(rid, p, G, cache_salt=salt)
+    return drain(engine, rids)
+
+
+def drain(engine: LLMEngine, rids: list[str], outputs=()) -> list[list[int]]:
+    """Steps until the engine is idle; each request's tokens (outputs: those of steps the
+    caller ran)."""
+    out = {rid: [] for rid in rids}
+    outputs = list(outputs)
+    while True:
+        for o in outputs:
+            assert o.finish_reason != "error", o.error
+            out[o.request_id] += o.new_token_ids
+        if not engine.has_work():
+            return [out[r] for r in rids]
+        outputs = engine.step()
+
+
+def chain(prompt: list[int], salt: str = "") -> list[bytes]:
+    h, out = salt_digest(salt), []
+    for i in range((len(prompt) - 1) // BS):
+        h = block_hash(h, prompt[i * BS : (i + 1) * BS])
+        out.append(h)
+    return out
+
+
+def push_out(engine: LLMEngine, salt: str = "") -> None:
+    """Runs the fillers one by one until none of A's blocks is left in the device cache."""
+    for f in FILLERS:
+        run(engine, [f], salt)
+    assert not set(chain(A, salt)) & engine.blocks.hash_to_block.keys()
+
+
+def settle(client: PoolClient) -> None:
+    """Waits for the spills sent so far to be stored."""
+    ray.get([ref for refs in client.puts for ref in refs])
+
+
+@pytest.fixture(scope="module")
+def ref(model_dir) -> dict:
+    """Greedy outputs of an engine that computes every block (no cache at all)."""
+    engine = make(model_dir, enable_prefix_caching=False)
+    a, *fillers = run(engine, [A, *FILLERS])
+    return {"A": a, "fillers": fillers}
+
+
+@pytest.fixture
+def pool(ray_cluster):
+    """A fresh pool: one store actor per Kunpeng node of the session cluster."""
+    actors = start_pool(64 << 20, {"cpu-arch": "kunpeng"},
+                        prefix=f"test-kv-{uuid.uuid4().hex[:6]}-", detached=False)
+    assert len(actors) == 2  # the session cluster's two Kunpeng nodes
+    ray.get([a.stats.remote() for a in actors])
+    yield actors
+    for a in actors:
+        ray.kill(a)
+
+
+def filled_pool(model_dir, actors) -> PoolClient:
+    """A pool holding A's blocks, spilled by another engine (another replica)."""
+    writer_pool = PoolClient(actors)
+    writer = make(model_dir, writer_pool, kv_host_tier_bytes=64 * BLOCK_BYTES)
+    run(writer, [A])
+    push_out(writer)
+    settle(writer_pool)
+    keys = [writer.blocks.tier.key + h for h in chain(A)]
+    held = [b is not None for a in actors for b in ray.get(a.get.remote(keys))]
+    assert sum(held) == A_BLOCKS  # each block on exactly one store
+    return writer_pool
+
+
+def test_host_tier_restores_evicted_blocks_with_recomputed_output(model_dir, ref):
+    engine = make(model_dir, kv_host_tier_bytes=64 * BLOCK_BYTES)
+    tier = engine.blocks.tier
+    assert run(engine, [A]) == [ref["A"]]
+    push_out(engine)
+    assert tier.saved >= A_BLOCKS and tier.hits["host"] == 0
+    hits = engine.blocks.prefix_hits
+    assert run(engine, [A]) == [ref["A"]]
+    assert tier.hits["host"] == A_BLOCKS and engine.blocks.prefix_hits == hits
+    # the output reads what was restored: a zeroed tier gives other tokens
+    push_out(engine)
+    tier.host.slab.zero_()
+    assert run(engine, [A]) != [ref["A"]]
+
+
+def test_host_tier_carries_fp8_blocks(model_dir):
+    """kv_cache_dtype fp8: the tier keeps e4m3 blocks (a quarter of fp32's bytes each) and
+    restores them as they were: the same tokens as the fp8 engine's first run."""
+    engine = make(model_dir, kv_host_tier_bytes=64 * BLOCK_BYTES, kv_cache_dtype="fp8")
+    tier = engine.blocks.tier
+    assert tier.host.slab.dtype == torch.float8_e4m3fn
+    first = run(engine, [A])
+    push_out(engine)
+    assert run(engine, [A]) == first and tier.hits["host"] == A_BLOCKS
+
+
+def test_pool_restores_blocks_another_engine_spilled(model_dir, ref, pool):
+    filled_pool(model_dir, pool)
+    reader = make(model_dir, PoolClient(pool))  # no host tier: straight from the pool
+    rid = f"r{next(_ids)}"
+    reader.add_request(rid, A, G)
+    while reader.has_work():
+        for o in reader.step():
+            if o.finish_reason:
+                assert o.num_cached_tokens == A_BLOCKS * BS  # no prompt block computed
+    tier = reader.blocks.tier
+    assert tier.hits["pool"] == A_BLOCKS and tier.decisions["fetch"] == 1
+    assert run(reader, FILLERS[:1]) == ref["fillers"][:1]  # never pooled: computed
+
+
+def test_a_fetch_torn_midway_restores_what_came_and_computes_the_rest(model_dir, ref, pool):
+    filled_pool(model_dir, pool)
+    ray.get([a.inject_fault.remote(1) for a in pool])  # each store: its 2nd block on, torn
+    reader = make(model_dir, PoolClient(pool), kv_host_tier_bytes=64 * BLOCK_BYTES)
+    assert run(reader, [A]) == [ref["A"]]
+    tier = reader.blocks.tier
+    assert tier.torn == 1 and 1 <= tier.hits["pool"] < A_BLOCKS
+
+
+def test_a_pool_store_killed_mid_run_loses_no_request(model_dir, ref, pool):
+    filled_pool(model_dir, pool)
+    reader_pool = PoolClient(pool)
+    reader = make(model_dir, reader_pool, kv_host_tier_bytes=64 * BLOCK_BYTES)
+    reader.add_request("a", A, G)
+    first = reader.step()  # A admitted with what the pool sent
+    assert reader.blocks.tier.hits["pool"] == A_BLOCKS
+    reader.blocks.tier.prefill_tok_s = 1.0  # as on a slow engine: the rule fetches
+    reader.add_request("f0", FILLERS[0], G)
+    ray.kill(pool[0], no_restart=True)
+    reader.add_request("f1", FILLERS[1], G)  # its fetch from the dead store fails
+    assert drain(reader, ["a", "f0", "f1"], first) == [ref["A"], *ref["fillers"][:2]]
+    assert reader_pool.errors >= 1  # the loss was seen, and was a miss
+    assert run(reader, FILLERS[2:3]) == ref["fillers"][2:3]  # and later requests still run
+
+
+def test_host_tier_and_pool_stores_stay_within_their_bounds(model_dir, ray_cluster):
+    engine = make(model_dir, kv_host_tier_bytes=5 * BLOCK_BYTES + 100)
+    run(engine, [A])
+    push_out(engine)
+    tier = engine.blocks.tier
+    assert tier.saved > 5 and tier.host.evicted > 0
+    assert len(tier.host.slots) == 5 and tier.stats()["host_bytes"] <= 5 * BLOCK_BYTES + 100
+    store = PoolActor.options(num_cpus=0).remote(10 * 1000)
+    try:
+        blob = bytes(1000)
+        for i in range(30):
+            ray.get(store.put.remote([(b"k%d" % i, blob)]))
+            if i >= 1:
+                assert ray.get(store.get.remote([b"k0"]))[0] is not None  # kept: in use
+            s = ray.get(store.stats.remote())
+            assert s["bytes"] <= 10 * 1000 and s["blocks"] <= 10
+        s = ray.get(store.stats.remote())
+        assert s["blocks"] == 10 and s["evicted"] == 20
+        # k0, read after every put, and the nine newest stay
+        got = ray.get(store.get.remote([b"k0", b"k1", b"k20", b"k21", b"k29"]))
+        assert [g is not None for g in got] == [True, False, False, True, True]
+        assert ray.get(store.put.remote([(b"big", bytes(10 * 1000 + 1))])) == 0  # refused
+    finally:
+        ray.kill(store)
+
+
+def test_tenants_with_different_salts_never_share_a_block(model_dir, ref, pool):
+    client = PoolClient(pool)
+    engine = make(model_dir, client, kv_host_tier_bytes=64 * BLOCK_BYTES)
+    tier = engine.blocks.tier
+    assert run(engine, [A], salt="tenant-1") == [ref["A"]]
+    push_out(engine, salt="tenant-1")
+    settle(client)
+    before = (engine.blocks.prefix_hits, tier.hits["host"], tier.hits["pool"])
+    assert run(engine, [A], salt="tenant-2") == [ref["A"]]  # computed, not shared
+    assert (engine.blocks.prefix_hits, tier.hits["host"], tier.hits["pool"]) == before
+    keys = [tier.key + h for h in chain(A, "tenant-2")]
+    assert all(b is None for a in pool for b in ray.get(a.get.remote(keys)))
+    push_out(engine, salt="tenant-1")
+    host_hits = tier.hits["host"]
+    assert run(engine, [A], salt="tenant-1") == [ref["A"]]  # its own tenant's blocks: hits
+    assert tier.hits["host"] == host_hits + A_BLOCKS
+
+
+def test_engine_cores_share_blocks_through_the_pool(model_dir, ref, ray_cluster):
+    """The served path: each engine core (its own process) joins the cluster and finds the
+    store actors by name; a second core gets the first one's blocks."""
+    from cluster.engine.core_process import CoreProcess
+    from tests.test_engine_core import Frontend
+
+    engine = EngineConfig(max_model_len=256, num_kv_blocks=24, block_size=BS,
+                          max_num_batched_tokens=64, torch_threads=1, dtype="float32",
+                          device="cpu", cpu_attention_kernel=False,
+                          kv_host_tier_bytes=64 * BLOCK_BYTES)
+    cfg = AppConfig(model=ModelConfig(path=str(model_dir)), engine=engine,
+                    kv_pool=KVPoolConfig(capacity_bytes=64 << 20))
+    cores = []
+    try:
+        for prompts in ([A, *FILLERS], [A]):
+            core = CoreProcess(cfg, "127.0.0.1")
+            cores.append(core)
+            fe = Frontend(core.addr)
+            for p in prompts:  # one at a time: A's blocks leave the first core's cache
+                rid = f"r{next(_ids)}"
+                fe.add(rid, p, max_tokens=G.max_tokens)
+                toks, reason = fe.collect([rid])[rid]
+                assert reason == "length"
+                expected = ref["A"] if p is A else ref["fillers"][FILLERS.index(p)]
+                assert toks == expected
+            fe.close()
+        deadline = time.monotonic() + 10
+        while (cores[1].stats.get("kv_tier") or {}).get("pool_hits", 0) < A_BLOCKS:
+            assert time.monotonic() < deadline, cores[1].stats.get("kv_tier")
+            time.sleep(0.2)
+    finally:
+        for core in cores:
+            core.stop()
+        for name in ray.util.list_named_actors(all_namespaces=True):
+            if name["name"].startswith(NAME_PREFIX) and name["namespace"] == POOL_NAMESPACE:
+                ray.kill(ray.get_actor(name["name"], namespace=POOL_NAMESPACE))
