@@ -170,6 +170,9 @@ def test_fp8_kv_cache_through_the_triton_kernels_and_graphs():
     assert all(len(c) == 32 for c in got)
     for t, b, w in zip(texts, bf16, want, strict=True):
         assert _rel(teacher_forced_logits(eng, t), w) < 16 * _rel(b, w)
-    cached = _engine(folder, weights, kv_cache_dtype="fp8", enable_prefix_caching=True, **kw)
+    # in fp32: a hit recomputes only the last partial block, and bf16's rounding of that
+    # shorter prefill alone flips picks of this flat-logit model
+    cached = _engine(folder, {k: v.float() for k, v in weights.items()}, dtype="float32",
+                     kv_cache_dtype="fp8", enable_prefix_caching=True, **kw)
     first = cached.generate(prompts[2:], GREEDY)
     assert cached.generate(prompts[2:], GREEDY) == first and cached.blocks.prefix_hits > 0
