@@ -142,8 +142,9 @@ class Choice:
                 or x.get("reasoning_content")]
 
     def _chat_finish(self) -> str | None:
-        if self.called and self.finish_reason in ("stop", "length") and \
-                (self.finish_reason == "stop" or self.spec.forced_tools):
+        # "length" stays: a call cut by max_tokens has arguments that do not parse (a forced
+        # call's grammar ends the generation with "stop" once the call is complete)
+        if self.called and self.finish_reason == "stop":
             return "tool_calls"
         return self.finish_reason
 
