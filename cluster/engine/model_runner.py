@@ -382,8 +382,9 @@ class ModelRunner:
         greedy = all(s.params.greedy for s in rows)
         if inp.graph_bs is not None:
             graph = self._replay(inp, fill)
-            tokens = (_emitting(graph.tokens, inp) if greedy else
-                      sample_on_device(_emitting(graph.logits, inp), rows))
+            picks = _emitting(graph.tokens, inp)
+            tokens = picks if greedy else sample_on_device(_emitting(graph.logits, inp), rows,
+                                                           picks)
         else:
             logits = self.execute(inp, fill)
             tokens = (sample_on_device(logits, rows) if logits is not None else

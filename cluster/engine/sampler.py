@@ -134,13 +134,15 @@ def _draw(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor) -> l
     return _pick(logits, seqs, greedy).tolist()
 
 
-def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence],
+                     greedy: torch.Tensor | None = None) -> torch.Tensor:
     """The tokens of a batch of plain requests (temperature, top-k, top-p, seed: nothing
     that needs the host) as a device tensor, without waiting for the device: a step
     launched ahead samples this way, and its tokens are read a step later. The same draw
     as `sample`'s for the same generator state, so a seeded request's text does not depend
-    on which path its steps took."""
-    greedy = greedy_tokens(logits)
+    on which path its steps took. greedy: the rows' argmax when already taken (inside a
+    decode graph)."""
+    greedy = greedy_tokens(logits) if greedy is None else greedy
     params = [s.params for s in seqs]
     if all(p.greedy for p in params):
         return greedy

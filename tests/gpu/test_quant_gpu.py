@@ -111,25 +111,36 @@ def test_fp8_greedy_on_a_confident_model(tiny_runs):
     assert same >= 6
 
 
-@needs_fp8
-def test_fp8_on_a_qwen_shape_with_cuda_graphs():
-    """Qwen2.5-0.5B's layers (transformers' random init) through the decode CUDA graphs:
-    logits against fp32, relative to bf16's own error, and the weights' memory."""
+def _qwen_shape_refs(seed: int):
+    """Qwen2.5-0.5B's layers (transformers' random init): bf16 weights, prompts, texts
+    (prompt + the bf16 engine's greedy continuation), and the bf16 and fp32 engines'
+    teacher-forced logits over them."""
     from tests.gpu.test_engine_gpu import seeded_hf
 
     folder, hf = seeded_hf(torch.bfloat16)
     weights = dict(hf.state_dict())
     del hf
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 150000, (n,), generator=g).tolist() for n in (5, 77, 300)]
-    kw = dict(max_model_len=1024, num_kv_blocks=512)
-    ref = _engine(folder, weights, **kw)
+    ref = _engine(folder, weights, **QWEN_KW)
     texts = [p + c for p, c in zip(prompts, ref.generate(prompts, GREEDY), strict=True)]
     bf16 = [teacher_forced_logits(ref, t) for t in texts]
     del ref
-    f32 = _engine(folder, {k: v.float() for k, v in weights.items()}, dtype="float32", **kw)
+    f32 = _engine(folder, {k: v.float() for k, v in weights.items()}, dtype="float32",
+                  **QWEN_KW)
     want = [teacher_forced_logits(f32, t) for t in texts]
-    del f32
+    return folder, weights, prompts, texts, bf16, want
+
+
+QWEN_KW = dict(max_model_len=1024, num_kv_blocks=512)
+
+
+@needs_fp8
+def test_fp8_on_a_qwen_shape_with_cuda_graphs():
+    """Qwen2.5-0.5B's layers (transformers' random init) through the decode CUDA graphs:
+    logits against fp32, relative to bf16's own error, and the weights' memory."""
+    folder, weights, prompts, texts, bf16, want = _qwen_shape_refs(1)
+    kw = QWEN_KW
     fp8 = _engine(folder, weights, quantization="fp8", **kw)
     assert fp8.runner.graphs  # the quantize-and-matmul ops were captured
     got = fp8.generate(prompts, GREEDY)
@@ -149,21 +160,8 @@ def test_fp8_kv_cache_through_the_triton_kernels_and_graphs():
     read them back in registers, decode through the CUDA graphs; logits against fp32 within
     16x bf16's own error (e4m3's unit roundoff against bf16's, as for fp8 weights; only K and
     V are rounded here), and a prefix-cache hit on fp8 blocks gives the same greedy text."""
-    from tests.gpu.test_engine_gpu import seeded_hf
-
-    folder, hf = seeded_hf(torch.bfloat16)
-    weights = dict(hf.state_dict())
-    del hf
-    g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(0, 150000, (n,), generator=g).tolist() for n in (5, 77, 300)]
-    kw = dict(max_model_len=1024, num_kv_blocks=512)
-    ref = _engine(folder, weights, **kw)
-    texts = [p + c for p, c in zip(prompts, ref.generate(prompts, GREEDY), strict=True)]
-    bf16 = [teacher_forced_logits(ref, t) for t in texts]
-    del ref
-    f32 = _engine(folder, {k: v.float() for k, v in weights.items()}, dtype="float32", **kw)
-    want = [teacher_forced_logits(f32, t) for t in texts]
-    del f32
+    folder, weights, prompts, texts, bf16, want = _qwen_shape_refs(2)
+    kw = QWEN_KW
     eng = _engine(folder, weights, kv_cache_dtype="fp8", **kw)
     assert eng.runner.k_caches[0].dtype == torch.float8_e4m3fn and eng.runner.graphs
     got = eng.generate(prompts, GREEDY)
