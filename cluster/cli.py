@@ -167,7 +167,7 @@ def cmd_rollout(args) -> int:
         return 1
     import ray
 
-    doc, _ = load_serve_config(state["config"])
+    doc = rc.running(load_serve_config(state["config"])[0])
     app = rc.tandem_app(doc)["name"]
     if args.action == "start":
         try:

@@ -80,6 +80,10 @@ class EngineConfig(Strict):
                                    "check, and Serve replaces it")
     fault_injection: bool = Field(False, description="tests only: replicas accept "
                                   "inject_fault() calls that break their engine loop")
+    fault_error_share: float = Field(0.0, ge=0, le=1, description="tests only (with "
+                                     "`fault_injection`): this share of the requests an "
+                                     "engine core gets fails at once with a server error "
+                                     "(a bad version for rollout tests)")
     slow_replica_ranks: list[int] = Field(default_factory=list, description="benchmarks of "
                                           "uneven replicas: model replicas of these ranks "
                                           "sleep `slow_step_delay_s` after every step")
@@ -114,6 +118,12 @@ class EngineConfig(Strict):
                                     "kept there (LRU, at most this much) and copied back on "
                                     "a prefix miss instead of recomputed (see KV cache "
                                     "tiers); 0: off")
+
+    @model_validator(mode="after")
+    def _check_faults(self):
+        if self.fault_error_share and not self.fault_injection:
+            raise ValueError("fault_error_share needs fault_injection: true")
+        return self
 
 
 class KVPoolConfig(Strict):

@@ -100,7 +100,7 @@ def session_key(headers: Mapping[str, str], user: str | None) -> str | None:
 
 # ---- the rollout's progress
 
-State = Literal["running", "paused", "promoted", "rolled_back", "aborted"]
+State = Literal["running", "paused", "promoted", "rolled_back", "aborted", "finished"]
 
 
 @dataclass
@@ -124,7 +124,7 @@ class Rollout:
 
     @property
     def done(self) -> bool:
-        return self.state in ("promoted", "rolled_back", "aborted")
+        return self.state in ("promoted", "rolled_back", "aborted", "finished")
 
     def tick(self, now: float, verdict: str, why: str = "") -> None:
         """`verdict`: "fail" (rolls back), "pass" or "wait" (not enough samples yet)."""
@@ -155,6 +155,12 @@ class Rollout:
     def abort(self, why: str = "aborted by the operator") -> None:
         if not self.done:
             self._end("aborted", why)
+
+    def finish(self, why: str = "a new stable version was deployed") -> None:
+        """The rollout is over whatever its state (promoted or not): all traffic to the
+        stable version, which now is what the operator deployed."""
+        if self.state != "finished":
+            self._end("finished", why)
 
     def _end(self, state: State, why: str) -> None:
         self.state, self.reason = state, why

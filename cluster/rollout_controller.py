@@ -1,10 +1,15 @@
 """The controller of a canary rollout: a detached, named Ray actor (one per app, namespace
-`tandem`, on the head node, no CPU) holding the pure `Rollout`. Frontends push their /metrics
-text to it about once a second (`report`) and get the live share back; it ticks once a second:
-the judge's verdict on the current step's window (canary) against stable's since the rollout
-began, then `Rollout.tick`. On a rollback or an abort it sets the share to 0 and redeploys the
-app without the canary; on promotion it holds share 1.0 (the operator makes the new version
-stable with `tandem up --config new.yaml`).
+`tandem`, on the head node, no CPU) holding the pure `Rollout`. The canary's pools are Serve
+apps of their own (`<app>-canary-<pool>`, no route): adding or removing them redeploys
+nothing of the stable app (whose args are in every one of its deployments' versions), so its
+frontends and model replicas keep running. Frontends push their /metrics text to the
+controller about once a second (`report`) and get back the live share and where the canary's
+deployments are; it ticks once a second: the judge's verdict on the current step's window
+(canary) against stable's since the rollout began, then `Rollout.tick`. On a rollback or an
+abort it sets the share to 0, waits until the frontends have seen it, stops telling them of
+the canary and deletes the canary's apps (their replicas drain their streams first). On
+promotion, while share 1.0 sends every new request to the canary, it redeploys the stable app
+with the canary's sections (a rolling update), then removes the canary in the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from cluster.rollout_judge import Snapshot, judge, snapshot_from_text, total
 
 NAMESPACE = "tandem"
 TICK_S = 1.0
-PROMOTED = "promoted: run `tandem up --config <the new config>` to make it stable"
+# how long the frontends take to see a new share or route (they refresh about once a second)
+FRONTENDS_SEE_S = 2.5
 
 
 def controller_name(app: str) -> str:
@@ -33,6 +39,63 @@ def app_config(doc: dict):
     from cluster.config import parse_app_config
 
     return parse_app_config(tandem_app(doc).get("args") or {})
+
+
+def running(doc: dict) -> dict:
+    """`doc` with its tandem app as Serve runs it now (a promotion redeploys it with the
+    canary's sections, which the file `tandem up` read does not have)."""
+    from ray.serve.context import _get_global_client
+
+    from cluster.local_cluster import _details
+
+    name = tandem_app(doc)["name"]
+    app = _details(_get_global_client()).applications.get(name)
+    if app is None or app.deployed_app_config is None:
+        return doc
+    live = app.deployed_app_config.model_dump(exclude_unset=True)
+    return {**doc, "applications": [live if a is tandem_app(doc) else a
+                                    for a in doc["applications"]]}
+
+
+def promoted(doc: dict, new: dict) -> dict:
+    """`doc` with `new`'s one model in place of the stable version of that model."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    args = tandem_app(doc).setdefault("args", {})
+    e = app_config(new).served()[0]
+    sections = {"model": e.model.model_dump(), "engine": e.engine.model_dump(),
+                "model_pool": e.model_pool and e.model_pool.model_dump(),
+                "cpu_pool": e.cpu_pool and e.cpu_pool.model_dump()}
+    if args.get("models"):
+        names = [m.model.name for m in app_config(doc).served()]
+        args["models"][names.index(e.model.name)] = sections
+    else:
+        args.update(sections)
+    args.pop("canary", None)
+    return doc
+
+
+def canary_apps(doc: dict) -> list[dict]:
+    """The Serve app entries of a canary doc's (`with_canary`) pools, one app per pool."""
+    tandem = tandem_app(doc)
+    cfg = app_config(doc)
+    return [{"name": f"{tandem['name']}-canary-{pool}", "route_prefix": None,
+             "import_path": "deployments.app:canary_pool",
+             "args": {"tandem": tandem["args"], "pool": pool},
+             **({"runtime_env": tandem["runtime_env"]} if tandem.get("runtime_env") else {})}
+            for pool in cfg.canary.pools()]
+
+
+def canary_route(doc: dict) -> dict:
+    """What a frontend needs to serve a canary doc's canary: its one-model config and, per
+    pool, the (app, deployment) of its replicas."""
+    from deployments.app import canary_name
+
+    cfg = app_config(doc)
+    apps = {a["args"]["pool"]: a["name"] for a in canary_apps(doc)}
+    return {"config": cfg.of_model(cfg.canary).model_copy(update={"canary": None}).model_dump(),
+            "deployments": {p: [apps[p], canary_name(cfg, p)] for p in cfg.canary.pools()}}
 
 
 def with_canary(doc: dict, new: dict | None) -> dict:
@@ -57,18 +120,20 @@ def with_canary(doc: dict, new: dict | None) -> dict:
 
 class RolloutCore:
     """The controller's state without Ray: the frontends' latest texts, the windows' baselines
-    and the redeploy to run when the rollout ends without promotion."""
+    and the removal of the canary to run when the rollout ends without promotion."""
 
-    def __init__(self, plan: dict, model: str, redeploy=None, now: float | None = None):
+    def __init__(self, plan: dict, model: str, remove=None, promote=None,
+                 now: float | None = None):
         now = time.monotonic() if now is None else now
         self.rollout = Rollout(RolloutPlan.model_validate(plan), started=now)
-        self.model, self.redeploy = model, redeploy
+        self.model, self.remove, self.promote = model, remove, promote
+        self.promoted: str | None = None
         self.texts: dict[str, str] = {}
         self.start: tuple[Snapshot, Snapshot] | None = None  # (stable, canary) at the start
         self.step_base: Snapshot | None = None  # canary's at the current step's start
         self.step_seen = 0
         self.verdict = "wait: no metrics yet"
-        self.redeployed: str | None = None
+        self.removed: str | None = None
 
     def current(self) -> tuple[Snapshot, Snapshot]:
         texts = list(self.texts.values())
@@ -93,40 +158,76 @@ class RolloutCore:
             if r.step != self.step_seen:
                 self.step_base, self.step_seen = canary, r.step
 
+    def pending(self) -> str | None:
+        """What the end of the rollout still needs: "promote" (the canary's sections
+        deployed as the stable version), then "remove" (the canary's apps), once each."""
+        state = self.rollout.state
+        if state == "promoted" and self.promote and self.promoted is None:
+            return "promote"
+        if state in ("rolled_back", "aborted", "finished") and self.removed is None:
+            return "remove"
+        return None
+
     def after_end(self) -> None:
-        """Rolled back or aborted: the app without the canary (once)."""
-        r = self.rollout
-        if r.state in ("rolled_back", "aborted") and self.redeployed is None and self.redeploy:
-            self.redeployed = "redeploying without the canary"
+        """Runs what `pending` names (outside the controller's lock: it takes a while)."""
+        what = self.pending()
+        if what == "promote":
+            self.promoted = "deploying the canary as the stable version"
             try:
-                self.redeploy()
-                self.redeployed = "redeployed without the canary"
+                self.promote()
+                self.promoted = "the canary's sections are the stable version"
+                self.rollout.finish("promoted: the canary's sections are the stable version")
+            except Exception as err:  # noqa: BLE001 - reported in status; share stays 1.0
+                self.promoted = f"promotion failed: {err!r}"
+        elif what == "remove":
+            self.removed = "removing the canary"
+            try:
+                if self.remove:
+                    self.remove()
+                self.removed = "canary removed"
             except Exception as err:  # noqa: BLE001 - reported in status
-                self.redeployed = f"redeploy failed: {err!r}"
+                self.removed = f"removing the canary failed: {err!r}"
 
     def status(self) -> dict:
         r = self.rollout
         return {"state": r.state, "step": r.step, "steps": len(r.plan.steps),
                 "share": r.share, "reason": r.reason, "verdict": self.verdict,
                 "history": list(r.history), "frontends": len(self.texts),
-                "redeploy": self.redeployed,
-                "message": PROMOTED if r.state == "promoted" else None}
+                "canary": self.removed or "serving", "promotion": self.promoted}
 
 
 class RolloutController:
-    """The actor (see the module): thin around RolloutCore."""
+    """The actor (see the module): thin around RolloutCore. `route`: the canary's place for
+    the frontends (`canary_route`); `apps`: its Serve apps, deleted when it goes."""
 
-    def __init__(self, plan: dict, model: str, stable_doc: dict | None = None,
+    def __init__(self, plan: dict, model: str, route: dict | None = None,
+                 apps: list[str] = (), promoted_doc: dict | None = None,
                  http_port: int | None = None):
-        redeploy = None
-        if stable_doc is not None:
-            def redeploy():
+        self.route, self.apps = route, list(apps)
+        promote = None
+        if promoted_doc is not None:
+            def promote():
                 from cluster.local_cluster import deploy
 
-                deploy(stable_doc, app_config(stable_doc), http_port=http_port)
-        self.core = RolloutCore(plan, model, redeploy)
+                # the stable app redeployed (a rolling update: its frontends drain their
+                # streams) while every new request goes to the canary; the canary's apps
+                # stay (deploy keeps apps the doc does not name)
+                deploy(promoted_doc, app_config(promoted_doc), http_port=http_port)
+        self.core = RolloutCore(plan, model, self._remove, promote)
         self.lock = threading.Lock()
         threading.Thread(target=self._loop, daemon=True).start()
+
+    def _remove(self) -> None:
+        """The share is 0 already: once every frontend has seen it, they stop routing to the
+        canary (streams it holds go on) and its apps go; Serve waits for each of their
+        replicas to drain (deployments/model.py)."""
+        from ray import serve
+
+        time.sleep(FRONTENDS_SEE_S)
+        self.route = None
+        time.sleep(FRONTENDS_SEE_S)
+        for name in self.apps:
+            serve.delete(name)
 
     def _loop(self) -> None:
         while True:
@@ -136,16 +237,17 @@ class RolloutController:
                     self.core.tick(time.monotonic())
                 except Exception as err:  # noqa: BLE001 - the loop goes on; status says it
                     self.core.verdict = f"wait: tick failed: {err!r}"
-                end = self.core.rollout.done and self.core.redeployed is None
+                end = self.core.pending()
             if end:
                 self.core.after_end()
 
-    def report(self, frontend: str, metrics_text: str | bytes) -> float:
+    def report(self, frontend: str, metrics_text: str | bytes) -> dict:
+        """A frontend's metrics in; the canary's live share and place out."""
         if isinstance(metrics_text, bytes):
             metrics_text = metrics_text.decode()
         with self.lock:
             self.core.texts[frontend] = metrics_text
-            return self.core.rollout.share
+            return {"share": self.core.rollout.share, "canary": self.route}
 
     def share(self) -> float:
         return self.core.rollout.share
@@ -170,7 +272,8 @@ class RolloutController:
             return self.core.status()
 
 
-def start(plan: RolloutPlan, model: str, app: str, stable_doc: dict | None = None,
+def start(plan: RolloutPlan, model: str, app: str, route: dict | None = None,
+          apps: list[str] = (), promoted_doc: dict | None = None,
           http_port: int | None = None):
     """A new controller for `app` (replacing one left from an earlier rollout)."""
     import ray
@@ -184,7 +287,7 @@ def start(plan: RolloutPlan, model: str, app: str, stable_doc: dict | None = Non
     actor = ray.remote(RolloutController).options(
         name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=0, max_concurrency=8,
         resources={"node:__internal_head__": 0.001}, get_if_exists=False,
-    ).remote(plan.model_dump(), model, stable_doc, http_port)
+    ).remote(plan.model_dump(), model, route, list(apps), promoted_doc, http_port)
     ray.get(actor.status.remote())
     return actor
 
@@ -197,8 +300,9 @@ def get(app: str):
 
 def begin(doc: dict, new_doc: dict, plan: RolloutPlan, http_port: int | None = None):
     """A rollout of `new_doc`'s model beside `doc`'s app (on the cluster this process is
-    connected to): the app redeployed with the canary (share 0 until the controller gives
-    one; the stable replicas stay), then its controller. Returns the controller."""
+    connected to): the canary's pools deployed as apps of their own beside the running app
+    (which is sent along unchanged: Serve leaves it as it is), then the controller, which
+    gives the frontends the canary's place and its share. Returns the controller."""
     from cluster.local_cluster import deploy
 
     app = tandem_app(doc)["name"]
@@ -206,5 +310,9 @@ def begin(doc: dict, new_doc: dict, plan: RolloutPlan, http_port: int | None = N
     cfg = app_config(canary_doc)
     if cfg.canary.model.name not in {e.model.name for e in cfg.served()}:
         raise ValueError(f"the new config's model {cfg.canary.model.name!r} is not served")
-    deploy(canary_doc, cfg, http_port=http_port)
-    return start(plan, cfg.canary.model.name, app, with_canary(doc, None), http_port)
+    apps = canary_apps(canary_doc)
+    deploy({**doc, "applications": doc["applications"] + apps}, app_config(doc),
+           http_port=http_port)
+    return start(plan, cfg.canary.model.name, app, canary_route(canary_doc),
+                 [a["name"] for a in apps], promoted(doc, new_doc), http_port)
+

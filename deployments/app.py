@@ -22,7 +22,7 @@ from cluster.config import (
     parse_app_config,
 )
 from deployments.ingress import Ingress
-from deployments.model import ModelReplica
+from deployments.model import DRAIN_S, ModelReplica
 
 
 def gpus(pool: Pool) -> float:
@@ -68,7 +68,7 @@ MODEL_HEALTH_CHECK_PERIOD_S = 2.0
 def sizing(pool: Pool, drain_s: float) -> dict:
     """A fixed replica count, or our autoscaling policy; replicas leaving drain for drain_s."""
     if pool.autoscaling is None:
-        return {"num_replicas": pool.num_replicas}
+        return {"num_replicas": pool.num_replicas, "graceful_shutdown_timeout_s": drain_s}
     a = pool.autoscaling
     return {"num_replicas": "auto", "graceful_shutdown_timeout_s": drain_s,
             "autoscaling_config": {
@@ -109,7 +109,7 @@ def model_pool(cfg: AppConfig, entry: ModelEntry, pool: str, name: str | None = 
     name, engine = name or cfg.deployment(entry, pool), entry.engine_of(pool)
     return ModelReplica.options(
         name=name,
-        **sizing(spec, drain_s=60.0),
+        **sizing(spec, drain_s=DRAIN_S + 5),
         max_ongoing_requests=spec.max_ongoing_requests,
         health_check_period_s=MODEL_HEALTH_CHECK_PERIOD_S,
         logging_config=QUIET,
@@ -139,3 +139,14 @@ def build(cfg: AppConfig) -> Application:
 
 def app(args: dict) -> Application:
     return build(parse_app_config(args))
+
+
+def canary_pool(args: dict) -> Application:
+    """One pool of a rollout's canary as an app of its own (`import_path:
+    deployments.app:canary_pool`, args `{"tandem": <the app's args with its canary>, "pool":
+    gpu|cpu}`, no route): deploying or deleting it leaves the stable app, whose args are in
+    every one of its deployments' versions, running as it is."""
+    cfg = parse_app_config(args["tandem"])
+    if cfg.canary is None:
+        raise ConfigError("canary_pool: the args have no canary")
+    return model_pool(cfg, cfg.canary, args["pool"], canary_name(cfg, args["pool"]))

@@ -211,6 +211,10 @@ class Ingress:
         self.share_at = 0.0
         self.share_task: asyncio.Task | None = None
         self.controller = None
+        # a rollout's canary, from its controller (the canary's apps beside this one); the
+        # config's `canary` is the one without a controller
+        self.rollout_canary: ServedModel | None = None
+        self.rollout_route: dict | None = None
 
     def _check_key(self, request: Request, open_route: bool = False) -> str | None:
         """The caller's API key (None when no keys are configured)."""
@@ -263,21 +267,27 @@ class Ingress:
         return body
 
     def _version(self, m: ServedModel, request: Request, user: str | None) -> ServedModel:
-        """The version of `m` that serves a new request: the canary for its share."""
-        c = self.canary
+        """The version of `m` that serves a new request: the canary for its share. (A
+        request keeps the version it got to its end, whatever happens to the share.)"""
+        self._follow_rollout()
+        c = self.rollout_canary or self.canary
         if c is None or c.name != m.name:
             return m
         return c if to_canary(session_key(request.headers, user), self._share()) else m
 
     def _share(self) -> float:
-        """The canary's share: the rollout controller's, refreshed about once a second in
-        the background (this frontend's metrics go with each refresh); the config's without
-        a controller."""
+        """The canary's share: the rollout controller's; the config's without one."""
+        if self.live_share is not None:
+            return self.live_share
+        return self.cfg.canary.share if self.cfg.canary else 0.0
+
+    def _follow_rollout(self) -> None:
+        """About once a second, in the background: this frontend's metrics to the app's
+        rollout controller, its share and canary back."""
         now = time.monotonic()
         if now - self.share_at >= SHARE_REFRESH_S and self.share_task is None:
             self.share_at = now
             self.share_task = asyncio.get_running_loop().create_task(self._refresh_share())
-        return self.cfg.canary.share if self.live_share is None else self.live_share
 
     async def _refresh_share(self) -> None:
         import ray
@@ -288,12 +298,24 @@ class Ingress:
             if self.controller is None:
                 self.controller = await asyncio.to_thread(
                     ray.get_actor, controller_name(self.app_name), namespace=NAMESPACE)
-            self.live_share = await self.controller.report.remote(
-                self.replica_tag, self.metrics.render())
-        except Exception:  # noqa: BLE001 - no controller (or it went): the config's share
+            got = await self.controller.report.remote(self.replica_tag, self.metrics.render())
+            if got["canary"] != self.rollout_route:
+                self.rollout_canary = None if got["canary"] is None else \
+                    await asyncio.to_thread(self._canary_of, got["canary"])
+                self.rollout_route = got["canary"]
+            self.live_share = got["share"]
+        except Exception:  # noqa: BLE001 - no controller (or it went): the config's canary
             self.controller, self.live_share = None, None
+            self.rollout_canary = self.rollout_route = None
         finally:
             self.share_task = None
+
+    def _canary_of(self, route: dict) -> ServedModel:
+        """The canary a controller names: its config, its pools' handles in their apps."""
+        pools = {pool: serve.get_deployment_handle(dep, app_name=app)
+                 for pool, (app, dep) in route["deployments"].items()}
+        return ServedModel(AppConfig.model_validate(route["config"]), pools,
+                           self.replica_tag, CANARY)
 
     def _model(self, name: str | None) -> ServedModel:
         """The model a request names (none: the first one)."""

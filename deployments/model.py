@@ -11,9 +11,11 @@ pool's replica runs its engine on the CPU, pinned to cores of its own (cluster/c
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import resource
+import time
 from collections import deque
 from contextlib import nullcontext
 
@@ -27,6 +29,10 @@ from cluster.engine.engine import EngineStats
 from cluster.stage_metrics import EngineMetrics, base_tags
 
 log = logging.getLogger("ray.serve")
+# a replica leaving (scale-down, a canary removed, a rolling update) finishes the streams its
+# engine core holds, for at most this long: the frontends stream from the core directly, so
+# Serve's own drain sees none of them (the pool's graceful_shutdown_timeout_s is longer)
+DRAIN_S = 55.0
 
 
 def rss_mb(pid: int | None = None) -> float:
@@ -141,7 +147,16 @@ class ModelReplica:
                 "torch_threads": self.cfg.engine.torch_threads,
                 "cpus": self.cores.cpus if self.cores and self.cores.pinned else None}
 
-    def __del__(self):
+    async def __del__(self):
+        """Serve's shutdown (awaited): drain, then stop the core. Until the core reports
+        no running or waiting request (in a report sent after the drain began)."""
         core = getattr(self, "core", None)
-        if core is not None:
-            core.stop()
+        if core is None:
+            return
+        began = time.monotonic()
+        while time.monotonic() - began < DRAIN_S and core.health(DRAIN_S) is None:
+            s = core.stats
+            if core.stats_at > began and not s.get("running") and not s.get("waiting"):
+                break
+            await asyncio.sleep(0.1)
+        core.stop()

@@ -83,6 +83,7 @@ class EngineCore:
         self.failure: str | None = None
         self.stopping = False
         self.requests = self.moved = self.messages = self.aborted = 0
+        self.arrivals = 0  # requests offered, refused ones too (fault_error_share)
         self.obs: dict[str, list] = self._new_obs()
         self.ttfts: deque[tuple[float, float]] = deque(maxlen=1024)
         self.tok_samples: deque[tuple[float, int]] = deque(maxlen=20)
@@ -138,6 +139,9 @@ class EngineCore:
         if self.failure is not None:
             self._send_to(peer, [[rid, [], "dead", self.failure, 0, 0]])
             return
+        if self._injected_error():
+            self._send_to(peer, [[rid, [], "error", "fault injected", len(ids), 0]])
+            return
         try:
             params["logit_bias"] = [tuple(b) for b in params.get("logit_bias", ())]
             self.engine.add_request(rid, ids, SamplingParams(**params), queued_s, movable,
@@ -148,6 +152,13 @@ class EngineCore:
         self.requests += 1
         self.owner[rid] = peer
         self.clocks[rid] = RequestClock(len(ids))
+
+    def _injected_error(self) -> bool:
+        """engine.fault_error_share (tests): every request whose count crosses the next
+        multiple of 1/share fails, so the failed share is exact at any count."""
+        share = self.engine.cfg.fault_error_share
+        self.arrivals += 1
+        return int(self.arrivals * share) > int((self.arrivals - 1) * share)
 
     def _abort(self, rid: str) -> None:
         if self.engine.abort(rid):
