@@ -46,13 +46,25 @@ SHAPES = {
 }
 
 
+# GPU runs: the engine benchmark's shape of Llama-3.1-8B, in bf16 (--device cuda)
+GPU_SHAPES = ("llama3.1-8b",)
+
+
+def shape_of(shape: str) -> dict:
+    if shape in GPU_SHAPES:
+        from cluster.bench.engine import PRESETS
+
+        return PRESETS[shape]
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **SHAPES[shape],
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+            "tie_word_embeddings": False, "attention_bias": False, "torch_dtype": "float32",
+            "bos_token_id": 1, "eos_token_id": [2]}
+
+
 def model_folder(shape: str, max_len: int) -> str:
     d = Path(tempfile.mkdtemp(prefix=f"kv-tier-{shape}-"))
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **SHAPES[shape],
-           "max_position_embeddings": max_len, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-           "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False,
-           "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": [2]}
-    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "config.json").write_text(json.dumps({**shape_of(shape),
+                                               "max_position_embeddings": max_len}))
     return str(d)
 
 
@@ -85,10 +97,12 @@ def run(args, model_dir: str, system, users, host_bytes: int, pool, reference=No
     from cluster.engine.sequence import SamplingParams
 
     bs = args.block_size
-    cfg = EngineConfig(device="cpu", dtype="float32", block_size=bs,
-                       num_kv_blocks=args.kv_blocks, max_model_len=args.max_len,
-                       max_num_seqs=args.concurrency, max_num_batched_tokens=256,
-                       torch_threads=args.threads, kv_host_tier_bytes=host_bytes)
+    gpu = args.device == "cuda"
+    cfg = EngineConfig(device=args.device, dtype="bfloat16" if gpu else "float32",
+                       block_size=bs, num_kv_blocks=args.kv_blocks, max_model_len=args.max_len,
+                       max_num_seqs=args.concurrency, max_num_batched_tokens=args.batched_tokens,
+                       torch_threads=None if gpu else args.threads,
+                       kv_host_tier_bytes=host_bytes)
     engine = LLMEngine(model_dir, cfg, weights="synthetic:0", kv_pool=pool)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     rng = random.Random(args.seed + 1)
@@ -185,7 +199,12 @@ def main(argv=None) -> int:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--host-share", type=float, default=0.125,
                    help="the host tier's size, as a share of the working set")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    p.add_argument("--shape", choices=sorted(SHAPES) + list(GPU_SHAPES), default="small",
+                   help="llama3.1-8b: with --device cuda")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--batched-tokens", type=int, default=256,
+                   help="the engine's max_num_batched_tokens (prefill chunk of a step)")
+    p.add_argument("--no-pool", action="store_true", help="tiers off and host tier only")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the engine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
@@ -206,40 +225,45 @@ def main(argv=None) -> int:
     model_dir = model_folder(args.shape, args.max_len)
     system, users = workload(args)
 
-    a = SHAPES[args.shape]
+    if (args.shape in GPU_SHAPES) != (args.device == "cuda"):
+        p.error(f"--shape {args.shape} and --device {args.device} do not go together")
+    a = shape_of(args.shape)
     head_dim = a["hidden_size"] // a["num_attention_heads"]
-    # K and V of every layer, float32
-    block_bytes = 2 * a["num_hidden_layers"] * bs * a["num_key_value_heads"] * head_dim * 4
+    # K and V of every layer, float32 (bf16 on the GPU)
+    dtype_bytes = 2 if args.device == "cuda" else 4
+    block_bytes = 2 * a["num_hidden_layers"] * bs * a["num_key_value_heads"] * head_dim \
+        * dtype_bytes
     host_bytes = int(args.host_share * ws_blocks) * block_bytes
 
     # a Ray of its own ("local"), never another cluster running on this machine
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              logging_level="WARNING")
-    actors = start_pool(2 * ws_blocks * (block_bytes + 64), {}, prefix="kv-tier-bench-",
-                        detached=False)
+    actors = [] if args.no_pool else start_pool(
+        2 * ws_blocks * (block_bytes + 64), {}, prefix="kv-tier-bench-", detached=False)
     ray.get([a.stats.remote() for a in actors])  # started before the clock runs
-    runs = {}
+    runs, pool_stats = {}, []
     try:
         off = run(args, model_dir, system, users, 0, None)
         runs["tiers_off"] = off
         ref = off["_outputs"]
         runs["host_tier"] = run(args, model_dir, system, users, host_bytes, None, ref)
-        runs["host_and_pool"] = run(args, model_dir, system, users, host_bytes,
-                                    PoolClient(actors), ref)
-        pool_stats = ray.get([a.stats.remote() for a in actors])
+        if actors:
+            runs["host_and_pool"] = run(args, model_dir, system, users, host_bytes,
+                                        PoolClient(actors), ref)
+            pool_stats = ray.get([a.stats.remote() for a in actors])
     finally:
         for a in actors:
             ray.kill(a)
         ray.shutdown()
     for r in runs.values():
         r.pop("_outputs")
-    setup = {"shape": args.shape, "conversations": args.conversations, "turns": args.turns,
+    setup = {"shape": args.shape, "device": args.device, "conversations": args.conversations, "turns": args.turns,
              "concurrency": args.concurrency, "in_flight": args.in_flight, "block_size": bs,
              "working_set_blocks": ws_blocks, "engine_kv_blocks": args.kv_blocks,
              "host_tier_blocks": host_bytes // block_bytes, "block_bytes": block_bytes,
              "pool_stores": len(actors), "pool_blocks_held": sum(s["blocks"] for s in
                                                                  pool_stats)}
-    off, pooled = runs["tiers_off"], runs["host_and_pool"]
+    off, pooled = runs["tiers_off"], runs.get("host_and_pool", runs["host_tier"])
     summary = {
         "prefill_computed_ratio": round(pooled["prefill_tokens_computed"] /
                                         max(1, off["prefill_tokens_computed"]), 3),
