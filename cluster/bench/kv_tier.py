@@ -257,7 +257,8 @@ def main(argv=None) -> int:
         ray.shutdown()
     for r in runs.values():
         r.pop("_outputs")
-    setup = {"shape": args.shape, "device": args.device, "conversations": args.conversations, "turns": args.turns,
+    setup = {"shape": args.shape, "device": args.device, "conversations": args.conversations,
+             "turns": args.turns,
              "concurrency": args.concurrency, "in_flight": args.in_flight, "block_size": bs,
              "working_set_blocks": ws_blocks, "engine_kv_blocks": args.kv_blocks,
              "host_tier_blocks": host_bytes // block_bytes, "block_bytes": block_bytes,

@@ -118,6 +118,19 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def haproxy_pids() -> list[int]:
+    """HAProxy processes (Serve's ingress with RAY_SERVE_ENABLE_HA_PROXY=1)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/comm") as f:
+                if d.isdigit() and f.read().strip() == "haproxy":
+                    pids.append(int(d))
+        except OSError:
+            continue
+    return pids
+
+
 def process_roles() -> dict[str, list[int]]:
     """The local cluster's processes by role (from Ray's state and the replicas' reports)."""
     import ray
@@ -128,7 +141,7 @@ def process_roles() -> dict[str, list[int]]:
     proxies = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,
                           filters=[("class_name", "=", "ProxyActor"), ("state", "=", "ALIVE")])
     stats = model_replica_stats()
-    return {"proxy": [a.pid for a in proxies],
+    return {"proxy": [a.pid for a in proxies] + haproxy_pids(),
             "frontend": [a.pid for a in replica_actors("Ingress")],
             "model_replica": [a.pid for a in replica_actors("ModelReplica")],
             "engine_core": [s["core_pid"] for s in stats]}

@@ -107,6 +107,7 @@ def build_runner(model_dir: str, cfg: EngineConfig, weights, init_group=None) ->
                          torch.float8_e4m3fn if cfg.kv_cache_dtype == "fp8" else None)
     if cfg.quantization:
         quant.quantize_model(runner.model, cfg, fp8_native)
+    runner.pack_linears()
     return runner
 
 

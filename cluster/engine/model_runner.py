@@ -17,7 +17,14 @@ from cluster.engine.attention import (
 from cluster.engine.deepseek import DeepseekForCausalLM
 from cluster.engine.deepseek_loader import synthetic_deepseek_weights
 from cluster.engine.loader import iter_checkpoint, load_weights
-from cluster.engine.model import AttentionBackend, CausalLM, ModelArch, Ops
+from cluster.engine.model import (
+    AttentionBackend,
+    CausalLM,
+    Linear,
+    ModelArch,
+    Ops,
+    can_pack_linears,
+)
 from cluster.engine.parallel import TP
 from cluster.engine.sampler import Picks, greedy_tokens, prompt_logprobs, sample, sample_on_device
 from cluster.engine.scheduler import ScheduledBatch
@@ -226,6 +233,14 @@ class ModelRunner:
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
         self.kv_tensors: list[torch.Tensor] = []
+
+    def pack_linears(self) -> None:
+        """fp32 on the CPU: projections multiply through oneDNN with prepacked weights
+        (model.Linear). After quantization, which replaces the layers it quantizes."""
+        if not self.mla and can_pack_linears(self.device, self.dtype):
+            for m in self.model.modules():
+                if isinstance(m, Linear):
+                    m.pack()
 
     def kv_bytes_per_block(self) -> int:
         a = self.arch
