@@ -50,6 +50,9 @@ api = FastAPI(title="tandem", description="OpenAI-compatible LLM serving")
 
 
 SHARE_REFRESH_S = 1.0
+# a rollout's canary gets no new request from a frontend whose last word from the controller
+# is older than this (under rollout_controller.FRONTENDS_SEE_S)
+STALE_SHARE_S = 2.0
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -215,6 +218,7 @@ class Ingress:
         # config's `canary` is the one without a controller
         self.rollout_canary: ServedModel | None = None
         self.rollout_route: dict | None = None
+        self.reported_at = 0.0  # the controller's last answer
 
     def _check_key(self, request: Request, open_route: bool = False) -> str | None:
         """The caller's API key (None when no keys are configured)."""
@@ -273,6 +277,10 @@ class Ingress:
         c = self.rollout_canary or self.canary
         if c is None or c.name != m.name:
             return m
+        if c is self.rollout_canary and time.monotonic() - self.reported_at > STALE_SHARE_S:
+            # the controller ends a canary FRONTENDS_SEE_S after its share went to 0: a
+            # frontend that has not heard from it since must not start requests there
+            return m
         return c if to_canary(session_key(request.headers, user), self._share()) else m
 
     def _share(self) -> float:
@@ -299,6 +307,7 @@ class Ingress:
                 self.controller = await asyncio.to_thread(
                     ray.get_actor, controller_name(self.app_name), namespace=NAMESPACE)
             got = await self.controller.report.remote(self.replica_tag, self.metrics.render())
+            self.reported_at = time.monotonic()
             if got["canary"] != self.rollout_route:
                 self.rollout_canary = None if got["canary"] is None else \
                     await asyncio.to_thread(self._canary_of, got["canary"])
