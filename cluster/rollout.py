@@ -156,9 +156,9 @@ class Rollout:
         if not self.done:
             self._end("aborted", why)
 
-    def finish(self, why: str = "a new stable version was deployed") -> None:
-        """The rollout is over whatever its state (promoted or not): all traffic to the
-        stable version, which now is what the operator deployed."""
+    def finish(self, why: str) -> None:
+        """The rollout is over (after a promotion: the stable version now carries the
+        canary's sections): all traffic to stable."""
         if self.state != "finished":
             self._end("finished", why)
 

@@ -41,6 +41,13 @@ def app_config(doc: dict):
     return parse_app_config(tandem_app(doc).get("args") or {})
 
 
+def sections(e) -> dict:
+    """A served model's (ModelEntry) config sections, as a Serve config's args hold them."""
+    return {"model": e.model.model_dump(), "engine": e.engine.model_dump(),
+            "model_pool": e.model_pool and e.model_pool.model_dump(),
+            "cpu_pool": e.cpu_pool and e.cpu_pool.model_dump()}
+
+
 def running(doc: dict) -> dict:
     """`doc` with its tandem app as Serve runs it now (a promotion redeploys it with the
     canary's sections, which the file `tandem up` read does not have)."""
@@ -64,14 +71,11 @@ def promoted(doc: dict, new: dict) -> dict:
     doc = copy.deepcopy(doc)
     args = tandem_app(doc).setdefault("args", {})
     e = app_config(new).served()[0]
-    sections = {"model": e.model.model_dump(), "engine": e.engine.model_dump(),
-                "model_pool": e.model_pool and e.model_pool.model_dump(),
-                "cpu_pool": e.cpu_pool and e.cpu_pool.model_dump()}
     if args.get("models"):
         names = [m.model.name for m in app_config(doc).served()]
-        args["models"][names.index(e.model.name)] = sections
+        args["models"][names.index(e.model.name)] = sections(e)
     else:
-        args.update(sections)
+        args.update(sections(e))
     args.pop("canary", None)
     return doc
 
@@ -98,23 +102,17 @@ def canary_route(doc: dict) -> dict:
             "deployments": {p: [apps[p], canary_name(cfg, p)] for p in cfg.canary.pools()}}
 
 
-def with_canary(doc: dict, new: dict | None) -> dict:
+def with_canary(doc: dict, new: dict) -> dict:
     """`doc` with the tandem app's `canary` set to `new`'s model sections (share 0: the
-    controller gives the live share), or removed (None)."""
+    controller gives the live share)."""
     import copy
 
     doc = copy.deepcopy(doc)
     args = tandem_app(doc).setdefault("args", {})
-    if new is None:
-        args.pop("canary", None)
-        return doc
     entry = app_config(new).served()
     if len(entry) != 1:
         raise ValueError("the new config must serve one model")
-    e = entry[0]
-    args["canary"] = {"model": e.model.model_dump(), "engine": e.engine.model_dump(),
-                      "model_pool": e.model_pool and e.model_pool.model_dump(),
-                      "cpu_pool": e.cpu_pool and e.cpu_pool.model_dump(), "share": 0.0}
+    args["canary"] = {**sections(entry[0]), "share": 0.0}
     return doc
 
 
