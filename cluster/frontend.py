@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ray.serve")
 
+# a canary's request that finds no replica in this long (or finds its deployment gone) goes
+# to the stable version: a rollback deletes the canary's apps while a late frontend may still
+# route there, and Serve's routing would wait for replicas that never come
+FALLBACK_ROUTE_S = 2.0
+
 
 class Generation(Stream):
     """One request's stream, as text: filled by the receive task once per engine step."""
@@ -89,6 +94,9 @@ class Generations:
         self.migrations = 0
         self._token_texts: dict[int, str] = {}
         self.metrics = None  # TokenizerMetrics, set by the deployment (Ray's metrics agent)
+        # a canary's: the stable version's generations of the same model and vocabulary
+        self.fallback: Generations | None = None
+        self.fallbacks = 0
 
     # ---- text in
 
@@ -190,8 +198,28 @@ class Generations:
         return hybrid.decide(cost, slo_s, gpu, cpu, self.hybrid)
 
     async def _route(self, req: EngineRequest, pool: str) -> tuple[str, str]:
+        if self.fallback is None:
+            return await self._choose(req, pool)
+        from ray.serve.exceptions import DeploymentUnavailableError
+
+        try:
+            return await asyncio.wait_for(self._choose(req, pool), FALLBACK_ROUTE_S)
+        except (TimeoutError, DeploymentUnavailableError) as err:
+            self.fallbacks += 1
+            log.warning("request %s: no replica of the canary's %s pool (%r): routed to the "
+                        "stable version", req.request_id, pool, err)
+            stable = self.fallback
+            return await stable._route(req, pool if pool in stable.pools else
+                                       next(iter(stable.pools)))
+
+    async def _choose(self, req: EngineRequest, pool: str) -> tuple[str, str]:
         async with self.pools[pool].choose_replica(req, _reserve=False) as sel:
             return sel.replica_id, sel.replica_metadata["engine_addr"]
+
+    def same_vocabulary(self, other: Generations) -> bool:
+        """Whether token ids mean the same text here and in `other` (a stream may then
+        continue there)."""
+        return self.tokenizer.tok.get_vocab() == other.tokenizer.tok.get_vocab()
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TextDelta]:
         """First a header delta (prompt_tokens of all prompts, or an error), then the

@@ -200,9 +200,9 @@ class Ingress:
                        for e in self.cfg.served()}
         self.default = next(iter(self.models.values()))  # a request that names none
         c = self.cfg.canary
-        self.canary = None if c is None else ServedModel(
+        self.canary = None if c is None else self._with_fallback(ServedModel(
             self.cfg.of_model(c).model_copy(update={"canary": None}), canary,
-            self.replica_tag, CANARY)
+            self.replica_tag, CANARY))
         self.metrics = IngressMetrics(self.default.name)
         self.cpu_mark = (time.process_time(), time.monotonic())
         ing = self.cfg.ingress
@@ -323,8 +323,17 @@ class Ingress:
         """The canary a controller names: its config, its pools' handles in their apps."""
         pools = {pool: serve.get_deployment_handle(dep, app_name=app)
                  for pool, (app, dep) in route["deployments"].items()}
-        return ServedModel(AppConfig.model_validate(route["config"]), pools,
-                           self.replica_tag, CANARY)
+        return self._with_fallback(ServedModel(AppConfig.model_validate(route["config"]),
+                                               pools, self.replica_tag, CANARY))
+
+    def _with_fallback(self, canary: ServedModel) -> ServedModel:
+        """A canary whose routing finds no replica falls back to the stable version of its
+        model, where both read token ids alike (a request never waits on a canary that
+        was removed)."""
+        stable = self.models.get(canary.name)
+        if stable is not None and canary.generations.same_vocabulary(stable.generations):
+            canary.generations.fallback = stable.generations
+        return canary
 
     def _model(self, name: str | None) -> ServedModel:
         """The model a request names (none: the first one)."""

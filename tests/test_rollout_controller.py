@@ -282,3 +282,51 @@ def ray_get(ref):
     import ray
 
     return ray.get(ref)
+
+
+def test_a_request_routed_to_a_removed_canary_goes_to_stable(rollout_app):
+    """A frontend that still routes to a canary whose apps were deleted (its controller's
+    word came late) takes the stable version's replica, within FALLBACK_ROUTE_S: Serve's
+    routing alone fails (the deployment is gone) or waits for replicas that never come."""
+    import asyncio
+
+    from ray import serve
+
+    from cluster.config import AppConfig
+    from cluster.frontend import FALLBACK_ROUTE_S, Generations
+    from cluster.protocol import EngineRequest, SamplingParams
+
+    _, doc, port = rollout_app
+    plan = RolloutPlan.model_validate({"steps": [{"share": 0.5, "hold_s": 120},
+                                                 {"share": 1.0, "hold_s": 120}],
+                                       "judge": JUDGE})
+    controller = rc.begin(doc, new_doc(), plan, http_port=port)
+    route = rc.canary_route(rc.with_canary(doc, new_doc()))
+    canary = Generations(AppConfig.model_validate(route["config"]),
+                         {p: serve.get_deployment_handle(dep, app_name=app)
+                          for p, (app, dep) in route["deployments"].items()})
+    cfg = rc.app_config(doc)
+    entry = cfg.served()[0]
+    stable = Generations(cfg.of_model(entry),
+                         {p: serve.get_deployment_handle(cfg.deployment(entry, p), app_name=APP)
+                          for p in entry.pools()})
+    assert canary.same_vocabulary(stable)
+    canary.fallback = stable
+    pool = next(iter(canary.pools))
+    req = EngineRequest("fallback-probe", [1, 2, 3], SamplingParams(max_tokens=1))
+
+    async def run() -> tuple[str, str, float]:
+        before, _ = await canary._route(req, pool)  # its router now knows the canary
+        await asyncio.to_thread(ray_get, controller.abort.remote())
+        await asyncio.to_thread(removed, controller)
+        t0 = time.monotonic()
+        after, _ = await canary._route(req, pool)
+        return before, after, time.monotonic() - t0
+
+    # a loop that outlives the test: the handles' routers live on it until Serve shuts down
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    before, after, waited = asyncio.run_coroutine_threadsafe(run(), loop).result(300)
+    assert canary.fallbacks == 1
+    assert after in replica_ids() and before not in replica_ids()
+    assert waited < FALLBACK_ROUTE_S + 10, waited
