@@ -109,6 +109,15 @@ async def served(url: str, model: str, prompts, out_len: int, concurrency: int,
             "sse_events_per_token": sum(r["events"] for r in results) / max(1, tokens)}
 
 
+def release_device() -> None:
+    """The offline engine's GPU memory back to the device (its graphs and caches)."""
+    import gc
+
+    gc.collect()
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+        sys.modules["torch"].cuda.empty_cache()
+
+
 def cpu_seconds(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -165,6 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--replicas", type=int, default=1, help="model replicas of the local app")
+    p.add_argument("--model-gpus", type=int, default=0,
+                   help="GPUs the local cluster's model node advertises (0: CPU engine)")
     p.add_argument("--torch-threads", type=int, help="the engine's CPU threads (default: the "
                    "config's)")
     p.add_argument("--seed", type=int, default=0)
@@ -188,6 +199,7 @@ def main(argv=None) -> int:
                               "input_len": args.input_len, "output_len": args.output_len}}
     if not args.skip_offline:
         res["offline"] = offline(cfg, prompts, args.output_len, args.concurrency)
+        release_device()  # the served replica's engine sizes its KV cache from free memory
     doc["applications"][0]["args"]["engine"]["max_num_seqs"] = cfg.engine.max_num_seqs
 
     def run_served(url: str, local: bool) -> dict:
@@ -209,7 +221,8 @@ def main(argv=None) -> int:
         else:
             from cluster import local_cluster
 
-            with local_cluster.serving(doc, cfg) as url:
+            spec = local_cluster.LocalClusterSpec(model_gpus=args.model_gpus)
+            with local_cluster.serving(doc, cfg, spec) as url:
                 res["served"] = run_served(url, True)
     if "offline" in res:
         res["served_vs_offline"] = res["served"]["output_tok_s"] / res["offline"]["output_tok_s"]

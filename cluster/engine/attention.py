@@ -32,6 +32,9 @@ class AttentionMetadata:
     # leading sequences with one query token (the scheduler puts them first)
     num_decodes: int = 0
     prefill_tiles: tuple | None = None  # built by the Triton backend at its first layer
+    # a mixed-step CUDA graph's (cuda_graphs.py): the context lengths of its first `cap`
+    # rows, 0 past the step's decode rows, for the decode kernel over all `cap` of them
+    decode_context_lens: torch.Tensor | None = None
 
 
 # `engine.kv_cache_dtype: fp8`: e4m3 caches holding K and V unscaled (a scale of 1.0, as

@@ -155,6 +155,8 @@ class LLMEngine:
         if self.device.type == "cuda" and cfg.cuda_graphs:
             # every rank captures together: the all-reduces are inside the graphs
             self._on_all_ranks("capture_decode_graphs", cfg.max_num_seqs)
+            self._on_all_ranks("capture_mixed_graphs", cfg.max_num_seqs,
+                               cfg.max_num_batched_tokens)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.blocks.tier = kv_tier.build(self.runner, cfg, model_dir, weights, kv_pool,
                                          max_fetch_wait_s)

@@ -5,17 +5,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from cluster.engine.attention import (
-    AttentionMetadata,
-    paged_attention_ref,
-    paged_decode_gather,
-    store_kv,
+from cluster.engine.attention import AttentionMetadata
+from cluster.engine.cuda_graphs import (
+    DecodeGraph,
+    DecodeGraphs,
+    MixedGraphs,
+    leading_ones,
+    padded_tables,
 )
 from cluster.engine.deepseek import DeepseekForCausalLM
 from cluster.engine.deepseek_loader import synthetic_deepseek_weights
+from cluster.engine.gpu_backends import GatherBackend, TritonBackend
 from cluster.engine.loader import iter_checkpoint, load_weights
 from cluster.engine.model import (
     AttentionBackend,
@@ -26,10 +28,11 @@ from cluster.engine.model import (
     can_pack_linears,
 )
 from cluster.engine.parallel import TP
-from cluster.engine.sampler import Picks, greedy_tokens, prompt_logprobs, sample, sample_on_device
+from cluster.engine.sampler import Picks, prompt_logprobs, sample, sample_on_device
 from cluster.engine.scheduler import ScheduledBatch
 from cluster.engine.sequence import PENDING, Sequence
 from cluster.engine.step_clock import StepClock
+from cluster.engine.synthetic import synthetic_weights
 
 log = logging.getLogger(__name__)
 
@@ -38,55 +41,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # CPU steps of fewer tokens run on one thread (see ModelRunner.execute)
 PARALLEL_MIN_TOKENS = 32
-
-class GatherBackend:
-    """GPU attention without Triton: PyTorch gather for decode, per-sequence SDPA otherwise."""
-
-    def forward(self, q, k, v, positions, rotary, k_cache, v_cache, meta: AttentionMetadata,
-                scale: float):
-        q, k = rotary(positions, q, k)
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_decode:
-            return paged_decode_gather(q, k_cache, v_cache, meta.block_tables,
-                                       meta.context_lens, scale)
-        return paged_attention_ref(q, k_cache, v_cache, meta.block_tables,
-                                   meta.cu_seqlens_q_host, meta.context_lens_host, scale)
-
-
-class TritonBackend:
-    """GPU attention: our Triton kernels (the decode kernel is CUDA-graph safe)."""
-
-    def __init__(self):
-        from cluster.engine import triton_attention
-
-        self.ops = triton_attention
-
-    def forward(self, q, k, v, positions, rotary, k_cache, v_cache, meta: AttentionMetadata,
-                scale: float):
-        # one kernel rotates q in place and writes rotated k and v to their cache slots:
-        # three kernels fewer per layer, which counts in a small model's decode step
-        q = self.ops.rope_store_kv(q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache,
-                                   meta.slot_mapping)
-        return self.attend(q, k_cache, v_cache, meta, scale)
-
-    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        if meta.is_decode:
-            return self.ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables,
-                                                   meta.context_lens, scale)
-        # a mixed step: its decode rows (first) go to the decode kernel, which reads each
-        # KV head once for all the query heads sharing it; the prefill kernel reads it once
-        # per query head, 4-7x the traffic for a one-row query
-        out = torch.empty_like(q)
-        nd = meta.num_decodes
-        if nd:
-            self.ops.paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
-                                            meta.context_lens[:nd], scale, out=out[:nd])
-        if meta.prefill_tiles is None:  # the same for every layer of the step
-            meta.prefill_tiles = self.ops.prefill_tiles(meta.cu_seqlens_q_host, q.device, nd)
-        return self.ops.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables,
-                                                meta.cu_seqlens_q, meta.context_lens, scale,
-                                                out=out, tiles=meta.prefill_tiles)
-
 
 @dataclass
 class StepInputs:
@@ -100,65 +54,16 @@ class StepInputs:
     ctx: list[int]
     rows: list[int]  # sequences that emit a token (their prefill or decode is complete)
     graph_bs: int | None = None  # the decode CUDA graph to replay
+    mixed_tokens: int | None = None  # or the mixed-step graph of this many tokens
     # prompt scoring (echo): (sequence, first prompt token scored, count); their logits are
     # those of the positions just before those tokens, taken after the emitting rows'
     scored: list[tuple[int, int, int]] = field(default_factory=list)
-
-
-def synthetic_weights(model: CausalLM, seed: int):
-    """HF-named random tensors (std 0.02, norms 1), generated on the model's device."""
-    arch = model.arch
-    dev = next(model.parameters()).device
-    h, d = arch.hidden_size, arch.head_dim
-    shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
-    if not arch.tie_word_embeddings:
-        shapes["lm_head.weight"] = (arch.vocab_size, h)
-    for i in range(arch.num_layers):
-        p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.q_proj.weight": (arch.num_heads * d, h),
-                   p + "self_attn.k_proj.weight": (arch.num_kv_heads * d, h),
-                   p + "self_attn.v_proj.weight": (arch.num_kv_heads * d, h),
-                   p + "self_attn.o_proj.weight": (h, arch.num_heads * d),
-                   p + "mlp.gate_proj.weight": (arch.intermediate_size, h),
-                   p + "mlp.up_proj.weight": (arch.intermediate_size, h),
-                   p + "mlp.down_proj.weight": (h, arch.intermediate_size),
-                   p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
-        if arch.attention_bias:
-            shapes |= {p + f"self_attn.{x}_proj.bias": (s[0],) for x, s in (
-                ("q", shapes[p + "self_attn.q_proj.weight"]),
-                ("k", shapes[p + "self_attn.k_proj.weight"]),
-                ("v", shapes[p + "self_attn.v_proj.weight"]))}
-        if arch.qk_norm:
-            shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
-    dtype = next(model.parameters()).dtype
-    for i, (name, shape) in enumerate(shapes.items()):
-        if len(shape) == 1 and "norm" in name:
-            yield name, torch.ones(shape, dtype=dtype, device=dev)
-            continue
-        g = torch.Generator(device=dev).manual_seed(seed * 100003 + i)
-        yield name, (torch.randn(shape, generator=g, device=dev) * 0.02).to(dtype)
-
-
-def _padded(tables: list[list[int]]) -> np.ndarray:
-    """Block tables as one int32 array, rows padded with 0 (numpy fills rows from lists in C:
-    this runs every step)."""
-    out = np.zeros((len(tables), max(map(len, tables))), dtype=np.int32)
-    for i, t in enumerate(tables):
-        out[i, : len(t)] = t
-    return out
 
 
 def _emitting(out: torch.Tensor, inp: StepInputs) -> torch.Tensor:
     """A decode graph's per-row output, for the rows that emit a token."""
     n = len(inp.tables)
     return out[:n] if len(inp.rows) == n else out[:n][inp.rows]
-
-
-def _leading_ones(xs: list[int]) -> int:
-    n = 0
-    while n < len(xs) and xs[n] == 1:
-        n += 1
-    return n
 
 
 @dataclass
@@ -179,13 +84,6 @@ class Launched:
         return self.host[: len(self.tokens)].tolist()
 
 
-@dataclass
-class DecodeGraph:
-    graph: torch.cuda.CUDAGraph
-    logits: torch.Tensor
-    tokens: torch.Tensor  # greedy picks, taken inside the graph (no eager kernels after it)
-
-
 class ModelRunner:
     def __init__(self, model_dir: str, arch: ModelArch, device: torch.device, dtype: torch.dtype,
                  max_model_len: int, block_size: int, weights=None, tp: TP | None = None,
@@ -196,7 +94,9 @@ class ModelRunner:
         self.tp = tp or TP()
         self.block_size = block_size
         self.max_model_len = max_model_len
-        self.graphs: dict[int, DecodeGraph] = {}
+        self.decode_graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
+        self.graph_pool = None  # the memory pool every graph of this runner shares
         self.clock = StepClock(device.type == "cuda")
         # DeepSeek: multi-head latent attention over a compressed cache, mixture of experts
         self.mla = arch.deepseek is not None
@@ -297,10 +197,18 @@ class ModelRunner:
                 last = min(start + n, seq.num_prompt_tokens - 1)
                 if last >= first:
                     inp.scored.append((i, first, last - first + 1))
-        n = len(batch.seqs)
-        if batch.is_decode and self.graphs and n <= max(self.graphs) and not inp.scored:
-            inp.graph_bs = min(b for b in self.graphs if b >= n)
+        if inp.scored:  # prompt scoring takes logits of rows a graph does not return
+            return inp
+        if batch.is_decode and self.decode_graphs is not None:
+            inp.graph_bs = self.decode_graphs.bucket(len(batch.seqs))
+        if inp.graph_bs is None and self.mixed_graphs is not None:
+            inp.mixed_tokens = self.mixed_graphs.bucket(inp)
         return inp
+
+    @property
+    def graphs(self) -> dict[int, DecodeGraph]:
+        """The decode graphs by batch size (none captured: empty)."""
+        return self.decode_graphs.graphs if self.decode_graphs is not None else {}
 
     def _to_device(self, x, dtype) -> torch.Tensor:
         # not a blocking copy: that would wait for the step still running on the GPU
@@ -309,7 +217,7 @@ class ModelRunner:
     def _tensors(self, inp: StepInputs):
         t = self._to_device
 
-        tables = _padded(inp.tables)
+        tables = padded_tables(inp.tables)
         q_lens = [b - a for a, b in zip(inp.cu_q, inp.cu_q[1:], strict=False)]
         meta = AttentionMetadata(
             slot_mapping=t(inp.slots, torch.int64),
@@ -317,7 +225,7 @@ class ModelRunner:
             context_lens=t(inp.ctx, torch.int32), cu_seqlens_q=t(inp.cu_q, torch.int32),
             context_lens_host=inp.ctx, cu_seqlens_q_host=inp.cu_q,
             max_query_len=max(q_lens), max_context_len=max(inp.ctx),
-            is_decode=max(q_lens) == 1, num_decodes=_leading_ones(q_lens))
+            is_decode=max(q_lens) == 1, num_decodes=leading_ones(q_lens))
         # the rows whose logits are taken, made here with the other inputs: an index list
         # given to the hidden states later would be copied with a wait for the whole step
         scored = [inp.cu_q[i] + (j - 1 - (inp.positions[inp.cu_q[i]])) + m
@@ -330,6 +238,12 @@ class ModelRunner:
         """One forward pass on this rank; logits of the rows that emit a token."""
         if inp.graph_bs is not None:  # a one-token prefill chunk may emit nothing
             return _emitting(self._replay(inp, fill).logits, inp)
+        if inp.mixed_tokens is not None:
+            hidden = self.mixed_graphs.replay(inp, inp.mixed_tokens, self._filler(fill))
+            if not inp.rows:
+                return None
+            rows = self._to_device([inp.cu_q[i + 1] - 1 for i in inp.rows], torch.int64)
+            return self.model.compute_logits(hidden.index_select(0, rows))
         input_ids, positions, meta, rows = self._tensors(inp)
         if fill is not None:
             self._fill(input_ids, fill)
@@ -459,84 +373,34 @@ class ModelRunner:
         taken = picks.index_select(0, self._to_device(src, torch.int64)).clamp_(min=0)
         ids.index_copy_(0, self._to_device(dst, torch.int64), taken)
 
-    # CUDA graphs for decode: a small model's eager decode step is bound by kernel launches
-    # (~10 us each, hundreds per step), so each batch size bucket is captured once at start
-    # and replayed with its inputs copied into static buffers.
+    # CUDA graphs (cuda_graphs.py): decode steps per batch size, mixed steps per token count
 
-    def graph_sizes(self, max_num_seqs: int) -> list[int]:
-        sizes = [1, 2, 4, 8] + list(range(16, 513, 16))
-        return [b for b in sizes if b < max_num_seqs] + [min(max_num_seqs, 512)]
+    def _filler(self, fill):
+        return None if fill is None else (lambda ids: self._fill(ids, fill))
+
+    def _graph_room(self) -> tuple[int, int]:
+        return self.pad_slot, -(-self.max_model_len // self.block_size)
 
     @torch.inference_mode()
     def capture_decode_graphs(self, max_num_seqs: int) -> None:
         if self.mla:  # MoE reads its expert counts on the host and MLA its context lengths
             log.info("no decode CUDA graphs for MLA/MoE models yet: eager decode")
             return
-        sizes = sorted(set(self.graph_sizes(max_num_seqs)))
-        max_bs = sizes[-1]
-        max_blocks = -(-self.max_model_len // self.block_size)
-        dev = self.device
-        self.g_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
-        self.g_pos = torch.zeros(max_bs, dtype=torch.int64, device=dev)
-        self.g_slots = torch.full((max_bs,), self.pad_slot, dtype=torch.int64, device=dev)
-        self.g_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev)
-        self.g_ctx = torch.zeros(max_bs, dtype=torch.int32, device=dev)
-        self.g_cu = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
-        # host staging buffers: pinned, so the copies to the GPU are asynchronous
-        # two sets, used in turn: with steps launched one ahead, step N's copies may still
-        # be queued while the host fills step N+1's inputs
-        self.h_ids = torch.zeros(2, max_bs, dtype=torch.int64, pin_memory=True)
-        self.h_pos = torch.zeros(2, max_bs, dtype=torch.int64, pin_memory=True)
-        self.h_slots = torch.full((2, max_bs), self.pad_slot, dtype=torch.int64,
-                                  pin_memory=True)
-        self.h_tables = torch.zeros(2, max_bs, max_blocks, dtype=torch.int32, pin_memory=True)
-        self.h_ctx = torch.zeros(2, max_bs, dtype=torch.int32, pin_memory=True)
-        self._host_tokens(max_bs)  # the picks' buffer, sized now rather than on first use
-        self.staged = 0
-        pool = None
-        for bs in reversed(sizes):
-            meta = AttentionMetadata(
-                slot_mapping=self.g_slots[:bs], block_tables=self.g_tables[:bs],
-                context_lens=self.g_ctx[:bs], cu_seqlens_q=self.g_cu[: bs + 1],
-                context_lens_host=[], cu_seqlens_q_host=[], is_decode=True)
+        self.decode_graphs = DecodeGraphs(self.model, self.device, *self._graph_room(),
+                                          max_num_seqs)
+        self._host_tokens(self.decode_graphs.sizes[-1])  # sized now rather than on first use
+        self.graph_pool = self.decode_graphs.capture(self.graph_pool)
 
-            def step(bs=bs, meta=meta):
-                hidden = self.model(self.g_ids[:bs], self.g_pos[:bs], meta)
-                logits = self.model.compute_logits(hidden)
-                return logits, greedy_tokens(logits)
-
-            step()  # warm up (Triton autotuning, allocator) outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits, tokens = step()
-            pool = graph.pool() if pool is None else pool
-            self.graphs[bs] = DecodeGraph(graph, logits, tokens)
-        torch.cuda.synchronize()
-        log.info("captured decode CUDA graphs for batch sizes %s", sizes)
+    @torch.inference_mode()
+    def capture_mixed_graphs(self, max_num_seqs: int, max_tokens: int) -> None:
+        if self.mla or self.tp.size > 1 or not isinstance(self.model.backend, TritonBackend):
+            # MLA/MoE: as above; tensor parallel: its peers replay what rank 0 does, and
+            # mixed graphs have not run over NCCL yet; the gather backend is not graph-safe
+            log.info("no mixed-step CUDA graphs here: eager mixed steps")
+            return
+        self.mixed_graphs = MixedGraphs(self.model, self.device, *self._graph_room(),
+                                        max_num_seqs, max_tokens)
+        self.graph_pool = self.mixed_graphs.capture(self.graph_pool)
 
     def _replay(self, inp: StepInputs, fill=None) -> DecodeGraph:
-        """Replays the step's graph; its outputs are valid until the next replay."""
-        n, bs = len(inp.tables), inp.graph_bs
-        # one tensor per field, not one write per element: this runs every decode step
-        self.staged ^= 1
-        h_ids, h_pos, h_slots, h_ctx, h_tables = (
-            t[self.staged] for t in (self.h_ids, self.h_pos, self.h_slots, self.h_ctx,
-                                     self.h_tables))
-        h_ids[:n] = torch.tensor(inp.input_ids)
-        h_pos[:n] = torch.tensor(inp.positions)
-        h_slots[:n] = torch.tensor(inp.slots)
-        h_slots[n:bs].fill_(self.pad_slot)
-        h_ctx[:n] = torch.tensor(inp.ctx, dtype=torch.int32)
-        h_ctx[n:bs].zero_()
-        tables = _padded(inp.tables)
-        h_tables[:n, : tables.shape[1]] = torch.from_numpy(tables)
-        for dst, src in ((self.g_ids, h_ids), (self.g_pos, h_pos),
-                         (self.g_slots, h_slots), (self.g_ctx, h_ctx),
-                         (self.g_tables, h_tables)):
-            dst[:bs].copy_(src[:bs], non_blocking=True)
-        if fill is not None:
-            self._fill(self.g_ids, fill)
-        g = self.graphs[bs]
-        g.graph.replay()
-        return g
+        return self.decode_graphs.replay(inp, self._filler(fill))

@@ -86,6 +86,29 @@ def test_eager_equals_cuda_graphs(hf_and_prompts):
     assert consistent(prompts, a, b, weights)
 
 
+def test_mixed_steps_replay_graphs_with_the_eager_tokens(hf_and_prompts):
+    """Requests arriving while others decode make mixed steps (prefill chunks beside decode
+    rows): with graphs on they replay the mixed-step graphs, launched one ahead, and give
+    the eager run's tokens (fp32: the same; bf16: both greedy within tolerance)."""
+    folder, weights, prompts, _ = hf_and_prompts
+    outs, replays = [], None
+    for graphs in (False, True):
+        eng = engine(folder, weights, cuda_graphs=graphs)
+        got: dict[str, list[int]] = {}
+        steps = 0
+        while steps < 4 * len(prompts) or eng.has_work():
+            if steps % 4 == 0 and steps // 4 < len(prompts):  # one arrival every 4 steps
+                eng.add_request(f"r{steps // 4}", prompts[steps // 4], GREEDY)
+            for o in eng.step():
+                got.setdefault(o.request_id, []).extend(o.new_token_ids)
+            steps += 1
+        outs.append([got[f"r{i}"] for i in range(len(prompts))])
+        if graphs:
+            replays = eng.runner.mixed_graphs.replays
+    assert replays > len(prompts)  # arrivals and the 1,030-token prompt's chunks
+    assert consistent(prompts, outs[0], outs[1], weights)
+
+
 def test_prefix_cache_hit_same_tokens(hf_and_prompts):
     folder, weights, prompts, _ = hf_and_prompts
     e = engine(folder, weights)

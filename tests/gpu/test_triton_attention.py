@@ -100,7 +100,7 @@ def test_mixed_step_decode_rows_then_prefill_rows(group):
     """A mixed step's leading one-query rows go to the decode kernel, the rest to the prefill
     kernel, into one output: together they must equal the reference on every row."""
     from cluster.engine.attention import AttentionMetadata
-    from cluster.engine.model_runner import TritonBackend
+    from cluster.engine.gpu_backends import TritonBackend
 
     ctxs, q_lens = [300, 1, 2049, 700, 64, 5], [1, 1, 1, 200, 64, 1]
     q, kc, vc, bt, cu, ref = make(2 * group, 2, 128, ctxs, q_lens)
@@ -112,6 +112,38 @@ def test_mixed_step_decode_rows_then_prefill_rows(group):
     out = TritonBackend().attend(q, kc, vc, meta, 128 ** -0.5)
     assert rel_err(out, ref) < 1e-2
     for b in range(len(ctxs)):  # each row on its own, so a skipped row cannot hide
+        assert rel_err(out[cu[b]:cu[b + 1]], ref[cu[b]:cu[b + 1]]) < 1e-2
+
+
+def test_mixed_graph_metadata_gives_the_same_rows():
+    """A mixed CUDA graph's fixed shapes (cuda_graphs.py): the decode kernel over more rows
+    than the step decodes (context 0 past them), the prefill kernel over more tiles than the
+    step has (the rest on an empty sequence), padding rows past the step's tokens. Every
+    real row must equal the reference."""
+    from cluster.engine.attention import AttentionMetadata
+    from cluster.engine.gpu_backends import TritonBackend
+
+    ctxs, q_lens = [300, 1, 2049, 700, 64, 5], [1, 1, 1, 200, 64, 1]
+    q, kc, vc, bt, cu, ref = make(14, 2, 64, ctxs, q_lens)
+    n, nd, pad_rows, cap = len(ctxs), 3, 30, 16
+    q = torch.cat([q, torch.randn(pad_rows, *q.shape[1:], device="cuda", dtype=q.dtype)])
+    tables = torch.cat([bt, torch.zeros(cap, bt.shape[1], dtype=torch.int32, device="cuda")])
+    ctx = ctxs + [0]  # sequence n: the empty one
+    seqs, starts = [], []
+    for b in range(nd, n):
+        for s0 in range(0, q_lens[b], 64):
+            seqs.append(b)
+            starts.append(s0)
+    tiles = torch.tensor([seqs + [n] * 7, starts + [0] * 7], dtype=torch.int32, device="cuda")
+    dev = {"dtype": torch.int32, "device": "cuda"}
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.int64, device="cuda"), block_tables=tables,
+        context_lens=torch.tensor(ctx, **dev), cu_seqlens_q=torch.tensor(cu + [cu[-1]], **dev),
+        context_lens_host=[], cu_seqlens_q_host=[],
+        decode_context_lens=torch.tensor(ctxs[:nd] + [0] * (cap - nd), **dev),
+        prefill_tiles=(tiles[0], tiles[1]))
+    out = TritonBackend().attend(q, kc, vc, meta, 64 ** -0.5)
+    for b in range(n):
         assert rel_err(out[cu[b]:cu[b + 1]], ref[cu[b]:cu[b + 1]]) < 1e-2
 
 
