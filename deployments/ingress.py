@@ -527,7 +527,10 @@ class Ingress:
     async def _next(stream, deadline: float) -> TextDelta:
         """The next delta, or a timeout error delta once the deadline passes."""
         try:
-            return await asyncio.wait_for(stream.__anext__(), deadline - time.monotonic())
+            # a timeout scope, not wait_for: that wraps every delta of every stream in a
+            # task of its own
+            async with asyncio.timeout(deadline - time.monotonic()):
+                return await stream.__anext__()
         except (asyncio.TimeoutError, TimeoutError):
             stream.cancel()  # aborts the generation and frees its KV blocks
             err = APIError("the request did not finish within its deadline", 504,
