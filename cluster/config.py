@@ -70,7 +70,7 @@ class EngineConfig(Strict):
                                     "of the CPU engine")
     enable_prefix_caching: bool = Field(True, description="share KV blocks of equal prompt "
                                         "prefixes")
-    cuda_graphs: bool = Field(True, description="capture decode steps in CUDA graphs")
+    cuda_graphs: bool = Field(True, description="capture decode and mixed steps in CUDA graphs")
     overlap_steps: bool = Field(True, description="schedule and launch each greedy step "
                                 "before the previous one's tokens are read (the host works "
                                 "while the GPU runs)")
