@@ -35,6 +35,13 @@ class LocalClusterSpec:
     dashboard_port: int = 8265
 
 
+# HAProxy's ingress (RAY_SERVE_ENABLE_HA_PROXY=1) binds these fixed ports on its node: a
+# second local cluster on this machine (a benchmark beside the test cluster) would fail to
+# start its HAProxy, so each cluster takes free ones unless the user set them
+HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_METRICS_PORT": 9101, "RAY_SERVE_HAPROXY_STATS_PORT": 8404}
+USER_SET = frozenset(v for v in HAPROXY_PORTS if v in os.environ)
+
+
 def use_token_auth() -> str:
     """One auth mode everywhere: token, with a token for this cluster unless one is set."""
     os.environ["RAY_AUTH_MODE"] = "token"
@@ -72,6 +79,9 @@ def start(spec: LocalClusterSpec | None = None):
     use_token_auth()
     for var, value in serve_env().items():  # what every node of a real cluster sets too
         os.environ.setdefault(var, value)
+    for var, port in HAPROXY_PORTS.items():
+        if var not in USER_SET:
+            os.environ[var] = str(free_port(port))
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": spec.head_cpus, "labels": dict(HEAD_LABELS),
         "include_dashboard": spec.dashboard, "dashboard_port": free_port(spec.dashboard_port)})
