@@ -117,7 +117,7 @@ def test_schemathesis_finds_no_server_errors(app_url, tmp_path):
     proc = subprocess.run(
         [exe, "--no-color", "run", f"{app_url}/openapi.json", "--checks", "not_a_server_error",
          "--max-examples", "40", "--request-timeout", "60", "--workers", "2", "--seed", "7",
-         "--phases", "examples,coverage,fuzzing", "--max-time", "150",
+         "--phases", "examples,coverage,fuzzing", "--max-time", "120",
          "--suppress-health-check", "all"],
         capture_output=True, text=True, timeout=400,
         env={"SCHEMATHESIS_HOOKS": "", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
