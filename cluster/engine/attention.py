@@ -37,6 +37,23 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None
 
 
+# query rows per program of the GPU prefill kernel (triton_attention.py); the mixed-step
+# CUDA graphs size their tile grids by it (cuda_graphs.py)
+PREFILL_BLOCK_M = 64
+
+
+def prefill_tile_lists(cu_seqlens_q: list[int], first_seq: int = 0
+                       ) -> tuple[list[int], list[int]]:
+    """(sequence, first query row) of every PREFILL_BLOCK_M query tile of the sequences
+    from first_seq on, as host lists."""
+    seqs, starts = [], []
+    for b in range(first_seq, len(cu_seqlens_q) - 1):
+        for s in range(0, cu_seqlens_q[b + 1] - cu_seqlens_q[b], PREFILL_BLOCK_M):
+            seqs.append(b)
+            starts.append(s)
+    return seqs, starts
+
+
 # `engine.kv_cache_dtype: fp8`: e4m3 caches holding K and V unscaled (a scale of 1.0, as
 # vLLM's default without calibrated scales), saturating at +-448; readers convert to the
 # query's dtype after the gather (the Triton kernels in registers).

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cluster.engine.attention import AttentionMetadata
+from cluster.engine.attention import PREFILL_BLOCK_M, AttentionMetadata, prefill_tile_lists
 from cluster.engine.sampler import greedy_tokens
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 # prefill sequences a mixed graph's tile grid holds beyond one tile per PREFILL_BLOCK_M of
 # its tokens (each sequence's last tile may be partial)
 MIXED_TILE_ROOM = 16
-PREFILL_BLOCK_M = 64  # triton_attention.PREFILL_BLOCK_M (not imported: Triton-free here)
 
 Fill = Callable[[torch.Tensor], None]  # writes the previous step's picks into the input ids
 
@@ -235,11 +234,7 @@ class MixedGraphs:
         self.decode_ctx.host[f, nd:cap] = 0
         self.cu.host[f, : n + 1] = torch.tensor(cu, dtype=torch.int32)
         self.cu.host[f, n + 1] = cu[-1]
-        seqs, starts = [], []
-        for b in range(nd, n):
-            for s in range(0, cu[b + 1] - cu[b], PREFILL_BLOCK_M):
-                seqs.append(b)
-                starts.append(s)
+        seqs, starts = prefill_tile_lists(cu, nd)
         pad = ntiles - len(seqs)
         self.tiles.host[f, :, :ntiles] = torch.tensor([seqs + [n] * pad, starts + [0] * pad],
                                                       dtype=torch.int32)

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from cluster.engine.attention import PREFILL_BLOCK_M, prefill_tile_lists
+
 
 @triton.jit
 def _decode_split_kernel(
@@ -184,19 +186,11 @@ def _prefill_kernel(
              out.to(out_ptr.dtype.element_ty), mask=rows[:, None])
 
 
-PREFILL_BLOCK_M = 64
-
-
 def prefill_tiles(cu_seqlens_q_host: list[int], device, first_seq: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sequence, first query row) of every BLOCK_M query tile of sequences >= first_seq,
     built on the host."""
-    seqs, starts = [], []
-    for b in range(first_seq, len(cu_seqlens_q_host) - 1):
-        n = cu_seqlens_q_host[b + 1] - cu_seqlens_q_host[b]
-        for s in range(0, n, PREFILL_BLOCK_M):
-            seqs.append(b)
-            starts.append(s)
+    seqs, starts = prefill_tile_lists(cu_seqlens_q_host, first_seq)
     t = torch.tensor([seqs, starts], dtype=torch.int32).to(device, non_blocking=True)
     return t[0], t[1]
 
