@@ -22,7 +22,7 @@ from cluster.config import (
     parse_app_config,
 )
 from deployments.ingress import Ingress
-from deployments.model import DRAIN_S, ModelReplica
+from deployments.model import DRAIN_S, ModelReplica, PoolRoot
 
 
 def gpus(pool: Pool) -> float:
@@ -149,4 +149,8 @@ def canary_pool(args: dict) -> Application:
     cfg = parse_app_config(args["tandem"])
     if cfg.canary is None:
         raise ConfigError("canary_pool: the args have no canary")
-    return model_pool(cfg, cfg.canary, args["pool"], canary_name(cfg, args["pool"]))
+    pool = model_pool(cfg, cfg.canary, args["pool"], canary_name(cfg, args["pool"]))
+    # Serve's HAProxy ingress refuses a custom request router on an app's root deployment
+    # (HAProxy, not Serve's router, would pick its replicas), so the pool sits under a root
+    # that takes no traffic: the frontends route to the pool's deployment by name
+    return PoolRoot.options(name=canary_name(cfg, args["pool"]) + "-root").bind(pool)

@@ -160,3 +160,13 @@ class ModelReplica:
                 break
             await asyncio.sleep(0.1)
         core.stop()
+
+
+@serve.deployment(name="PoolRoot", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                  logging_config={"enable_access_log": False})
+class PoolRoot:
+    """The root of an app that is only a pool of model replicas (a rollout's canary): it
+    holds the pool's handle so that Serve deploys the pool with it, and serves nothing."""
+
+    def __init__(self, pool):
+        self.pool = pool
