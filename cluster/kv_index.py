@@ -42,7 +42,19 @@ def unpack(packed: bytes) -> frozenset[int]:
     return frozenset(a)
 
 
+_SHARED: dict[tuple, PoolIndex] = {}  # this process's indexes, by their arguments
+
+
 class PoolIndex:
+    @classmethod
+    def shared(cls, **kw) -> PoolIndex:
+        """The one index of this process with these arguments: a frontend's routers to
+        several deployments (a model's GPU and CPU pools, a canary) refresh one copy."""
+        key = tuple(sorted(kw.items()))
+        if key not in _SHARED:
+            _SHARED[key] = cls(**kw)
+        return _SHARED[key]
+
     def __init__(self, period_s: float = 1.0, blocks: int = 16384, prefix: str = NAME_PREFIX,
                  namespace: str = POOL_NAMESPACE):
         self.period_s, self.blocks = period_s, blocks

@@ -8,13 +8,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
 import ray
+from ray.serve._private.common import DeploymentHandleSource
 
 from cluster.kv_index import PoolIndex
 from cluster.kv_pool import POOL_NAMESPACE, PoolActor, PoolClient, start_pool
 from cluster.prefix_hash import prompt_digests
+from cluster.router import LoadAwareRouter
+from tests.test_hardening_units import DEP, replica
 from tests.test_kv_tier import A_BLOCKS, BLOCK_BYTES, BS, A, make, push_out, run, settle
 
 SALT = "tenant-a"
@@ -78,3 +82,35 @@ def test_index_follows_a_stores_lru_and_its_loss(ray_cluster, prefix):
     asyncio.run(index.refresh())
     time.sleep(1.1)
     assert refreshed(index).held(model.hex()) == frozenset()
+
+
+def test_the_router_sends_a_pool_held_prefix_to_the_less_loaded_replica(spilled, prefix):
+    """The holder has A's prefix in its cache and is busier than the other replica by 0.75
+    (within the margin, 1.0): without the index the router picks the holder; with it, the
+    other replica gets the request (it fetches the prefix from the pool)."""
+    key, _ = spilled
+    ours = prompt_digests(A, BS, SALT)
+    base = {"waiting": 0, "kv_used": 0, "kv_total": 100, "max_num_seqs": 32,
+            "kv_key": key.hex()}
+    holder = replica("holder", {**base, "running": 24, "prefix": ours})
+    idle = replica("idle", {**base, "running": 0, "prefix": []})
+    pending = SimpleNamespace(args=[SimpleNamespace(prompt_token_ids=A, cache_salt=SALT)])
+
+    async def picks(router: LoadAwareRouter) -> tuple[str, str]:
+        first = await router.choose_replicas([idle, holder], pending)
+        for _ in range(100):  # the index's first refresh, in the background
+            if router.index is None or router.index.held(key.hex()):
+                break
+            await asyncio.sleep(0.05)
+        then = await router.choose_replicas([idle, holder], pending)
+        return first[0][0].replica_id.unique_id, then[0][0].replica_id.unique_id
+
+    kw = dict(policy="prefix_aware", block_size=BS, prefix_margin=1.0)
+    blind = LoadAwareRouter(DEP, DeploymentHandleSource.UNKNOWN)
+    blind.initialize_state(**kw)
+    assert asyncio.run(picks(blind)) == ("holder", "holder")
+    router = LoadAwareRouter(DEP, DeploymentHandleSource.UNKNOWN)
+    router.initialize_state(**kw, pool_index={"period_s": 0.2, "prefix": prefix})
+    # first pick before any refresh: local caches only (no call on the routing path)
+    assert asyncio.run(picks(router)) == ("holder", "idle")
+    assert router.policy.pool_effect == "changed"
