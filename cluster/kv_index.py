@@ -17,6 +17,7 @@ A store that stops answering drops out of the index after MAX_AGE_PERIODS period
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import sys
@@ -81,6 +82,14 @@ class PoolIndex:
         """Starts the refresh loop on the running event loop (the router's), once."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Ends the refresh loop (on its event loop)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _run(self) -> None:
         while True:
