@@ -124,6 +124,11 @@ def test_host_tier_restores_evicted_blocks_with_recomputed_output(model_dir, ref
     assert run(engine, [A]) == [ref["A"]]
     push_out(engine)
     assert tier.saved >= A_BLOCKS and tier.hits["host"] == 0
+    # out of the device cache, still this replica's: its prefix summary for the routers
+    # has them (the router counts them as its own, not as the pool's)
+    engine._digests_at = -1.0  # the summary now rather than in 0.5 s
+    engine.publish()
+    assert set(prompt_digests(A, BS)[:A_BLOCKS]) <= set(engine.prefix_digests)
     hits = engine.blocks.prefix_hits
     assert run(engine, [A]) == [ref["A"]]
     assert tier.hits["host"] == A_BLOCKS and engine.blocks.prefix_hits == hits
