@@ -76,11 +76,12 @@ class ReplicaLoad:
             n += 1
         return n
 
-    def prefix_blocks(self, hashes: list[int]) -> tuple[int, int]:
+    def prefix_blocks(self, hashes: list[int], run: int | None = None) -> tuple[int, int]:
         """(blocks of the prompt's prefix this replica holds, blocks after those it would
         fetch from the pool), walked as its engine matches a prefix: its own cache first,
-        then each block from its cache or the pool, until one is in neither."""
-        local = self.cached_blocks(hashes)
+        then each block from its cache or the pool, until one is in neither. run: the
+        cached_blocks of these hashes, where known."""
+        local = self.cached_blocks(hashes) if run is None else run
         pooled = 0
         for h in hashes[local:]:
             if h in self.prefix:

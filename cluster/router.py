@@ -102,11 +102,18 @@ class PrefixAware(Policy):
         self.pool_effect = ""
         if not hashes:
             return by_load
-        blocks = [ld.prefix_blocks(hashes) for ld in loads]
+        runs = [ld.cached_blocks(hashes) for ld in loads]
+        if not self.pool_weight or not any(ld.pool for ld in loads):
+            return self._ranked(by_load, self._pick(loads, by_load, runs))
+        blocks = [ld.prefix_blocks(hashes, r) for ld, r in zip(loads, runs, strict=True)]
         first = self._pick(loads, by_load, [lo + self.pool_weight * po for lo, po in blocks])
-        if self.pool_weight and any(po for _, po in blocks):
-            blind = self._pick(loads, by_load, [ld.cached_blocks(hashes) for ld in loads])
+        if any(po for _, po in blocks):
+            blind = self._pick(loads, by_load, runs)
             self.pool_effect = "changed" if blind != first else "same"
+        return self._ranked(by_load, first)
+
+    @staticmethod
+    def _ranked(by_load: list[int], first: int) -> list[int]:
         return [first] + [i for i in by_load if i != first]
 
     def _pick(self, loads: list[ReplicaLoad], by_load: list[int], saved: list[float]) -> int:
