@@ -24,6 +24,9 @@ output other than the tiers-off run's), blocks restored per tier, and the fetch 
 measurements. The default model shape (`--shape small`: 6 layers, 384 wide, synthetic
 weights) computes slower than Ray returns its blocks; `--shape tiny` (the default
 checkpoint's shape) computes a block faster than a Ray round trip: there the rule recomputes.
+
+`--replicas 2`: engine core processes sharing the pool behind the load-aware router, with
+and without the cluster index (cluster/bench/kv_routing.py) instead of the three runs.
 """
 
 from __future__ import annotations
