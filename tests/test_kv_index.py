@@ -114,3 +114,23 @@ def test_the_router_sends_a_pool_held_prefix_to_the_less_loaded_replica(spilled,
     # first pick before any refresh: local caches only (no call on the routing path)
     assert asyncio.run(picks(router)) == ("holder", "idle")
     assert router.policy.pool_effect == "changed"
+
+
+def test_the_config_gives_the_router_its_index():
+    """`kv_pool:` turns the index on in every model pool's router, refreshed once per stats
+    period, with the configured weight; no pool or `index_blocks: 0`: none."""
+    from cluster.config import AppConfig
+    from deployments.app import routing
+
+    def kwargs(**args):
+        cfg = AppConfig.model_validate(args)
+        return routing(cfg, BS, "M")["request_router_config"].request_router_kwargs
+
+    on = kwargs(kv_pool={"index_blocks": 4096},
+                router={"stats_period_s": 0.5, "pool_block_weight": 0.25})
+    assert on["pool_index"] == {"period_s": 0.5, "blocks": 4096}
+    assert on["pool_block_weight"] == 0.25
+    assert kwargs()["pool_index"] is None
+    assert kwargs(kv_pool={"index_blocks": 0})["pool_index"] is None
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        AppConfig.model_validate({"router": {"pool_block_weight": 1.5}})
