@@ -68,7 +68,7 @@ class PoolIndex:
         self.by_model: dict[str, frozenset[int]] = {}  # the union over stores
         self.refreshed_at = -math.inf
         self._found_at = -math.inf
-        self._merged_of = 0  # how many stores by_model was merged from
+        self._merged_of: frozenset[str] = frozenset()  # the stores by_model was merged from
         self._task: asyncio.Task | None = None
 
     def held(self, model_key: str) -> frozenset[int]:
@@ -127,9 +127,9 @@ class PoolIndex:
         if now - self._found_at > FIND_EVERY_S:
             await asyncio.to_thread(self._find)
             self._found_at = now
-        stores = list(self.stores.values())
+        names, stores = frozenset(self.stores), list(self.stores.values())
         answers = await asyncio.gather(*(self._ask(s) for s in stores), return_exceptions=True)
-        changed = any(a is True for a in answers) or len(stores) != self._merged_of
+        changed = any(a is True for a in answers) or names != self._merged_of
         now = time.monotonic()
         for s in stores:  # a store that is gone or slow: its blocks stop counting, in time
             if s[2] and now - s[3] > self.max_age_s:
@@ -140,5 +140,5 @@ class PoolIndex:
                 for m, ds in s[2].items():
                     merged.setdefault(m, set()).update(ds)
             self.by_model = {m: frozenset(ds) for m, ds in merged.items()}
-        self._merged_of = len(stores)
+        self._merged_of = names
         self.refreshed_at = now
