@@ -137,6 +137,10 @@ class KVPoolConfig(Strict):
     max_fetch_wait_s: float = Field(1.0, gt=0, description="longest a request waits at "
                                     "admission for its blocks from the pool (it waits less "
                                     "when computing them is faster: see KV cache tiers)")
+    index_blocks: int = Field(16384, ge=0, le=1 << 20, description="newest blocks of each "
+                              "store the routers' cluster index reads (once per "
+                              "`router.stats_period_s`, 8 bytes a block, only when the "
+                              "store changed); 0: no index (routers see local caches only)")
 
 
 class Pool(Strict):
@@ -224,7 +228,12 @@ class RouterConfig(Strict):
     stats_period_s: float = Field(1.0, gt=0, description="how often replicas report their "
                                   "load (s)")
     prefix_margin: float = Field(1.0, ge=0, description="load-score lead the prefix holder "
-                                 "may have over the least loaded replica")
+                                 "may have over the least loaded replica (times the share "
+                                 "of its cached prefix the least loaded one lacks)")
+    pool_block_weight: float = Field(0.5, ge=0, le=1, description="with `kv_pool`: what a "
+                                     "block the pool holds counts for `prefix_aware`, "
+                                     "against 1 for a block in the replica's own cache (a "
+                                     "pool block costs a fetch); 0: the pool is not counted")
     kv_hot: float = Field(0.95, gt=0, le=1, description="KV use above which a replica gets "
                           "no new work while a cooler one exists")
     score_hot: float = Field(4.0, gt=0, description="load score above which a replica gets "

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from itertools import islice
 
 import ray
 
@@ -41,6 +42,11 @@ class KVPoolStore:
         self.hits = self.misses = self.puts = self.evicted = self.refused = 0
         self.fault: tuple[str, int] | None = None
         self.name = name
+        # bumped whenever what a summary shows may change (a block in or out, an LRU move):
+        # a router whose summary is of this version is answered None, not the same bytes.
+        # Starts at the clock, so a restarted store never repeats a version a router holds
+        self.version = time.time_ns()
+        self._summary: tuple[int, int, dict[bytes, bytes]] | None = None  # (version, n, it)
         self._metrics = None
         try:
             from ray.util import metrics
@@ -75,6 +81,7 @@ class KVPoolStore:
             self.bytes += len(blob)
             new += 1
         self.puts += new
+        self.version += 1
         self._gauges()
         return new
 
@@ -87,6 +94,8 @@ class KVPoolStore:
                 self.blocks.move_to_end(key)
             out.append(blob)
         found = sum(b is not None for b in out)
+        if found:
+            self.version += 1  # found ones moved to the newest end
         self.hits += found
         self.misses += len(out) - found
         if self._metrics is not None:
@@ -105,6 +114,22 @@ class KVPoolStore:
         return {"bytes": self.bytes, "blocks": len(self.blocks), "capacity": self.capacity,
                 "hits": self.hits, "misses": self.misses, "puts": self.puts,
                 "evicted": self.evicted, "refused": self.refused}
+
+    def summary(self, since: int = -1, limit: int = 16384) -> tuple[int, dict] | None:
+        """What the cluster index (cluster/kv_index.py) reads: the newest `limit` blocks'
+        short digests (the 8 bytes after the model key: prefix_hash.short_digest of the
+        chained digest, what routers compute from a prompt), packed little-endian per model
+        key. None when nothing changed since version `since`. One summary per version,
+        whichever router asks: the routers of every frontend share the work."""
+        if since == self.version:
+            return None
+        if self._summary is None or self._summary[:2] != (self.version, limit):
+            by_model: dict[bytes, list[bytes]] = {}
+            for key in islice(reversed(self.blocks), limit):  # newest first
+                by_model.setdefault(key[:16], []).append(key[16:24])
+            self._summary = (self.version, limit,
+                             {m: b"".join(ds) for m, ds in by_model.items()})
+        return self.version, self._summary[2]
 
     def inject_fault(self, after_blocks: int) -> None:
         """Tests only: the next get answers its blocks from `after_blocks` on cut in half (a

@@ -36,19 +36,23 @@ class ReplicaLoad:
     age_s: float = 0.0
     step_s: float = 0.0  # the replica's recent engine step time; 0: not known yet
     gpu_busy: float = 0.0  # the share of time its GPU was busy (NVML, 0-1); 0: no GPU
+    # digests of the blocks the cluster KV pool holds for this replica's model (its model
+    # key: cluster/kv_index.py), which it would fetch rather than compute
+    pool: frozenset = field(default_factory=frozenset)
 
     @classmethod
     def of(cls, stats: dict, in_flight: float = 0.0, prefix: frozenset = frozenset(),
-           age_s: float = 0.0) -> ReplicaLoad:
+           age_s: float = 0.0, pool: frozenset = frozenset()) -> ReplicaLoad:
         """age_s: how long ago the receiver got this report, by its own clock (the
         replica's clock may be skewed against the router's host)."""
         if not stats:
-            return cls(in_flight=in_flight)
+            return cls(in_flight=in_flight, pool=pool)
         return cls(stats.get("running", 0.0), stats.get("waiting", 0.0),
                    stats.get("waiting_tokens", 0.0),
                    stats.get("kv_used", 0.0) / max(1.0, stats.get("kv_total", 1.0)),
                    max(1.0, stats.get("max_num_seqs", 1.0)), in_flight, prefix,
-                   age_s, stats.get("step_s", 0.0), stats.get("gpu_util_perc", 0.0) / 100)
+                   age_s, stats.get("step_s", 0.0), stats.get("gpu_util_perc", 0.0) / 100,
+                   pool)
 
     def score(self) -> float:
         """Roughly 'how many batches of work are ahead of a new request' here."""
@@ -71,3 +75,19 @@ class ReplicaLoad:
                 break
             n += 1
         return n
+
+    def prefix_blocks(self, hashes: list[int], run: int | None = None) -> tuple[int, int]:
+        """(blocks of the prompt's prefix this replica holds, blocks after those it would
+        fetch from the pool), walked as its engine matches a prefix: its own cache first,
+        then each block from its cache or the pool, until one is in neither. run: the
+        cached_blocks of these hashes, where known."""
+        local = self.cached_blocks(hashes) if run is None else run
+        pooled = 0
+        for h in hashes[local:]:
+            if h in self.prefix:
+                local += 1
+            elif h in self.pool:
+                pooled += 1
+            else:
+                break
+        return local, pooled

@@ -22,6 +22,7 @@ import time
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from cluster import load
+from cluster.kv_index import PoolIndex
 from cluster.load import ReplicaLoad
 from cluster.prefix_hash import prompt_digests
 
@@ -75,28 +76,58 @@ class LeastLoad(Policy):
 
 
 class PrefixAware(Policy):
-    """The replica holding the longest cached prefix, unless its load exceeds the least
-    loaded replica's by more than `margin`; then least load."""
+    """The replica whose cached prefix saves the most prefill, unless its load exceeds the
+    least loaded replica's by more than `margin` times the share of that saving the least
+    loaded one would not get too; then least load. (Where the least loaded replica holds
+    none of the prompt, that share is 1: the plain margin.)
+
+    Blocks the cluster KV pool holds (cluster/kv_index.py) count for every replica of the
+    model, each `pool_weight` of a block in the replica's own cache: a replica fetches
+    them, where its own are free, and the fetch moves the block's bytes over the network
+    (over 25 Gbps about as slow as a GPU recomputes them: the engine may then recompute),
+    while the index is up to a stats period old (the store may have evicted the block). So
+    a prompt whose prefix sits in the pool gives its holder a smaller lead: load decides
+    sooner, and the replica chosen fetches the prefix."""
 
     name = "prefix_aware"
 
-    def __init__(self, margin: float):
-        self.margin = margin
+    def __init__(self, margin: float, pool_weight: float = 0.5):
+        self.margin, self.pool_weight = margin, pool_weight
+        # what the pool did to the last ranking: "" (held none of the prompt's blocks that a
+        # replica lacks), "same" (the pick local caches alone give) or "changed"
+        self.pool_effect = ""
 
     def rank(self, loads, hashes):
         by_load = LeastLoad().rank(loads, hashes)
+        self.pool_effect = ""
         if not hashes:
             return by_load
-        hits = [ld.cached_blocks(hashes) for ld in loads]
-        best = max(by_load, key=lambda i: hits[i])  # ties: the less loaded one
-        if hits[best] == 0 or loads[best].score() - loads[by_load[0]].score() > self.margin:
-            return by_load
-        return [best] + [i for i in by_load if i != best]
+        runs = [ld.cached_blocks(hashes) for ld in loads]
+        if not self.pool_weight or not any(ld.pool for ld in loads):
+            return self._ranked(by_load, self._pick(loads, by_load, runs))
+        blocks = [ld.prefix_blocks(hashes, r) for ld, r in zip(loads, runs, strict=True)]
+        first = self._pick(loads, by_load, [lo + self.pool_weight * po for lo, po in blocks])
+        if any(po for _, po in blocks):
+            blind = self._pick(loads, by_load, runs)
+            self.pool_effect = "changed" if blind != first else "same"
+        return self._ranked(by_load, first)
+
+    @staticmethod
+    def _ranked(by_load: list[int], first: int) -> list[int]:
+        return [first] + [i for i in by_load if i != first]
+
+    def _pick(self, loads: list[ReplicaLoad], by_load: list[int], saved: list[float]) -> int:
+        best, least = max(by_load, key=lambda i: saved[i]), by_load[0]  # ties: less loaded
+        lead = saved[best] - saved[least]
+        if lead <= 0 or (loads[best].score() - loads[least].score()
+                         > self.margin * lead / saved[best]):
+            return least
+        return best
 
 
-def make_policy(name: str, margin: float) -> Policy:
+def make_policy(name: str, margin: float, pool_weight: float = 0.5) -> Policy:
     policies = {"round_robin": RoundRobin, "power_of_two": PowerOfTwo, "least_load": LeastLoad}
-    return PrefixAware(margin) if name == "prefix_aware" else policies[name]()
+    return PrefixAware(margin, pool_weight) if name == "prefix_aware" else policies[name]()
 
 
 def order_replicas(policy: Policy, loads: list[ReplicaLoad], hashes: list[int],
@@ -124,8 +155,13 @@ class LoadAwareRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, policy: str = "prefix_aware", block_size: int = 16,
                          prefix_margin: float = 1.0, kv_hot: float = 0.95,
                          score_hot: float = 4.0, stale_after_s: float = 5.0,
-                         deployment: str = "", **_):
-        self.policy = make_policy(policy, prefix_margin)
+                         deployment: str = "", pool_block_weight: float = 0.5,
+                         pool_index: dict | None = None, **_):
+        """pool_index: PoolIndex's arguments where the cluster KV pool is on (None: off)."""
+        self.policy = make_policy(policy, prefix_margin, pool_block_weight)
+        # the pool's contents count only for prefix_aware, and a weight of 0 ignores them
+        self.index = PoolIndex.shared(**pool_index) if pool_index and pool_block_weight \
+            and policy == "prefix_aware" else None
         self.block_size = block_size
         self.kv_hot, self.score_hot, self.stale_s = kv_hot, score_hot, stale_after_s
         # replica id -> (the report last seen, when first seen by our clock, its prefix set)
@@ -159,12 +195,15 @@ class LoadAwareRouter(FIFOMixin, RequestRouter):
         age = now - first_seen if stats else 0.0
         queued = max(self.replica_queue_len_cache.get(r.replica_id) or 0,
                      load.IN_FLIGHT.get(r.replica_id.unique_id, 0))
-        return ReplicaLoad.of(stats, queued, prefix, age)
+        pool = self.index.held(stats.get("kv_key", "")) if self.index and stats else frozenset()
+        return ReplicaLoad.of(stats, queued, prefix, age, pool)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
                               ) -> list[list[RunningReplica]]:
         now = time.monotonic()
+        if self.index is not None:
+            self.index.start()  # its refresh loop, on this (the router's) event loop
         self._forget_gone(candidate_replicas)
         loads = [self.load_of(r, now) for r in candidate_replicas]
         req = pending_request.args[0] if pending_request and pending_request.args else None
@@ -178,10 +217,12 @@ class LoadAwareRouter(FIFOMixin, RequestRouter):
         if avoid and len(order) > 1:  # handed back or failed by those: anywhere else first
             away = [i for i in order if not avoid & _ids(candidate_replicas[i])]
             order = away + [i for i in order if i not in away]
-        self._record(candidate_replicas[order[0]], loads[order[0]], rebalanced)
+        self._record(candidate_replicas[order[0]], loads[order[0]], rebalanced,
+                     getattr(self.policy, "pool_effect", ""))
         return [[candidate_replicas[i]] for i in order]
 
-    def _record(self, replica: RunningReplica, load: ReplicaLoad, rebalanced: bool) -> None:
+    def _record(self, replica: RunningReplica, load: ReplicaLoad, rebalanced: bool,
+                pool_effect: str = "") -> None:
         from ray.util import metrics
 
         if self.metrics is None:
@@ -191,10 +232,16 @@ class LoadAwareRouter(FIFOMixin, RequestRouter):
                 metrics.Counter("tandem_router_reroutes",
                                 "Decisions that passed over a hot replica", tag_keys=("policy",)),
                 metrics.Gauge("tandem_router_load_score", "Load score of the chosen replica",
-                              tag_keys=("replica",)))
-        decisions, reroutes, score = self.metrics
+                              tag_keys=("replica",)),
+                metrics.Counter("tandem_router_pool_decisions",
+                                "Decisions where the KV pool held blocks of the prompt that a "
+                                "replica lacks; effect: changed (another pick than local "
+                                "caches alone give) or same", tag_keys=("policy", "effect")))
+        decisions, reroutes, score, pooled = self.metrics
         rid = replica.replica_id.unique_id
         decisions.inc(tags={"policy": self.policy.name, "replica": rid})
         score.set(load.score(), tags={"replica": rid})
         if rebalanced:
             reroutes.inc(tags={"policy": self.policy.name})
+        if pool_effect:
+            pooled.inc(tags={"policy": self.policy.name, "effect": pool_effect})

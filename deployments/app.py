@@ -82,6 +82,13 @@ def sizing(pool: Pool, drain_s: float) -> dict:
                            "policy_kwargs": a.model_dump()}}}
 
 
+def pool_index(cfg: AppConfig) -> dict | None:
+    """The routers' cluster index of the KV pool (cluster/kv_index.py); None: no pool."""
+    if cfg.kv_pool is None or not cfg.kv_pool.index_blocks:
+        return None
+    return {"period_s": cfg.router.stats_period_s, "blocks": cfg.kv_pool.index_blocks}
+
+
 def routing(cfg: AppConfig, block_size: int, deployment: str) -> dict:
     """The load-aware router of one pool's handles (none: Serve's own)."""
     r = cfg.router
@@ -93,7 +100,8 @@ def routing(cfg: AppConfig, block_size: int, deployment: str) -> dict:
             "policy": r.hybrid.replica_policy if r.policy == "hybrid" else r.policy,
             "block_size": block_size, "prefix_margin": r.prefix_margin,
             "kv_hot": r.kv_hot, "score_hot": r.score_hot, "stale_after_s": r.stale_after_s,
-            "deployment": deployment},
+            "deployment": deployment, "pool_block_weight": r.pool_block_weight,
+            "pool_index": pool_index(cfg)},
         request_routing_stats_period_s=r.stats_period_s)}
 
 

@@ -125,6 +125,7 @@ class ModelReplica:
     def record_routing_stats(self) -> dict:
         s = self.core.stats
         return {**self._load_report(), "prefix": s.get("prefix", []),
+                "kv_key": s.get("kv_key", ""),  # the model key of its pool blocks, if any
                 "requests": s.get("requests", 0), "moved": s.get("moved", 0),
                 "rank": self.rank, "core_rss_mb": rss_mb(self.core.pid),
                 # this actor and its engine core process together

@@ -6,6 +6,7 @@ actors on the session cluster's Kunpeng nodes."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import time
@@ -19,7 +20,7 @@ from cluster.config import AppConfig, EngineConfig, KVPoolConfig, ModelConfig
 from cluster.engine.engine import LLMEngine
 from cluster.engine.sequence import SamplingParams
 from cluster.kv_pool import NAME_PREFIX, POOL_NAMESPACE, PoolActor, PoolClient, start_pool
-from cluster.prefix_hash import block_hash, salt_digest
+from cluster.prefix_hash import block_hash, prompt_digests, salt_digest
 
 BS = 16
 BLOCK_BYTES = 2 * 4 * BS * 4 * 32 * 4  # the default model: 4 layers, 4 KV heads of 32, fp32
@@ -123,6 +124,11 @@ def test_host_tier_restores_evicted_blocks_with_recomputed_output(model_dir, ref
     assert run(engine, [A]) == [ref["A"]]
     push_out(engine)
     assert tier.saved >= A_BLOCKS and tier.hits["host"] == 0
+    # out of the device cache, still this replica's: its prefix summary for the routers
+    # has them (the router counts them as its own, not as the pool's)
+    engine._digests_at = -1.0  # the summary now rather than in 0.5 s
+    engine.publish()
+    assert set(prompt_digests(A, BS)[:A_BLOCKS]) <= set(engine.prefix_digests)
     hits = engine.blocks.prefix_hits
     assert run(engine, [A]) == [ref["A"]]
     assert tier.hits["host"] == A_BLOCKS and engine.blocks.prefix_hits == hits
@@ -256,6 +262,14 @@ def test_engine_cores_share_blocks_through_the_pool(model_dir, ref, ray_cluster)
         while (cores[1].stats.get("kv_tier") or {}).get("pool_hits", 0) < A_BLOCKS:
             assert time.monotonic() < deadline, cores[1].stats.get("kv_tier")
             time.sleep(0.2)
+        # a core's report names the model key of its pool blocks: the routers' index of
+        # the pool (cluster/kv_index.py) has the prompt's digests under it
+        from cluster.kv_index import PoolIndex
+
+        index = PoolIndex()
+        asyncio.run(index.refresh())
+        key = cores[0].stats["kv_key"]
+        assert key and set(prompt_digests(A, BS)[:A_BLOCKS]) <= index.held(key)
     finally:
         for core in cores:
             core.stop()

@@ -81,6 +81,64 @@ def test_prefix_match_is_a_prefix_not_any_block():
     assert ReplicaLoad(prefix=frozenset(hashes[:2])).cached_blocks(hashes) == 2
 
 
+HASHES = prompt_digests(list(range(128)), 16)  # an 8-block prompt
+
+
+def test_a_prefix_in_the_pool_lets_load_decide():
+    """The holder of the whole prefix is 0.75 load-score busier than an idle replica: within
+    the margin (1.0) it wins on its cache alone; with the prefix in the pool too, the idle
+    replica would fetch it, the holder's lead halves (a pool block counts 0.5) and so does
+    the margin it may use: the idle replica wins. Without pool info the pick is the holder:
+    this test fails if the pool is not counted."""
+    holder = ReplicaLoad(running=24, max_num_seqs=32, prefix=frozenset(HASHES))
+    policy = PrefixAware(margin=1.0, pool_weight=0.5)
+    assert policy.rank([IDLE, holder], HASHES)[0] == 1 and policy.pool_effect == ""
+    pool = frozenset(HASHES)
+    in_pool = [ReplicaLoad(max_num_seqs=32, pool=pool),
+               ReplicaLoad(running=24, max_num_seqs=32, prefix=frozenset(HASHES), pool=pool)]
+    assert policy.rank(in_pool, HASHES)[0] == 0 and policy.pool_effect == "changed"
+    # a pool block weighed like a local one (1.0): no lead at all, the same pick
+    assert PrefixAware(1.0, pool_weight=1.0).rank(in_pool, HASHES)[0] == 0
+    # weighed 0: the pool is not counted, the holder keeps the request
+    ignore = PrefixAware(1.0, pool_weight=0.0)
+    assert ignore.rank(in_pool, HASHES)[0] == 1 and ignore.pool_effect == ""
+    # a holder hardly busier (0.25) still wins: its own blocks cost no fetch
+    near = [in_pool[0], ReplicaLoad(running=8, max_num_seqs=32, prefix=frozenset(HASHES),
+                                    pool=pool)]
+    assert policy.rank(near, HASHES)[0] == 1 and policy.pool_effect == "same"
+
+
+def test_pool_blocks_extend_a_local_prefix():
+    """The pool holds blocks 2-7: a replica with blocks 0-1 cached gets the whole prompt
+    (2 local + 6 fetched, worth 5 blocks), more than one with 0-2 cached and nothing after
+    (3): it wins at equal load, where local caches alone would pick the other."""
+    pool = frozenset(HASHES[2:])
+    three = ReplicaLoad(max_num_seqs=32, prefix=frozenset(HASHES[:3]), pool=pool)
+    two = ReplicaLoad(max_num_seqs=32, prefix=frozenset(HASHES[:2]), pool=pool)
+    assert three.prefix_blocks(HASHES) == (3, 5)  # block 2 is local there, 3-7 fetched
+    assert two.prefix_blocks(HASHES) == (2, 6)
+    assert ReplicaLoad(pool=pool).prefix_blocks(HASHES) == (0, 0)  # block 0 nowhere
+    gap = ReplicaLoad(prefix=frozenset(HASHES[:2] + HASHES[4:]), pool=frozenset(HASHES[2:3]))
+    assert gap.prefix_blocks(HASHES) == (2, 1)  # block 3 in neither: the chain ends there
+    local_only = [ReplicaLoad(max_num_seqs=32, prefix=three.prefix),
+                  ReplicaLoad(max_num_seqs=32, prefix=two.prefix)]
+    assert PrefixAware(1.0).rank(local_only, HASHES)[0] == 0
+    policy = PrefixAware(1.0, pool_weight=0.5)
+    assert policy.rank([three, two], HASHES)[0] == 0  # 3 + 0.5 x 5 = 5.5 against 5
+    three_short = ReplicaLoad(max_num_seqs=32, prefix=three.prefix)  # its model's pool: none
+    assert policy.rank([three_short, two], HASHES)[0] == 1 and policy.pool_effect == "changed"
+
+
+def test_a_prompt_wholly_in_the_pool_goes_by_load():
+    """No replica holds any of it: every one would fetch the same blocks, so load decides
+    (as with nothing cached anywhere), and the pool's blocks were there but changed
+    nothing."""
+    pool = frozenset(HASHES)
+    loads = [ReplicaLoad(running=n, max_num_seqs=32, pool=pool) for n in (6, 1, 3)]
+    policy = PrefixAware(1.0, pool_weight=0.5)
+    assert policy.rank(loads, HASHES)[0] == 1 and policy.pool_effect == "same"
+
+
 def test_hot_replicas_get_no_new_work_and_stale_rank_last():
     hot = busy(1, kv=0.97)
     stale = ReplicaLoad(max_num_seqs=32, age_s=30)

@@ -24,6 +24,9 @@ output other than the tiers-off run's), blocks restored per tier, and the fetch 
 measurements. The default model shape (`--shape small`: 6 layers, 384 wide, synthetic
 weights) computes slower than Ray returns its blocks; `--shape tiny` (the default
 checkpoint's shape) computes a block faster than a Ray round trip: there the rule recomputes.
+
+`--replicas 2`: engine core processes sharing the pool behind the load-aware router, with
+and without the cluster index (cluster/bench/kv_routing.py) instead of the three runs.
 """
 
 from __future__ import annotations
@@ -91,6 +94,76 @@ def chain(tokens: list[int], bs: int) -> list[bytes]:
     return out
 
 
+class Chat:
+    """The multi-turn workload as it runs: which conversations may send their next turn,
+    each one's history, the blocks earlier requests held (what makes a prompt's tokens
+    reusable), and each request's figures, for either driver (one engine, or several
+    behind the router: cluster/bench/kv_routing.py)."""
+
+    def __init__(self, system, users, bs: int, seed: int, reference=None):
+        self.users, self.bs, self.reference = users, bs, reference
+        self.rng = random.Random(seed + 1)
+        self.history = [list(system) for _ in users]
+        self.turn = [0] * len(users)
+        self.ready = set(range(len(users)))
+        self.seen: set[bytes] = set()
+        self.active: dict[str, tuple[int, float, list[int]]] = {}  # rid -> (conv, at, prompt)
+        self.outs: dict[str, list[int]] = {}
+        self.outputs: dict[str, list[int]] = {}
+        self.ttfts: list[float] = []
+        self.prompt_tok = self.cached = self.reusable = self.failed = self.out_tok = 0
+
+    def send(self) -> tuple[str, list[int]]:
+        """The next turn of a conversation picked at random among the ready ones."""
+        c = self.rng.choice(sorted(self.ready))
+        self.ready.discard(c)
+        prompt = self.history[c] + self.users[c][self.turn[c]]
+        rid = f"c{c}-t{self.turn[c]}"
+        hashes = chain(prompt, self.bs)[: (len(prompt) - 1) // self.bs]
+        n = 0
+        while n < len(hashes) and hashes[n] in self.seen:
+            n += 1
+        self.reusable += n * self.bs
+        self.active[rid] = (c, time.perf_counter(), prompt)
+        self.outs[rid] = []
+        return rid, prompt
+
+    def tokens(self, rid: str, ids: list[int], now: float) -> None:
+        if ids and not self.outs[rid]:
+            self.ttfts.append(now - self.active[rid][1])
+        self.outs[rid] += ids
+
+    def finish(self, rid: str, cached_tokens: int, error: bool) -> None:
+        c, _, prompt = self.active.pop(rid)
+        out = self.outs[rid]
+        self.prompt_tok += len(prompt)
+        self.cached += cached_tokens
+        self.out_tok += len(out)
+        self.outputs[rid] = out
+        if error or (self.reference is not None and self.reference.get(rid) != out):
+            self.failed += 1
+        self.seen.update(chain(prompt + out[:-1], self.bs))  # the last token's KV: never made
+        self.history[c] = prompt + out
+        self.turn[c] += 1
+        if self.turn[c] < len(self.users[c]):
+            self.ready.add(c)
+
+    def result(self, wall: float) -> dict:
+        return {
+            "prefix_hit_rate": round(self.cached / max(1, self.prompt_tok), 4),
+            "reusable_tokens": self.reusable,
+            "reusable_served": round(min(self.cached, self.reusable) / max(1, self.reusable),
+                                     4),
+            "prompt_tokens": self.prompt_tok,
+            "prefill_tokens_computed": self.prompt_tok - self.cached,
+            "ttft_ms_p50": round(float(np.percentile(self.ttfts, 50)) * 1000, 1),
+            "ttft_ms_p99": round(float(np.percentile(self.ttfts, 99)) * 1000, 1),
+            "output_tok_s": round(self.out_tok / wall, 1),
+            "requests": len(self.outputs),
+            "requests_failed": self.failed,
+            "wall_s": round(wall, 2)}
+
+
 def run(args, model_dir: str, system, users, host_bytes: int, pool, reference=None) -> dict:
     from cluster.config import EngineConfig
     from cluster.engine.engine import LLMEngine
@@ -105,68 +178,20 @@ def run(args, model_dir: str, system, users, host_bytes: int, pool, reference=No
                        kv_host_tier_bytes=host_bytes)
     engine = LLMEngine(model_dir, cfg, weights="synthetic:0", kv_pool=pool)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    rng = random.Random(args.seed + 1)
-    history = [list(system) for _ in users]
-    turn = [0] * len(users)
-    ready = set(range(len(users)))
-    seen: set[bytes] = set()
-    active: dict[str, tuple[int, float, list[int]]] = {}  # rid -> (conv, added at, prompt)
-    first: dict[str, float] = {}
-    outs: dict[str, list[int]] = {}
-    ttfts, prompt_tok, cached, reusable, failed, out_tok = [], 0, 0, 0, 0, 0
-    outputs: dict[str, list[int]] = {}
+    chat = Chat(system, users, bs, args.seed, reference)
     t0 = time.perf_counter()
-    while ready or active:
-        while ready and len(active) < args.in_flight:
-            c = rng.choice(sorted(ready))
-            ready.discard(c)
-            prompt = history[c] + users[c][turn[c]]
-            rid = f"c{c}-t{turn[c]}"
-            hashes = chain(prompt, bs)[: (len(prompt) - 1) // bs]
-            n = 0
-            while n < len(hashes) and hashes[n] in seen:
-                n += 1
-            reusable += n * bs
-            active[rid] = (c, time.perf_counter(), prompt)
-            outs[rid] = []
+    while chat.ready or chat.active:
+        while chat.ready and len(chat.active) < args.in_flight:
+            rid, prompt = chat.send()
             engine.add_request(rid, prompt, params)
         for o in engine.step():
-            now = time.perf_counter()
-            c, added, prompt = active[o.request_id]
-            if o.new_token_ids and o.request_id not in first:
-                first[o.request_id] = now
-                ttfts.append(now - added)
-            outs[o.request_id] += o.new_token_ids
-            if o.finish_reason is None:
-                continue
-            del active[o.request_id]
-            out = outs[o.request_id]
-            prompt_tok += len(prompt)
-            cached += o.num_cached_tokens
-            out_tok += len(out)
-            outputs[o.request_id] = out
-            if o.finish_reason == "error" or (reference is not None and
-                                              reference[o.request_id] != out):
-                failed += 1
-            seen.update(chain(prompt + out[:-1], bs))  # the last token's KV is never made
-            history[c] = prompt + out
-            turn[c] += 1
-            if turn[c] < args.turns:
-                ready.add(c)
+            chat.tokens(o.request_id, o.new_token_ids, time.perf_counter())
+            if o.finish_reason is not None:
+                chat.finish(o.request_id, o.num_cached_tokens, o.finish_reason == "error")
     wall = time.perf_counter() - t0
     tier = engine.blocks.tier.stats() if engine.blocks.tier is not None else {}
     result = {
-        "prefix_hit_rate": round(cached / max(1, prompt_tok), 4),
-        "reusable_tokens": reusable,
-        "reusable_served": round(min(cached, reusable) / max(1, reusable), 4),
-        "prompt_tokens": prompt_tok,
-        "prefill_tokens_computed": prompt_tok - cached,
-        "ttft_ms_p50": round(float(np.percentile(ttfts, 50)) * 1000, 1),
-        "ttft_ms_p99": round(float(np.percentile(ttfts, 99)) * 1000, 1),
-        "output_tok_s": round(out_tok / wall, 1),
-        "requests": len(outputs),
-        "requests_failed": failed,
-        "wall_s": round(wall, 2),
+        **chat.result(wall),
         "preemptions": engine.scheduler.num_preemptions,  # their recompute is not counted
         "device_hit_blocks": engine.blocks.prefix_hits,
         "host_hit_blocks": tier.get("host_hits", 0),
@@ -179,7 +204,7 @@ def run(args, model_dir: str, system, users, host_bytes: int, pool, reference=No
         result["fetch_bw_mb_s"] = round(tier["fetch_bw_bytes_s"] / 1e6, 1)
         result["fetch_latency_ms"] = round(tier["fetch_latency_s"] * 1000, 2)
         result["prefill_tok_s"] = round(tier["prefill_tok_s"], 1)
-    result["_outputs"] = outputs
+    result["_outputs"] = chat.outputs
     return result
 
 
@@ -197,6 +222,9 @@ def main(argv=None) -> int:
     p.add_argument("--in-flight", type=int, default=4, help="requests sent and not answered "
                    "(beyond the batch they queue in the engine)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-share", type=float, default=0.1,
+                   help="the engine's device cache, as a share of the working set (at least "
+                   "room for its batch's longest prompts)")
     p.add_argument("--host-share", type=float, default=0.125,
                    help="the host tier's size, as a share of the working set")
     p.add_argument("--shape", choices=sorted(SHAPES) + list(GPU_SHAPES), default="small",
@@ -206,6 +234,12 @@ def main(argv=None) -> int:
                    help="the engine's max_num_batched_tokens (prefill chunk of a step)")
     p.add_argument("--no-pool", action="store_true", help="tiers off and host tier only")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the engine")
+    p.add_argument("--replicas", type=int, default=1, help="2 or more: engine cores behind "
+                   "the load-aware router, sharing the pool, `--in-flight` requests each; "
+                   "two runs, the router counting local caches only and counting the "
+                   "pool's blocks (cluster/bench/kv_routing.py)")
+    p.add_argument("--prefix-margin", type=float, default=1.0, help="with --replicas")
+    p.add_argument("--pool-block-weight", type=float, default=0.5, help="with --replicas")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -221,7 +255,8 @@ def main(argv=None) -> int:
     args.max_len = -(-final // bs) * bs + bs
     ws_blocks = args.conversations * -(-final // bs)
     # a tenth of the working set, but room for the running requests' longest prompts
-    args.kv_blocks = max(ws_blocks // 10, args.concurrency * args.max_len // bs + 1)
+    args.kv_blocks = max(int(args.kv_share * ws_blocks),
+                         args.concurrency * args.max_len // bs + 1)
     model_dir = model_folder(args.shape, args.max_len)
     system, users = workload(args)
 
@@ -238,6 +273,9 @@ def main(argv=None) -> int:
     # a Ray of its own ("local"), never another cluster running on this machine
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              logging_level="WARNING")
+    if args.replicas > 1:
+        return routed_main(args, model_dir, system, users, host_bytes, ws_blocks,
+                           block_bytes)
     actors = [] if args.no_pool else start_pool(
         2 * ws_blocks * (block_bytes + 64), {}, prefix="kv-tier-bench-", detached=False)
     ray.get([a.stats.remote() for a in actors])  # started before the clock runs
@@ -281,6 +319,45 @@ def main(argv=None) -> int:
         print(f"{'run':16}" + "".join(f"{k:>24}" for k in keys))
         for name, r in runs.items():
             print(f"{name:16}" + "".join(f"{r[k]!s:>24}" for k in keys))
+        print(f"summary: {summary}")
+    return 0
+
+
+def routed_main(args, model_dir, system, users, host_bytes, ws_blocks, block_bytes) -> int:
+    import ray
+
+    from cluster.bench.kv_routing import compare
+
+    if args.device != "cpu" or args.shape in GPU_SHAPES:
+        raise SystemExit("--replicas runs CPU engine cores")
+    args.in_flight *= args.replicas
+    args.pool_bytes = max(1 << 20, 2 * ws_blocks * (block_bytes + 64))
+    try:
+        runs = compare(args, model_dir, system, users, host_bytes)
+    finally:
+        ray.shutdown()
+    for r in runs.values():
+        r.pop("_outputs")
+    blind, indexed = runs.values()
+    setup = {"shape": args.shape, "replicas": args.replicas, "conversations":
+             args.conversations, "turns": args.turns, "concurrency": args.concurrency,
+             "in_flight": args.in_flight, "block_size": args.block_size,
+             "working_set_blocks": ws_blocks, "engine_kv_blocks": args.kv_blocks,
+             "host_tier_blocks": host_bytes // block_bytes,
+             "prefix_margin": args.prefix_margin, "pool_block_weight": args.pool_block_weight}
+    summary = {"ttft_p50_change": round(indexed["ttft_ms_p50"] / max(1e-9, blind["ttft_ms_p50"])
+                                        - 1, 3),
+               "ttft_p99_change": round(indexed["ttft_ms_p99"] / max(1e-9, blind["ttft_ms_p99"])
+                                        - 1, 3),
+               "prefill_computed_ratio": round(indexed["prefill_tokens_computed"] /
+                                               max(1, blind["prefill_tokens_computed"]), 3)}
+    report = {"setup": setup, "runs": runs, "summary": summary}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"setup: {setup}")
+        for name, r in runs.items():
+            print(f"{name}: {r}")
         print(f"summary: {summary}")
     return 0
 

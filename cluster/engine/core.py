@@ -282,7 +282,11 @@ class EngineCore:
                 "ttft_p95_ms": recent[int(0.95 * (len(recent) - 1))] * 1000 if recent else 0.0,
                 "idle_gaps": gaps, "obs": obs, "failure": self.failure, "pid": os.getpid(),
                 "device": str(eng.device),
-                "kv_tier": eng.blocks.tier.stats() if eng.blocks.tier is not None else None}
+                "kv_tier": eng.blocks.tier.stats() if eng.blocks.tier is not None else None,
+                # which of the pool's blocks this engine can fetch: the routers' index is by
+                # model key (cluster/kv_index.py)
+                "kv_key": eng.blocks.tier.key.hex() if eng.blocks.tier is not None
+                and eng.blocks.tier.pool is not None else ""}
 
     def _die(self, why: str) -> None:
         self.failure = why

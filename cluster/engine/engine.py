@@ -457,7 +457,12 @@ class LLMEngine:
         self.snapshot = self.stats()
         if self.snapshot.at - self._digests_at >= self.PREFIX_DIGESTS_EVERY_S:
             self._digests_at = self.snapshot.at
-            self.prefix_digests = tuple(self.blocks.cached_digests(PREFIX_SUMMARY_BLOCKS))
+            digests = self.blocks.cached_digests(PREFIX_SUMMARY_BLOCKS)
+            if self.blocks.tier is not None:
+                # the host tier's blocks are this replica's too: a copy back, never a
+                # recompute or a fetch over the network (the routers weigh those less)
+                digests += self.blocks.tier.host_digests(PREFIX_SUMMARY_BLOCKS)
+            self.prefix_digests = tuple(digests)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Offline helper: runs prompts to completion, returns the output token ids."""

@@ -40,12 +40,13 @@ import time
 import warnings
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from cluster.prefix_hash import block_hash, salt_digest
+from cluster.prefix_hash import block_hash, salt_digest, short_digest
 
 if TYPE_CHECKING:
     from cluster.engine.block_manager import BlockManager
@@ -233,6 +234,11 @@ class KVTier:
         ev = self.events.pop(slot, None)
         if ev is not None:
             ev.synchronize()
+
+    def host_digests(self, n: int) -> list[int]:
+        """Short digests of the n blocks tier 1 holds that were used most recently (for the
+        routers' prefix summary; call on the engine's thread)."""
+        return [short_digest(h) for h in islice(reversed(self.host.slots), n)]
 
     # ---- tier 2: spill, prefetch, collect
 
