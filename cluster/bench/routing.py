@@ -102,13 +102,14 @@ def replica_requests() -> dict[int, int]:
 def decision_time(n_replicas: int = 64, prompt_tokens: int = 2048, rounds: int = 2000) -> dict:
     """Microseconds per routing decision as the router makes it: loads of n replicas (each
     reporting a full prefix summary), the prompt's block hashes, then the policy's order."""
-    from cluster.load import PREFIX_SUMMARY_BLOCKS, ReplicaLoad, prompt_hashes
+    from cluster.load import PREFIX_SUMMARY_BLOCKS, ReplicaLoad
+    from cluster.prefix_hash import prompt_digests
     from cluster.router import make_policy, order_replicas
 
     rng = random.Random(0)
     now = time.time()
     prompt = [rng.randrange(32000) for _ in range(prompt_tokens)]
-    shared = prompt_hashes(prompt, 16)
+    shared = prompt_digests(prompt, 16)
     stats, prefixes = [], []
     for i in range(n_replicas):
         own = [rng.getrandbits(63) for _ in range(PREFIX_SUMMARY_BLOCKS - 64)]
@@ -122,8 +123,8 @@ def decision_time(n_replicas: int = 64, prompt_tokens: int = 2048, rounds: int =
         times = []
         for _ in range(rounds):
             t0 = time.perf_counter()
-            loads = [ReplicaLoad.of(s, 0, p, now) for s, p in zip(stats, prefixes, strict=True)]
-            hashes = prompt_hashes(prompt, 16) if name == "prefix_aware" else []
+            loads = [ReplicaLoad.of(s, 0, p, 0.0) for s, p in zip(stats, prefixes, strict=True)]
+            hashes = prompt_digests(prompt, 16) if name == "prefix_aware" else []
             order_replicas(policy, loads, hashes, 0.95, 4.0, 5.0)
             times.append(time.perf_counter() - t0)
         out[name] = {"us_p50": float(np.percentile(times, 50)) * 1e6,
