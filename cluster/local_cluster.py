@@ -39,7 +39,11 @@ class LocalClusterSpec:
 # second local cluster on this machine (a benchmark beside the test cluster) would fail to
 # start its HAProxy, so each cluster takes free ones unless the user set them
 HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_METRICS_PORT": 9101, "RAY_SERVE_HAPROXY_STATS_PORT": 8404}
-USER_SET = frozenset(v for v in HAPROXY_PORTS if v in os.environ)
+# ports a local cluster picked travel in the environment to its children (a benchmark run
+# from a test), which must pick their own, not take them for the user's
+PICKED = "TANDEM_HAPROXY_PORTS_PICKED"
+USER_SET = frozenset(v for v in HAPROXY_PORTS if v in os.environ
+                     and v not in os.environ.get(PICKED, "").split(","))
 
 
 def use_token_auth() -> str:
@@ -82,6 +86,7 @@ def start(spec: LocalClusterSpec | None = None):
     for var, port in HAPROXY_PORTS.items():
         if var not in USER_SET:
             os.environ[var] = str(free_port(port))
+    os.environ[PICKED] = ",".join(v for v in HAPROXY_PORTS if v not in USER_SET)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": spec.head_cpus, "labels": dict(HEAD_LABELS),
         "include_dashboard": spec.dashboard, "dashboard_port": free_port(spec.dashboard_port)})
