@@ -35,6 +35,17 @@ class Answer:
 
 async def ask(client: httpx.AsyncClient, url: str, stream: bool, max_tokens: int,
               prompt: str = "Tell me about the cluster") -> Answer:
+    try:
+        return await _ask(client, url, stream, max_tokens, prompt)
+    except httpx.RemoteProtocolError as err:
+        # HAProxy (the default ingress) closes the connection of a request whose frontend
+        # died before answering it, where Serve's proxy answered a 500: a failure the client
+        # sees at once, with no response (status 0)
+        return Answer(0, error={"message": f"connection closed: {err}"})
+
+
+async def _ask(client: httpx.AsyncClient, url: str, stream: bool, max_tokens: int,
+               prompt: str) -> Answer:
     body = {"model": "tandem-tiny", "prompt": prompt, "max_tokens": max_tokens,
             "ignore_eos": True, "temperature": 0.0, "stream": stream}
     if not stream:
