@@ -163,3 +163,24 @@ def test_serving_benchmark_with_client_processes_and_node_metrics(app_url, tmp_p
     assert rc == 0 and res["requests"] == 12 and res["errors"] == 0
     assert res["output_tok_s"] > 0 and res["ttft_ms"]["p99"] >= res["ttft_ms"]["p50"] > 0
     assert 0 < res["utilization"]["cpu_util_perc"]["mean"] <= 100
+    # the engine's own histograms over the run, beside the client's view: every request of
+    # the run reached an engine, and its TTFT there is within what the client saw
+    engine = res["engine"]["engine_ttft_ms"]
+    assert engine["count"] >= 12
+    assert engine["p50_le"] is not None and engine["p99_le"] >= engine["p50_le"]
+    assert res["engine"]["engine_queue_ms"]["count"] >= 12
+    assert res["client"]["processes"] == 2 and res["client"]["library"].startswith("aiohttp")
+
+
+def test_engine_histogram_quantiles_are_the_bounds_of_their_buckets():
+    """What the serving benchmark reports of the engine's histograms: only the observations
+    between two readings count, and a quantile is the upper bound of its bucket."""
+    from cluster.bench.serve import bucket_quantiles
+
+    inf = float("inf")
+    before = {0.05: 2, 0.1: 2, 1.0: 3, inf: 3}
+    # 100 new: 50 under 50 ms, 40 in (50, 100] ms, 9 in (0.1, 1] s, 1 above
+    after = {0.05: 52, 0.1: 92, 1.0: 102, inf: 103}
+    assert bucket_quantiles(before, after) == {"count": 100, "p50_le": 50.0, "p90_le": 100.0,
+                                               "p99_le": 1000.0}
+    assert bucket_quantiles(after, after)["p50_le"] is None  # nothing new: no quantile

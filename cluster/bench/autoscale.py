@@ -22,10 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
 from cluster.bench.progress import progress
-from cluster.bench.serve import make_prompts, one
+from cluster.bench.serve import make_prompts, one, session
 
 RAMP = Path(__file__).resolve().parents[2] / "deployments" / "autoscaling" / "ramp.yaml"
 POOLS = {"model": "ModelReplica", "frontend": "Ingress"}
@@ -89,7 +87,7 @@ async def drive(url: str, model: str, concurrency: int, until, max_s: float, ram
     deadline = time.monotonic() + max_s
     load[0] = concurrency
 
-    async with httpx.AsyncClient(timeout=120) as client:
+    async with session(concurrency, 120) as client:
         async def worker(w: int) -> None:
             i = w
             while time.monotonic() < deadline and not until():

@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 
 from cluster.bench.progress import note, progress, stdout_to_stderr
-from cluster.bench.serve import one
+from cluster.bench.serve import one, session
 
 MODEL = "tandem-tiny"
 
@@ -54,14 +54,13 @@ async def ramp(url: str, steps: list[int], step_s: float, prompts: list[list[int
     """Closed loop: at step k, steps[k] clients each send a request as soon as their last one
     ended. Returns each step's requests (by start time)."""
     out: list[list[dict]] = [[] for _ in steps]
-    limits = httpx.Limits(max_connections=max(steps) + 8)
     start = time.perf_counter()
     ends = np.cumsum([step_s] * len(steps)) + start
 
     def step_at(t: float) -> int:
         return int(np.searchsorted(ends, t, side="right"))
 
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    async with session(max(steps), 120) as client:
         with progress(desc=desc, unit="req") as bar:
             async def client_loop(k: int, i: int) -> None:  # client i joins at step k
                 n = 0

@@ -23,12 +23,13 @@ import os
 import sys
 import time
 
+import aiohttp
 import httpx
 import numpy as np
 
 from cluster.bench.progress import progress, stdout_to_stderr
 from cluster.bench.serve import one as serve_one
-from cluster.bench.serve import pcts
+from cluster.bench.serve import pcts, session
 
 
 def workload(n: int, in_len: int, out_len: int, vocab: int, seed: int) -> list[list[int]]:
@@ -73,7 +74,7 @@ def offline(cfg, prompts: list[list[int]], out_len: int, concurrency: int) -> di
             "tpot_ms": pcts(tpot)}
 
 
-async def one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int],
+async def one(client: aiohttp.ClientSession, url: str, model: str, prompt: list[int],
               max_tokens: int, extra: dict | None = None) -> dict:
     r = await serve_one(client, url, model, prompt, max_tokens, None,
                         {"temperature": 0.0, **(extra or {})})
@@ -87,8 +88,7 @@ async def served(url: str, model: str, prompts, out_len: int, concurrency: int,
     """extras: request fields per prompt (None: plain greedy requests)."""
     sem = asyncio.Semaphore(concurrency)
     results: list[dict] = []
-    limits = httpx.Limits(max_connections=concurrency + 8)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with session(concurrency, 600) as client:
         await one(client, url, model, prompts[0][:16], 4)  # warm: connections, caches
         with progress(total=len(prompts), desc=desc, unit="req") as bar:
             async def task(i, p):

@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from cluster.bench.progress import note, progress
-from cluster.bench.serve import make_prompts, one
+from cluster.bench.serve import make_prompts, one, session
 from cluster.local_cluster import LocalClusterSpec, model_replica_stats, serving
 
 CONFIG = Path(__file__).resolve().parents[2] / "tests" / "test_config.yaml"
@@ -32,7 +32,7 @@ async def soak(url: str, minutes: float, concurrency: int) -> dict:
     done = {"requests": 0, "errors": 0}
     samples: list[dict] = []
 
-    async def worker(w: int, client: httpx.AsyncClient) -> None:
+    async def worker(w: int, client: aiohttp.ClientSession) -> None:
         i = w
         while time.monotonic() < end:
             r = await one(client, url, "tandem-tiny", prompts[i % len(prompts)], 48, None)
@@ -59,7 +59,7 @@ async def soak(url: str, minutes: float, concurrency: int) -> dict:
             bar.update(min(bar.total, round(time.monotonic() - start)) - bar.n)
 
     with progress(total=round(minutes * 60), desc="soak", unit="s") as bar:
-        async with httpx.AsyncClient(timeout=120) as client:
+        async with session(concurrency, 120) as client:
             await asyncio.gather(sampler(), ticker(bar),
                                  *(worker(w, client) for w in range(concurrency)))
     first, last = samples[1] if len(samples) > 1 else samples[0], samples[-1]
