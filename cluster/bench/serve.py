@@ -116,21 +116,27 @@ async def from_prometheus(client: httpx.AsyncClient, prom: str) -> dict[str, flo
     return out
 
 
-async def from_ray_nodes(client: httpx.AsyncClient, targets_file: str) -> dict[str, float]:
-    """The same averages from every node's metrics endpoint (the targets Ray writes for
-    Prometheus' file discovery), for machines without a Prometheus server."""
+async def ray_node_samples(client: httpx.AsyncClient, targets_file: str):
+    """Every sample of every node's metrics endpoint (the targets Ray writes for Prometheus'
+    file discovery), for machines without a Prometheus server."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    names = {name: key for key, (_, name) in UTILIZATION.items()}
-    seen: dict[str, list[float]] = {}
     with open(targets_file) as f:
         targets = [t for group in json.load(f) for t in group["targets"]]
     for target in targets:
         text = (await client.get(f"http://{target}/metrics")).text
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name in names:
-                    seen.setdefault(names[sample.name], []).append(sample.value)
+                yield sample
+
+
+async def from_ray_nodes(client: httpx.AsyncClient, targets_file: str) -> dict[str, float]:
+    """The same averages from Ray's node endpoints."""
+    names = {name: key for key, (_, name) in UTILIZATION.items()}
+    seen: dict[str, list[float]] = {}
+    async for sample in ray_node_samples(client, targets_file):
+        if sample.name in names:
+            seen.setdefault(names[sample.name], []).append(sample.value)
     return {k: float(np.mean(v)) for k, v in seen.items()}
 
 
@@ -144,20 +150,13 @@ RAY_EXPORT_S = 12.0
 
 async def engine_buckets(client: httpx.AsyncClient, targets_file: str) -> dict:
     """Cumulative bucket counts of ENGINE_HISTOGRAMS by upper bound, summed over nodes."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     names = {f"{name}_bucket": key for key, name in ENGINE_HISTOGRAMS.items()}
     out: dict[str, dict[float, float]] = {key: {} for key in ENGINE_HISTOGRAMS}
-    with open(targets_file) as f:
-        targets = [t for group in json.load(f) for t in group["targets"]]
-    for target in targets:
-        text = (await client.get(f"http://{target}/metrics")).text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                key = names.get(sample.name)
-                if key is not None:
-                    le = float(sample.labels["le"])
-                    out[key][le] = out[key].get(le, 0.0) + sample.value
+    async for sample in ray_node_samples(client, targets_file):
+        key = names.get(sample.name)
+        if key is not None:
+            le = float(sample.labels["le"])
+            out[key][le] = out[key].get(le, 0.0) + sample.value
     return out
 
 
