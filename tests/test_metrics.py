@@ -169,6 +169,7 @@ def test_serving_benchmark_with_client_processes_and_node_metrics(app_url, tmp_p
     assert engine["count"] >= 12
     assert engine["p50_le"] is not None and engine["p99_le"] >= engine["p50_le"]
     assert res["engine"]["engine_queue_ms"]["count"] >= 12
+    assert res["engine"]["engine_itl_ms"]["count"] > 0  # 4-8 tokens each: gaps were seen
     assert res["client"]["processes"] == 2 and res["client"]["library"].startswith("aiohttp")
 
 

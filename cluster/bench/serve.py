@@ -143,7 +143,11 @@ async def from_ray_nodes(client: httpx.AsyncClient, targets_file: str) -> dict[s
 # the engine's own latency histograms (from a request's arrival at the engine core), summed
 # over the replicas: set beside what the client saw, they say which side the time is on
 ENGINE_HISTOGRAMS = {"engine_ttft_ms": "ray_tandem_time_to_first_token_seconds",
-                     "engine_queue_ms": "ray_tandem_request_queue_time_seconds"}
+                     "engine_queue_ms": "ray_tandem_request_queue_time_seconds",
+                     # the gap between a sequence's tokens at the engine: its step time
+                     "engine_itl_ms": "ray_tandem_inter_token_latency_seconds",
+                     # host time between steps with work waiting (the device idles)
+                     "engine_idle_gap_ms": "ray_tandem_gpu_idle_gap_seconds"}
 # Ray's metrics agent exports on a period: the last requests' samples arrive this much later
 RAY_EXPORT_S = 12.0
 
