@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the frontends build SamplingParams and run without torch
@@ -36,11 +37,13 @@ class SamplingParams:
     # earlier replica made (penalties, min_tokens and the grammar count them as output)
     resumed: int = 0
 
-    @property
+    # cached: the engine asks per sequence per step, and requests' params never change
+    # (dataclasses.replace makes a new object)
+    @cached_property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    @property
+    @cached_property
     def plain(self) -> bool:
         """Nothing but temperature/top-k/top-p: the fast paths (steps launched ahead, the
         greedy pick inside the CUDA graph) serve it."""
@@ -64,7 +67,10 @@ class SeqStatus(enum.Enum):
     FINISHED = enum.auto()
 
 
-@dataclass
+# eq=False: a sequence is itself only (identity). The generated __eq__ compared every
+# field, token lists included, and `running.remove(seq)` ran it against each sequence ahead
+# of it: ~0.3 ms a finished request at 1,000 running (9% of a served engine core's time).
+@dataclass(eq=False)
 class Sequence:
     request_id: str
     token_ids: list[int]
