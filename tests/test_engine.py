@@ -9,7 +9,7 @@ from cluster.config import EngineConfig
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.engine import LLMEngine
 from cluster.engine.scheduler import Scheduler
-from cluster.engine.sequence import SamplingParams, Sequence
+from cluster.engine.sequence import SamplingParams, SeqStatus, Sequence
 from cluster.tokenizer import Tokenizer
 
 PROMPTS = ["hello world", "The quick brown fox jumps over the lazy dog. " * 6, "a",
@@ -365,3 +365,31 @@ def test_queue_never_stalls_on_prefixes_held_by_waiting_requests():
             if s.num_computed_tokens == s.num_tokens:
                 sched.finish(s, "length")
     assert started[0] == "ahead" and "holder" in started, started
+
+
+def test_sequences_are_equal_only_to_themselves():
+    """Finishing one of two running sequences with equal fields removes that one: a
+    sequence is itself only (field-by-field equality removed the first one that matched,
+    and walked every field of every sequence ahead of it)."""
+    a, b = _seq("same", 4), _seq("same", 4)
+    s = Scheduler(BlockManager(num_blocks=16, block_size=4), max_num_seqs=4,
+                  max_num_batched_tokens=16)
+    s.running += [a, b]
+    a.status = b.status = SeqStatus.RUNNING
+    b.arrival = a.arrival  # every field equal
+    s.finish(b, "stop")
+    assert s.running == [a] and s.running[0] is a and b.status is SeqStatus.FINISHED
+
+
+def test_engine_benchmark_speed_run_checks_nothing(model_dir, capsys):
+    """`bench.engine --check-prompts 0`: a speed run reports its figures and no verdict."""
+    import json
+
+    from cluster.bench.engine import main
+
+    assert main(["--device", "cpu", "--preset", str(model_dir), "--num-prompts", "3",
+                 "--check-prompts", "0", "--baseline-prompts", "0", "--input-len", "8", "12",
+                 "--output-len", "3", "5", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["check"] is None and res["correct"] is None
+    assert res["engine"]["output_tokens"] > 0 and res["engine"]["output_tok_s"] > 0
