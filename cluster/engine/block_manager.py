@@ -113,10 +113,11 @@ class BlockManager:
         num_written: the tokens whose KV the steps completed so far hold; with steps launched
         ahead it trails num_computed_tokens (a block whose last slot a step still on the
         device writes must not be found: if that step fails, its KV never exists)."""
-        if not self.enable_prefix_caching:
-            return
         bs = self.block_size
-        full = min(num_written // bs, len(seq.block_table))
+        full = num_written // bs
+        if full <= seq.num_hashed_blocks or not self.enable_prefix_caching:
+            return  # no block completed since the last call (most decode steps)
+        full = min(full, len(seq.block_table))
         h = seq.prefix_hash
         for i in range(seq.num_hashed_blocks, full):
             h = block_hash(h, seq.token_ids[i * bs : (i + 1) * bs])

@@ -182,9 +182,14 @@ class ModelRunner:
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start = seq.num_computed_tokens
             table = seq.block_table
-            inp.input_ids.extend(seq.token_ids[start : start + n])
-            inp.positions.extend(range(start, start + n))
-            inp.slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if n == 1:  # a decode row (most rows of a big batch): no slices, no generator
+                inp.input_ids.append(seq.token_ids[start])
+                inp.positions.append(start)
+                inp.slots.append(table[start // bs] * bs + start % bs)
+            else:
+                inp.input_ids.extend(seq.token_ids[start : start + n])
+                inp.positions.extend(range(start, start + n))
+                inp.slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             inp.tables.append(table)
             inp.cu_q.append(inp.cu_q[-1] + n)
             inp.ctx.append(start + n)
