@@ -71,9 +71,14 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
+        # one-token rows first (attention serves them with the decode kernel in a mixed
+        # step), kept apart as they come: this loop runs over every running sequence each
+        # step, so its common case (a decode row whose block has room) does the least
+        ones: list[Sequence] = []
         seqs: list[Sequence] = []
         counts: list[int] = []
         preempted = False
+        bs = self.blocks.block_size
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -81,18 +86,20 @@ class Scheduler:
             if seq.closing:  # its last token is still on the GPU; it ends when read
                 i += 1
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.blocks.allocate(seq, seq.num_computed_tokens + n):
-                victim = self.running.pop()
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
+            done = seq.num_computed_tokens
+            n = min(len(seq.token_ids) - done, budget)
+            if done + n > len(seq.block_table) * bs:  # it needs a new block
+                fits, evicted = self._make_room(seq, done + n)
+                preempted |= evicted
+                if not fits:  # it was the one preempted
+                    continue
+            if n == 1:
+                ones.append(seq)
             else:
                 seqs.append(seq)
                 counts.append(n)
-                budget -= n
-                i += 1
+            budget -= n
+            i += 1
 
         # admitting while preempting would only thrash the cache
         while self.waiting and budget > 0 and not preempted \
@@ -118,14 +125,28 @@ class Scheduler:
             if seq.first_scheduled is None:
                 seq.first_scheduled = time.monotonic()
             self.running.append(seq)
-            seqs.append(seq)
-            counts.append(n)
+            if n == 1:
+                ones.append(seq)
+            else:
+                seqs.append(seq)
+                counts.append(n)
             budget -= n
-        # one-token rows first: attention serves them with the decode kernel in a mixed step
-        order = sorted(range(len(seqs)), key=lambda i: counts[i] != 1)
         if self.blocks.tier is not None:  # once a step: its speed, fetches, spills
-            self.blocks.tier.on_schedule(sum(counts))
-        return ScheduledBatch([seqs[i] for i in order], [counts[i] for i in order])
+            self.blocks.tier.on_schedule(len(ones) + sum(counts))
+        return ScheduledBatch(ones + seqs, [1] * len(ones) + counts)
+
+    def _make_room(self, seq: Sequence, num_tokens: int) -> tuple[bool, bool]:
+        """Grows seq's blocks to hold num_tokens, preempting the newest running sequences
+        until they fit: (seq got them, any sequence was preempted). seq itself may be the
+        one preempted."""
+        evicted = False
+        while not self.blocks.allocate(seq, num_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            evicted = True
+            if victim is seq:
+                return False, True
+        return True, evicted
 
     def _reset(self, seq: Sequence) -> None:
         self.blocks.free(seq)
