@@ -393,3 +393,16 @@ def test_engine_benchmark_speed_run_checks_nothing(model_dir, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["check"] is None and res["correct"] is None
     assert res["engine"]["output_tokens"] > 0 and res["engine"]["output_tok_s"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float32, torch.bool])
+def test_step_lists_become_the_tensors_torch_would_make(dtype):
+    """A step's lists go to tensors through numpy (host_tensor.from_list), with the values,
+    dtype and shape torch.tensor gives, 2-D and empty lists too."""
+    from cluster.engine.host_tensor import from_list
+
+    for xs in ([3, -2, 0, 7], [[1, 2, 0], [4, 0, 0]], [], [0.5, 1.0] if dtype.is_floating_point
+               else [1, 0]):
+        want = torch.tensor(xs, dtype=dtype)
+        got = from_list(xs, dtype)
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)

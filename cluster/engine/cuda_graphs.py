@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from cluster.engine.attention import PREFILL_BLOCK_M, AttentionMetadata, prefill_tile_lists
+from cluster.engine.host_tensor import from_list
 from cluster.engine.sampler import greedy_tokens
 
 log = logging.getLogger(__name__)
@@ -123,11 +124,11 @@ class DecodeGraphs:
         self.flip ^= 1
         f = self.flip
         # one tensor per field, not one write per element: this runs every decode step
-        self.ids.host[f, :n] = torch.tensor(inp.input_ids)
-        self.pos.host[f, :n] = torch.tensor(inp.positions)
-        self.slots.host[f, :n] = torch.tensor(inp.slots)
+        self.ids.host[f, :n] = from_list(inp.input_ids)
+        self.pos.host[f, :n] = from_list(inp.positions)
+        self.slots.host[f, :n] = from_list(inp.slots)
         self.slots.host[f, n:bs] = self.pad_slot
-        self.ctx.host[f, :n] = torch.tensor(inp.ctx, dtype=torch.int32)
+        self.ctx.host[f, :n] = from_list(inp.ctx, torch.int32)
         self.ctx.host[f, n:bs] = 0
         tables = padded_tables(inp.tables)
         self.tables.host[f, :n, : tables.shape[1]] = torch.from_numpy(tables)
@@ -221,25 +222,25 @@ class MixedGraphs:
         cap, ntiles = self.cap(t), tiles_of(t)
         self.flip ^= 1
         f = self.flip
-        self.ids.host[f, :nt] = torch.tensor(inp.input_ids)
+        self.ids.host[f, :nt] = from_list(inp.input_ids)
         self.ids.host[f, nt:t] = 0
-        self.pos.host[f, :nt] = torch.tensor(inp.positions)
+        self.pos.host[f, :nt] = from_list(inp.positions)
         self.pos.host[f, nt:t] = 0
-        self.slots.host[f, :nt] = torch.tensor(inp.slots)
+        self.slots.host[f, :nt] = from_list(inp.slots)
         self.slots.host[f, nt:t] = self.pad_slot
         tables = padded_tables(inp.tables)
         self.tables.host[f, :n, : tables.shape[1]] = torch.from_numpy(tables)
-        ctx = torch.tensor(inp.ctx, dtype=torch.int32)
+        ctx = from_list(inp.ctx, torch.int32)
         self.ctx.host[f, :n] = ctx
         self.ctx.host[f, n] = 0  # the empty sequence
         self.decode_ctx.host[f, :nd] = ctx[:nd]
         self.decode_ctx.host[f, nd:cap] = 0
-        self.cu.host[f, : n + 1] = torch.tensor(cu, dtype=torch.int32)
+        self.cu.host[f, : n + 1] = from_list(cu, torch.int32)
         self.cu.host[f, n + 1] = cu[-1]
         seqs, starts = prefill_tile_lists(cu, nd)
         pad = ntiles - len(seqs)
-        self.tiles.host[f, :, :ntiles] = torch.tensor([seqs + [n] * pad, starts + [0] * pad],
-                                                      dtype=torch.int32)
+        self.tiles.host[f, :, :ntiles] = from_list([seqs + [n] * pad, starts + [0] * pad],
+                                                     torch.int32)
         for s, rows in ((self.ids, t), (self.pos, t), (self.slots, t), (self.tables, n),
                         (self.ctx, n + 1), (self.decode_ctx, cap), (self.cu, n + 2)):
             s.send(f, rows)

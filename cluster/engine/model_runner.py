@@ -18,6 +18,7 @@ from cluster.engine.cuda_graphs import (
 from cluster.engine.deepseek import DeepseekForCausalLM
 from cluster.engine.deepseek_loader import synthetic_deepseek_weights
 from cluster.engine.gpu_backends import GatherBackend, TritonBackend
+from cluster.engine.host_tensor import from_list
 from cluster.engine.loader import iter_checkpoint, load_weights
 from cluster.engine.model import (
     AttentionBackend,
@@ -217,7 +218,7 @@ class ModelRunner:
 
     def _to_device(self, x, dtype) -> torch.Tensor:
         # not a blocking copy: that would wait for the step still running on the GPU
-        return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
+        return from_list(x, dtype).to(self.device, non_blocking=True)
 
     def _tensors(self, inp: StepInputs):
         t = self._to_device

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cluster.engine.host_tensor import from_list
 from cluster.engine.sequence import Sequence
 from cluster.engine.structured_mask import apply_bitmask
 
@@ -84,7 +85,7 @@ def process(logits: torch.Tensor, seqs: list[Sequence], eos: frozenset[int],
 
 
 def _t(xs, dev, dtype=torch.int64) -> torch.Tensor:
-    return torch.tensor(xs, dtype=dtype, device=dev)
+    return from_list(xs, dtype).to(dev)
 
 
 def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -176,7 +177,7 @@ def _pick(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor) -> t
 def _pinned(xs, dev, dtype) -> torch.Tensor:
     """A small host list on the device without a blocking copy (a pageable copy would
     wait for the step in flight)."""
-    t = torch.tensor(xs, dtype=dtype)
+    t = from_list(xs, dtype)
     if dev.type != "cuda":
         return t
     return t.pin_memory().to(dev, non_blocking=True)
