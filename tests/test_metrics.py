@@ -185,3 +185,19 @@ def test_engine_histogram_quantiles_are_the_bounds_of_their_buckets():
     assert bucket_quantiles(before, after) == {"count": 100, "p50_le": 50.0, "p90_le": 100.0,
                                                "p99_le": 1000.0}
     assert bucket_quantiles(after, after)["p50_le"] is None  # nothing new: no quantile
+
+
+def test_ttft_after_the_first_wave_leaves_out_the_synchronized_start():
+    """A closed loop starts its first `concurrency` requests at once: the steady-state
+    TTFT counts only requests sent after all of those had their first token."""
+    from cluster.bench.serve import after_first_wave
+
+    def r(start, ttft):
+        return {"start": start, "ttft": ttft, "e2e": (ttft or 0) + 1.0}
+
+    # two clients: the first wave's tokens come at 0.9 and 1.5 s
+    ok = [r(10.0, 0.9), r(10.0, 1.5), r(11.0, 0.2), r(11.6, 0.1), r(12.0, 0.3),
+          r(11.4, None)]
+    later, wave_s = after_first_wave(ok, concurrency=2)
+    assert wave_s == pytest.approx(1.5) and sorted(later) == [0.1, 0.3]
+    assert after_first_wave([], 2) == ([], None)

@@ -86,9 +86,26 @@ async def one(client: aiohttp.ClientSession, url: str, model: str, prompt: str |
     except (aiohttp.ClientError, asyncio.TimeoutError) as err:
         error = type(err).__name__
     end = time.perf_counter()
+    # start: the host's monotonic clock, the same in every client process (Linux)
     return {"error": error, "ttft": stamps[0] - t0 if stamps else None, "e2e": end - t0,
+            "start": t0,
             "itl": list(np.diff(stamps)) if len(stamps) > 1 else [], "out": out_tokens,
             "events": len(stamps), "pool": pool, "route": route}
+
+
+def after_first_wave(ok: list[dict], concurrency: int) -> tuple[list[float], float | None]:
+    """TTFTs of the requests sent after the first wave (the first `concurrency` requests,
+    which all start at once in a closed loop) had its first tokens, and when that was (s
+    after the first start). A synchronized start queues every first prompt at once: with
+    1,000 clients of 64-256 words that is ~160,000 prompt tokens, which no single engine
+    prefills in 200 ms, so the run's p99 speaks of the start, these of the steady state."""
+    if not ok:
+        return [], None
+    first = sorted(ok, key=lambda r: r["start"])[:concurrency]
+    t0 = first[0]["start"]
+    end = max(r["start"] + (r["ttft"] if r["ttft"] is not None else r["e2e"]) for r in first)
+    later = [r["ttft"] for r in ok if r["start"] > end and r["ttft"] is not None]
+    return later, end - t0
 
 
 def pcts(xs: list[float]) -> dict:
@@ -278,6 +295,7 @@ async def run(args) -> dict:
         engine = {k: bucket_quantiles(engine_before[k], after[k]) for k in after}
     ok = [r for r in results if r["error"] is None]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    later, wave_s = after_first_wave(ok, args.concurrency)
     itl = [x for r in ok for x in r["itl"]]
     tpot = [(r["e2e"] - r["ttft"]) / (r["out"] - 1) for r in ok if r["out"] > 1 and r["ttft"]]
     good = [r for r in ok if r["ttft"] is not None and r["ttft"] * 1000 <= args.slo_ttft_ms
@@ -286,6 +304,8 @@ async def run(args) -> dict:
             "request_throughput": len(ok) / wall,
             "output_tok_s": sum(r["out"] for r in ok) / wall,
             "ttft_ms": pcts(ttft), "itl_ms": pcts(itl), "tpot_ms": pcts(tpot),
+            "ttft_ms_after_first_wave": {**pcts(later), "requests": len(later),
+                                         "first_wave_s": wave_s},
             "e2e_ms": pcts([r["e2e"] for r in ok]),
             "goodput_req_s": len(good) / wall,
             "slo": {"ttft_ms": args.slo_ttft_ms, "itl_ms": args.slo_itl_ms},
@@ -341,7 +361,7 @@ def report(res: dict) -> None:
     print(f"requests {res['requests']} (errors {res['errors']}) in {res['duration_s']:.1f}"
           f" s: {res['request_throughput']:.2f} req/s, {res['output_tok_s']:.1f} output "
           f"tok/s, goodput {res['goodput_req_s']:.2f} req/s")
-    for k in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"):
+    for k in ("ttft_ms", "ttft_ms_after_first_wave", "itl_ms", "tpot_ms", "e2e_ms"):
         v = res[k]
         if v["p50"] is not None:
             print(f"  {k:8s} p50 {v['p50']:8.1f}  p90 {v['p90']:8.1f}  p99 {v['p99']:8.1f}")
