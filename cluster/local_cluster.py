@@ -46,6 +46,14 @@ USER_SET = frozenset(v for v in HAPROXY_PORTS if v in os.environ
                      and v not in os.environ.get(PICKED, "").split(","))
 
 
+# Serve holds a stopping HTTP frontend open this long (30 s by default) so that a load
+# balancer in front deregisters it first; a local cluster's HAProxy runs on the same
+# machine and follows the controller's broadcast within a second, and HAProxy retries a
+# refused connection elsewhere. The 30 s made every local teardown, redeploy and canary
+# step wait: 8 test modules' teardowns took 31 s each. Real clusters keep Serve's default.
+LOCAL_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3"}
+
+
 def use_token_auth() -> str:
     """One auth mode everywhere: token, with a token for this cluster unless one is set."""
     os.environ["RAY_AUTH_MODE"] = "token"
@@ -82,6 +90,8 @@ def start(spec: LocalClusterSpec | None = None):
     spec = spec or LocalClusterSpec()
     use_token_auth()
     for var, value in serve_env().items():  # what every node of a real cluster sets too
+        os.environ.setdefault(var, value)
+    for var, value in LOCAL_ENV.items():
         os.environ.setdefault(var, value)
     for var, port in HAPROXY_PORTS.items():
         if var not in USER_SET:
