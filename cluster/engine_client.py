@@ -132,6 +132,10 @@ class EngineClient:
     def submit(self, addr: str, req: EngineRequest, stream: Stream) -> None:
         conn = self.connection(addr)
         stream.conn = conn
+        if not conn.streams:
+            # an idle core sends nothing (heartbeats go only while a peer has requests
+            # there): silence counts from now, not from the last request minutes ago
+            conn.heard = time.monotonic()
         conn.streams[req.request_id] = stream
         conn.send(["add", req.request_id, req.prompt_token_ids, asdict(req.params),
                    req.queued_s, req.movable, req.cache_salt, req.after])

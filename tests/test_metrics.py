@@ -160,7 +160,7 @@ def test_serving_benchmark_with_client_processes_and_node_metrics(app_url, tmp_p
                    "--workers", "2", "--input-len", "8", "16", "--output-len", "4", "8",
                    "--ray-metrics", str(targets), "--json"])
     res = json.loads(buf.getvalue())
-    assert rc == 0 and res["requests"] == 12 and res["errors"] == 0
+    assert rc == 0 and res["requests"] == 12 and res["errors"] == 0, res
     assert res["output_tok_s"] > 0 and res["ttft_ms"]["p99"] >= res["ttft_ms"]["p50"] > 0
     assert 0 < res["utilization"]["cpu_util_perc"]["mean"] <= 100
     # the engine's own histograms over the run, beside the client's view: every request of
