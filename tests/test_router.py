@@ -215,3 +215,20 @@ def test_hot_replica_gets_no_new_work_and_hands_its_queue_to_a_cool_one(app_url)
     assert fast["requests"] > slow["requests"]
     # tokens/s comes from the replica's own 1 s samples: a second reader does not zero it
     assert fast["tok_s"] > 0 and again[1]["tok_s"] > 0.5 * fast["tok_s"], (fast, again[1])
+
+
+def test_routing_benchmark_pairs_each_repeat_with_serves_router():
+    """The routing benchmark's summary over repeats: the median and range of each policy's
+    TTFT p99, and its ratio to Serve's router taken within each repeat (paired)."""
+    from cluster.bench.routing import summarize_repeats
+
+    def run(p99):
+        return {"ttft_ms_p99": p99, "e2e_ms_p99": 2 * p99, "output_tok_s": 100.0}
+
+    out = summarize_repeats({"least_load": [run(60), run(100), run(90)],
+                             "serve_default": [run(100), run(100), run(300)]})
+    assert out["least_load"]["ttft_ms_p99"] == 90 and \
+        out["least_load"]["ttft_ms_p99_range"] == [60, 100]
+    vs = out["least_load"]["ttft_p99_vs_serve_default"]
+    assert vs["range"] == [-0.7, 0.0] and abs(vs["median"] + 0.4) < 1e-9
+    assert "ttft_p99_vs_serve_default" not in out["serve_default"]

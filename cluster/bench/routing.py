@@ -22,10 +22,10 @@ import random
 import sys
 import time
 
-import httpx
 import numpy as np
 
 from cluster.bench.progress import note, progress
+from cluster.bench.serve import one, session
 
 POLICIES = ["prefix_aware", "least_load", "power_of_two", "round_robin", "serve_default"]
 SYSTEMS, SYSTEM_WORDS = 12, 120  # ~17 KV blocks of 16 tokens each
@@ -45,51 +45,34 @@ def workloads(n: int, seed: int) -> dict[str, list[str]]:
             "no_prefix": [text(SYSTEM_WORDS + 8) for _ in range(n)]}
 
 
-async def drive(url: str, prompts: list[str], rate: float, max_tokens: int, bar) -> dict:
-    ttft, e2e, out_tok, prompt_tok, cached = [], [], 0, 0, 0
-    failed = 0
+async def drive(url: str, prompts: list[str], rate: float, max_tokens: int, bar,
+                seed: int = 0) -> dict:
+    """Poisson arrivals at `rate` per second, each a streamed greedy completion."""
+    results = []
 
-    async def one(c: httpx.AsyncClient, prompt: str) -> None:
-        nonlocal out_tok, prompt_tok, cached, failed
-        t0 = time.perf_counter()
-        first = None
-        body = {"model": "tandem-tiny", "prompt": prompt, "max_tokens": max_tokens,
-                "temperature": 0.0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
-        try:
-            async with c.stream("POST", f"{url}/v1/completions", json=body) as r:
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    ev = json.loads(line[6:])
-                    if ev.get("choices") and first is None:
-                        first = time.perf_counter() - t0
-                    if ev.get("usage"):
-                        u = ev["usage"]
-                        out_tok += u["completion_tokens"]
-                        prompt_tok += u["prompt_tokens"]
-                        cached += u["prompt_tokens_details"]["cached_tokens"]
-        except httpx.HTTPError:
-            failed += 1
-            return
-        finally:
-            bar.update()
-        ttft.append(first or 0.0)
-        e2e.append(time.perf_counter() - t0)
+    async def send(client, prompt: str) -> None:
+        results.append(await one(client, url, "tandem-tiny", prompt, max_tokens, None,
+                                 {"temperature": 0.0}))
+        bar.update()
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=300) as c:
+    async with session(len(prompts), 300) as client:
         tasks = []
         for p in prompts:
-            tasks.append(asyncio.create_task(one(c, p)))
+            tasks.append(asyncio.create_task(send(client, p)))
             await asyncio.sleep(rng.exponential(1.0 / rate))
         await asyncio.gather(*tasks)
     wall = time.perf_counter() - start
-    return {"output_tok_s": out_tok / wall, "ttft_ms_p50": float(np.percentile(ttft, 50)) * 1e3,
+    ok = [r for r in results if r["error"] is None]
+    ttft = [r["ttft"] or 0.0 for r in ok]
+    return {"output_tok_s": sum(r["out"] for r in ok) / wall,
+            "ttft_ms_p50": float(np.percentile(ttft, 50)) * 1e3,
             "ttft_ms_p99": float(np.percentile(ttft, 99)) * 1e3,
-            "e2e_ms_p99": float(np.percentile(e2e, 99)) * 1e3,
-            "prefix_hit_rate": cached / max(1, prompt_tok), "requests_failed": failed}
+            "e2e_ms_p99": float(np.percentile([r["e2e"] for r in ok], 99)) * 1e3,
+            "prefix_hit_rate": sum(r["cached"] for r in ok) / max(1, sum(r["prompt"]
+                                                                       for r in ok)),
+            "requests_failed": len(results) - len(ok)}
 
 
 def replica_requests() -> dict[int, int]:
@@ -142,6 +125,9 @@ def main(argv=None) -> int:
     ap.add_argument("--policies", nargs="+", default=POLICIES)
     ap.add_argument("--decision-time", type=int, metavar="N", default=None,
                     help="only time routing decisions over N synthetic replicas, then exit")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of every policy (each with its own prompts and arrivals); "
+                         "the summary gives the median and range")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.decision_time:
@@ -160,9 +146,8 @@ def main(argv=None) -> int:
     from ray import serve
 
     from cluster import local_cluster
-    from cluster.config import DEFAULT_MODEL_DIR, parse_app_config
+    from cluster.config import DEFAULT_MODEL_DIR
     from cluster.model_init import build as build_model
-    from deployments.app import build
 
     build_model(DEFAULT_MODEL_DIR)
     cluster = local_cluster.start(local_cluster.LocalClusterSpec(model_cpus=4))
@@ -170,44 +155,85 @@ def main(argv=None) -> int:
     port = local_cluster.free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/bench"
-    results: dict = {}
-    runs = workloads(args.requests, 0)
-    bar = progress(total=len(args.policies) * len(runs) * len(args.rates) * args.requests,
-                   unit="req")
+    # policy -> one result per repeat; each repeat draws its own prompts and arrivals, and
+    # runs the policies in a rotated order, so that drift on a shared machine spreads evenly
+    results: dict[str, list] = {p: [] for p in args.policies}
+    bar = progress(total=args.repeat * len(args.policies) * 2 * len(args.rates)
+                   * args.requests, unit="req")
     try:
-        for policy in args.policies:
-            cfg = parse_app_config({
-                "engine": {"max_model_len": 512, "max_num_seqs": 16, "num_kv_blocks": KV_BLOCKS,
-                           "max_num_batched_tokens": 512, "torch_threads": 1,
-                           "slow_replica_ranks": [0], "slow_step_delay_s": 0.02},
-                "model_pool": {"num_replicas": REPLICAS, "num_cpus": 1},
-                "router": {"policy": policy, "stats_period_s": 0.5}})
-            serve.run(build(cfg), name="bench", route_prefix="/bench")
-            res = {}
-            for wl, prompts in runs.items():
-                for rate in args.rates:
-                    bar.set_description(f"{policy} {wl} @{rate:g}")
-                    before = replica_requests()
-                    r = asyncio.run(drive(url, prompts, rate, args.max_tokens, bar))
-                    after = replica_requests()
-                    r["requests_per_replica"] = sorted(
-                        (n - before.get(rank, 0) for rank, n in after.items()), reverse=True)
-                    res[f"{wl}@{rate:g}"] = r
-                    note(f"{policy:14s} {wl:14s} rate {rate:4g}: "
-                         f"{r['output_tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_ms_p50']:7.1f}"
-                         f" p99 {r['ttft_ms_p99']:7.1f} ms  e2e p99 {r['e2e_ms_p99']:7.1f} ms"
-                         f"  hit {r['prefix_hit_rate']:.2f}  per replica "
-                         f"{r['requests_per_replica']}")
-            serve.delete("bench")
-            results[policy] = summarize(res)
+        for rep in range(args.repeat):
+            runs = workloads(args.requests, rep)
+            k = rep % len(args.policies)
+            for policy in args.policies[k:] + args.policies[:k]:
+                results[policy].append(run_policy(policy, runs, args, url, bar, rep))
     finally:
         bar.close()
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
+    out = summarize_repeats(results)
+    for policy, r in out.items():
+        vs = r.get("ttft_p99_vs_serve_default")
+        note(f"{policy:14s} TTFT p99 median {r['ttft_ms_p99']:7.1f} ms (range "
+             f"{r['ttft_ms_p99_range'][0]:.1f}-{r['ttft_ms_p99_range'][1]:.1f})"
+             + (f"; against serve_default, paired per repeat: median {vs['median']:+.0%}, "
+                f"range {vs['range'][0]:+.0%} to {vs['range'][1]:+.0%}" if vs else ""))
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(out, indent=2))
     return 0
+
+
+def run_policy(policy: str, runs: dict, args, url: str, bar, seed: int) -> dict:
+    from ray import serve
+
+    from cluster.config import parse_app_config
+    from deployments.app import build
+
+    cfg = parse_app_config({
+        "engine": {"max_model_len": 512, "max_num_seqs": 16, "num_kv_blocks": KV_BLOCKS,
+                   "max_num_batched_tokens": 512, "torch_threads": 1,
+                   "slow_replica_ranks": [0], "slow_step_delay_s": 0.02},
+        "model_pool": {"num_replicas": REPLICAS, "num_cpus": 1},
+        "router": {"policy": policy, "stats_period_s": 0.5}})
+    serve.run(build(cfg), name="bench", route_prefix="/bench")
+    res = {}
+    for wl, prompts in runs.items():
+        for rate in args.rates:
+            bar.set_description(f"{policy} {wl} @{rate:g}")
+            before = replica_requests()
+            r = asyncio.run(drive(url, prompts, rate, args.max_tokens, bar, seed))
+            after = replica_requests()
+            r["requests_per_replica"] = sorted(
+                (n - before.get(rank, 0) for rank, n in after.items()), reverse=True)
+            res[f"{wl}@{rate:g}"] = r
+            note(f"{policy:14s} {wl:14s} rate {rate:4g}: "
+                 f"{r['output_tok_s']:7.1f} tok/s  TTFT p50 {r['ttft_ms_p50']:7.1f}"
+                 f" p99 {r['ttft_ms_p99']:7.1f} ms  e2e p99 {r['e2e_ms_p99']:7.1f} ms"
+                 f"  hit {r['prefix_hit_rate']:.2f}  per replica "
+                 f"{r['requests_per_replica']}")
+    serve.delete("bench")
+    return summarize(res)
+
+
+def summarize_repeats(results: dict[str, list[dict]]) -> dict:
+    """Per policy: the median and range over repeats of the headline run's TTFT p99, and,
+    where Serve's router ran too, each repeat's p99 against its p99 in the same repeat
+    (-0.3: 30% lower), median and range; every repeat's figures under `repeats`."""
+    out = {}
+    base = results.get("serve_default")
+    for policy, reps in results.items():
+        p99 = [r["ttft_ms_p99"] for r in reps]
+        row = {"ttft_ms_p99": float(np.median(p99)), "ttft_ms_p99_range": [min(p99), max(p99)],
+               "e2e_ms_p99": float(np.median([r["e2e_ms_p99"] for r in reps])),
+               "output_tok_s": float(np.median([r["output_tok_s"] for r in reps])),
+               "repeats": reps}
+        if base and policy != "serve_default":
+            rel = [r["ttft_ms_p99"] / b["ttft_ms_p99"] - 1 for r, b in zip(reps, base,
+                                                                           strict=True)]
+            row["ttft_p99_vs_serve_default"] = {"median": float(np.median(rel)),
+                                                "range": [min(rel), max(rel)]}
+        out[policy] = row
+    return out
 
 
 def summarize(res: dict) -> dict:

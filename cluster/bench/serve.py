@@ -66,6 +66,7 @@ async def one(client: aiohttp.ClientSession, url: str, model: str, prompt: str |
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     t0 = time.perf_counter()
     stamps, out_tokens, error, pool, route = [], 0, None, None, None
+    prompt_tokens = cached_tokens = 0
     try:
         async with client.post(f"{url}/v1/completions", json=body, headers=headers) as r:
             # which of the model's pools served it, and why (hybrid routing)
@@ -83,7 +84,10 @@ async def one(client: aiohttp.ClientSession, url: str, model: str, prompt: str |
                     elif ev.get("choices") and ev["choices"][0].get("text"):
                         stamps.append(time.perf_counter())
                     if ev.get("usage"):
-                        out_tokens = ev["usage"]["completion_tokens"]
+                        u = ev["usage"]
+                        out_tokens, prompt_tokens = u["completion_tokens"], u["prompt_tokens"]
+                        cached_tokens = (u.get("prompt_tokens_details") or {}).get(
+                            "cached_tokens", 0)
     except (aiohttp.ClientError, asyncio.TimeoutError) as err:
         error = type(err).__name__
     end = time.perf_counter()
@@ -91,7 +95,8 @@ async def one(client: aiohttp.ClientSession, url: str, model: str, prompt: str |
     return {"error": error, "ttft": stamps[0] - t0 if stamps else None, "e2e": end - t0,
             "start": t0,
             "itl": list(np.diff(stamps)) if len(stamps) > 1 else [], "out": out_tokens,
-            "events": len(stamps), "pool": pool, "route": route}
+            "events": len(stamps), "pool": pool, "route": route, "prompt": prompt_tokens,
+            "cached": cached_tokens}
 
 
 def after_first_wave(ok: list[dict], concurrency: int) -> tuple[list[float], float | None]:
