@@ -141,6 +141,12 @@ class KVPoolConfig(Strict):
                               "store the routers' cluster index reads (once per "
                               "`router.stats_period_s`, 8 bytes a block, only when the "
                               "store changed); 0: no index (routers see local caches only)")
+    write_through_hits: int | None = Field(
+        None, ge=0, le=1 << 20, description="null: blocks reach the pool when a device "
+        "cache evicts them (write-back); N: a block is also written through to the pool once "
+        "N later prompts reused it from a device cache (0: every block as soon as it is "
+        "full), so a hot prefix sits in the pool while its holder still caches it and any "
+        "replica can fetch it (see KV cache tiers)")
 
 
 class Pool(Strict):

@@ -196,9 +196,12 @@ class PoolClient:
 
     MAX_PUTS_IN_FLIGHT = 16  # per actor: beyond, spills are dropped (later misses)
 
-    def __init__(self, actors: list, timeout_s: float = 1.0):
+    def __init__(self, actors: list, timeout_s: float = 1.0,
+                 write_through_hits: int | None = None):
+        """write_through_hits: kv_pool.write_through_hits (the engine's tiers read it)."""
         self.actors = list(actors)
         self.timeout_s = timeout_s
+        self.write_through_hits = write_through_hits
         self.down_until = [0.0] * len(self.actors)
         self.puts: list[list] = [[] for _ in self.actors]
         self.errors = self.dropped = 0
@@ -287,7 +290,7 @@ class PoolClient:
 
 
 def connect(address: str | None, capacity_bytes: int, label_selector: dict[str, str],
-            timeout_s: float) -> PoolClient | None:
+            timeout_s: float, write_through_hits: int | None = None) -> PoolClient | None:
     """The pool client of an engine core (its own process): joins the Ray cluster at
     `address` as a driver and starts or finds the store actors. None where that fails: the
     engine then runs without the pool (its misses are computed), never refusing requests."""
@@ -302,4 +305,4 @@ def connect(address: str | None, capacity_bytes: int, label_selector: dict[str, 
     except Exception:  # noqa: BLE001 - no pool is misses, not a failed replica
         log.exception("KV pool unavailable: the engine runs without it")
         return None
-    return PoolClient(actors, timeout_s) if actors else None
+    return PoolClient(actors, timeout_s, write_through_hits) if actors else None

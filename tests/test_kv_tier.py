@@ -163,6 +163,61 @@ def test_pool_restores_blocks_another_engine_spilled(model_dir, ref, pool):
     assert run(reader, FILLERS[:1]) == ref["fillers"][:1]  # never pooled: computed
 
 
+def pooled(actors, key: bytes, hashes: list[bytes]) -> int:
+    """How many of these blocks the pool's stores hold."""
+    keys = [key + h for h in hashes]
+    return sum(b is not None for a in actors for b in ray.get(a.get.remote(keys)))
+
+
+@pytest.mark.parametrize("host_tier", [True, False], ids=["host-tier", "pool-only"])
+def test_write_through_puts_a_reused_prefix_in_the_pool_while_its_holder_caches_it(
+        model_dir, ref, pool, host_tier):
+    """kv_pool.write_through_hits 1: once a later prompt reused A's blocks from the device
+    cache they are written to the pool, with A still cached here; another engine then
+    fetches them. Write-back (None) sends nothing while the blocks stay cached."""
+    host = {"kv_host_tier_bytes": 64 * BLOCK_BYTES} if host_tier else {}
+    back_pool = PoolClient(pool)
+    back = make(model_dir, back_pool, **host)
+    assert run(back, [A]) == [ref["A"]] and run(back, [A]) == [ref["A"]]
+    settle(back_pool)
+    assert pooled(pool, back.blocks.tier.key, chain(A)) == 0  # write-back: nothing yet
+
+    client = PoolClient(pool, write_through_hits=1)
+    writer = make(model_dir, client, **host)
+    tier = writer.blocks.tier
+    assert run(writer, [A]) == [ref["A"]]
+    writer.blocks.tier.flush()
+    settle(client)
+    assert tier.written_through == 0  # computed once, reused by nobody yet
+    assert run(writer, [A]) == [ref["A"]]  # reuses every prompt block: written through
+    tier.flush()
+    settle(client)
+    assert tier.written_through == A_BLOCKS
+    assert set(chain(A)) <= writer.blocks.hash_to_block.keys()  # still cached here
+    assert pooled(pool, tier.key, chain(A)) == A_BLOCKS
+    sent, put = [], client.put
+    client.put = lambda items: (sent.extend(k for k, _ in items), put(items))[1]
+    push_out(writer)  # their eviction later sends them no second time
+    tier.flush()
+    assert sent and not {tier.key + h for h in chain(A)} & set(sent)
+    reader = make(model_dir, PoolClient(pool))
+    assert run(reader, [A]) == [ref["A"]]
+    assert reader.blocks.tier.hits["pool"] == A_BLOCKS
+
+
+def test_write_through_on_publish_sends_every_full_block(model_dir, ref, pool):
+    """write_through_hits 0: every block goes to the pool once it is full."""
+    client = PoolClient(pool, write_through_hits=0)
+    writer = make(model_dir, client)
+    assert run(writer, [A]) == [ref["A"]]
+    tier = writer.blocks.tier
+    tier.flush()
+    settle(client)
+    # A's prompt blocks, and its output's full blocks (150 + 8 tokens: none past A's 9)
+    assert tier.written_through == (len(A) + G.max_tokens - 1) // BS
+    assert pooled(pool, tier.key, chain(A)) == A_BLOCKS
+
+
 def test_a_fetch_torn_midway_restores_what_came_and_computes_the_rest(model_dir, ref, pool):
     filled_pool(model_dir, pool)
     ray.get([a.inject_fault.remote(1) for a in pool])  # each store: its 2nd block on, torn

@@ -69,7 +69,8 @@ class Replicas:
                               max_num_seqs=args.concurrency,
                               max_num_batched_tokens=args.batched_tokens,
                               torch_threads=args.threads, kv_host_tier_bytes=host_bytes)
-        pool = KVPoolConfig(label_selector={}, capacity_bytes=args.pool_bytes)
+        pool = KVPoolConfig(label_selector={}, capacity_bytes=args.pool_bytes,
+                            write_through_hits=args.write_through_hits)
         cfg = AppConfig(model=ModelConfig(path=model_dir), engine=engine, kv_pool=pool)
         self.cores = [CoreProcess(cfg, "127.0.0.1") for _ in range(args.replicas)]
         self.socks = []

@@ -200,7 +200,7 @@ def run(args, model_dir: str, system, users, host_bytes: int, pool, reference=No
     if tier:
         result |= {k: tier[k] for k in ("host_capacity_bytes", "fetch_decisions",
                                          "recompute_decisions", "torn", "pool_errors",
-                                         "spills_dropped")}
+                                         "spills_dropped", "written_through")}
         result["fetch_bw_mb_s"] = round(tier["fetch_bw_bytes_s"] / 1e6, 1)
         result["fetch_latency_ms"] = round(tier["fetch_latency_s"] * 1000, 2)
         result["prefill_tok_s"] = round(tier["prefill_tok_s"], 1)
@@ -240,6 +240,8 @@ def main(argv=None) -> int:
                    "pool's blocks (cluster/bench/kv_routing.py)")
     p.add_argument("--prefix-margin", type=float, default=1.0, help="with --replicas")
     p.add_argument("--pool-block-weight", type=float, default=0.5, help="with --replicas")
+    p.add_argument("--write-through-hits", type=int, default=None, metavar="N",
+                   help="kv_pool.write_through_hits of the pool runs (default: write-back)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -287,7 +289,8 @@ def main(argv=None) -> int:
         runs["host_tier"] = run(args, model_dir, system, users, host_bytes, None, ref)
         if actors:
             runs["host_and_pool"] = run(args, model_dir, system, users, host_bytes,
-                                        PoolClient(actors), ref)
+                                        PoolClient(actors, write_through_hits=
+                                                   args.write_through_hits), ref)
             pool_stats = ray.get([a.stats.remote() for a in actors])
     finally:
         for a in actors:
@@ -301,7 +304,8 @@ def main(argv=None) -> int:
              "working_set_blocks": ws_blocks, "engine_kv_blocks": args.kv_blocks,
              "host_tier_blocks": host_bytes // block_bytes, "block_bytes": block_bytes,
              "pool_stores": len(actors), "pool_blocks_held": sum(s["blocks"] for s in
-                                                                 pool_stats)}
+                                                                 pool_stats),
+             "write_through_hits": args.write_through_hits}
     off, pooled = runs["tiers_off"], runs.get("host_and_pool", runs["host_tier"])
     summary = {
         "prefill_computed_ratio": round(pooled["prefill_tokens_computed"] /
@@ -344,7 +348,8 @@ def routed_main(args, model_dir, system, users, host_bytes, ws_blocks, block_byt
              "in_flight": args.in_flight, "block_size": args.block_size,
              "working_set_blocks": ws_blocks, "engine_kv_blocks": args.kv_blocks,
              "host_tier_blocks": host_bytes // block_bytes,
-             "prefix_margin": args.prefix_margin, "pool_block_weight": args.pool_block_weight}
+             "prefix_margin": args.prefix_margin, "pool_block_weight": args.pool_block_weight,
+             "write_through_hits": args.write_through_hits}
     summary = {"ttft_p50_change": round(indexed["ttft_ms_p50"] / max(1e-9, blind["ttft_ms_p50"])
                                         - 1, 3),
                "ttft_p99_change": round(indexed["ttft_ms_p99"] / max(1e-9, blind["ttft_ms_p99"])

@@ -60,6 +60,8 @@ class BlockManager:
                 if self.ref_count[block] == 0:
                     del self.evictable[block]
                 self.ref_count[block] += 1
+                if self.tier is not None:
+                    self.tier.reused(block, nh)
             else:
                 block = self._restore(seq, nh)
                 if block is None:
@@ -125,6 +127,8 @@ class BlockManager:
             if h not in self.hash_to_block:
                 self.hash_to_block[h] = block
                 self.block_to_hash[block] = h
+                if self.tier is not None:
+                    self.tier.published(block, h)
             seq.prefix_hash = h
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 

@@ -21,6 +21,13 @@ time in the queue. When it could be admitted and its blocks are still on their w
 scheduler admits it a step later instead of blocking the engine's loop (the others' steps
 go on); an idle engine, with nothing else to run, waits for them.
 
+Write-through (`kv_pool.write_through_hits`; SGLang HiCache's `write_through_selective`):
+a block the device cache still holds is also copied down as above once N later prompts
+reused it (0: as soon as it is full), so that a hot prefix sits in the pool while its
+holder caches it and a less loaded replica can fetch it instead of the holder taking
+every request for it; its eviction later sends it no second time. Default: write-back only
+(every block over the network at prefill speed is more than a 25 Gbps link carries).
+
 Fetch or recompute (per request, at arrival): fetch the n missing blocks iff the predicted
 fetch time, latency + n x block bytes / bandwidth (fitted over recent fetches, end to end),
 is below the time this engine would take to compute them, n x block tokens / its prefill
@@ -57,6 +64,7 @@ log = logging.getLogger(__name__)
 
 KEY_BYTES = 48  # a pool key: the model's (16 bytes) + the block's chained digest (32)
 FETCH_TTL_S = 60.0  # a fetch whose request never got admitted (aborted) is dropped then
+THROUGH_KEEP = 1 << 16  # write-through bookkeeping: reuse counts and blocks sent, newest
 
 
 def model_key(model_dir: str, weights, dtype: torch.dtype, block_size: int) -> bytes:
@@ -145,6 +153,11 @@ class KVTier:
                              "memory")
         self.host = HostPool(capacity, self.shape, self.dtype, pin=self.cuda)
         self.pool, self.key, self.max_fetch_wait_s = pool, key, max_fetch_wait_s
+        # write-through (kv_pool.write_through_hits): None is write-back only
+        self.through_after = pool.write_through_hits if pool is not None else None
+        self.reuses: OrderedDict[bytes, int] = OrderedDict()  # hash -> device-cache reuses
+        self.through: OrderedDict[bytes, None] = OrderedDict()  # written through, newest last
+        self.written_through = 0
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
         self.events: dict[int, torch.cuda.Event] = {}  # host slot -> its last device copy
         self.spills: list[tuple[bytes, int]] = []  # (hash, host slot) not sent yet
@@ -164,6 +177,8 @@ class KVTier:
         """Keeps the contents of a cached block the device cache is about to reuse."""
         if self.host.get(h) is not None:
             return  # still held from before (it was restored from here)
+        if not self.host.capacity and h in self.through:
+            return  # no slab, and the pool has it: written through while it was cached
         slot = self.host.take(h)
         if slot is None and self.host.capacity:
             return  # its only slot is being restored from: this block is not kept
@@ -189,6 +204,36 @@ class KVTier:
                 dst[j].copy_(t[:, block])
         if self.pool is not None:
             self.spills.append((h, slot))
+
+    # ---- write-through: hot blocks into the pool while the device cache still holds them
+
+    def published(self, block: int, h: bytes) -> None:
+        """A block became full and findable in the device cache."""
+        if self.through_after == 0:
+            self._write_through(block, h)
+
+    def reused(self, block: int, h: bytes) -> None:
+        """A prompt found h's block in the device cache."""
+        if not self.through_after or h in self.through:
+            return  # write-back only, written when published, or written already
+        n = self.reuses.pop(h, 0) + 1
+        if n >= self.through_after:
+            self._write_through(block, h)
+            return
+        self.reuses[h] = n
+        if len(self.reuses) > THROUGH_KEEP:
+            self.reuses.popitem(last=False)
+
+    def _write_through(self, block: int, h: bytes) -> None:
+        """Copies the block as an eviction would (into tier 1, then the pool once a step);
+        the device cache keeps it. Its eviction later sends nothing again."""
+        if h in self.host:
+            return  # tier 1 holds it: it reached the pool when it was put there
+        self.save(block, h)
+        self.written_through += 1
+        self.through[h] = None
+        if len(self.through) > THROUGH_KEEP:
+            self.through.popitem(last=False)
 
     def find(self, seq: Sequence, h: bytes) -> tuple[int | None, bytes | None] | None:
         """Where a tier holds h's block: (host slot, None) or (None, pool blob); None: no."""
@@ -394,7 +439,8 @@ class KVTier:
                 "host_bytes": len(self.host.slots) * self.block_bytes,
                 "host_capacity_bytes": self.host.capacity * self.block_bytes,
                 "host_hits": self.hits["host"], "pool_hits": self.hits["pool"],
-                "saved": self.saved, "torn": self.torn, "fetched_bytes": self.fetched_bytes,
+                "saved": self.saved, "written_through": self.written_through,
+                "torn": self.torn, "fetched_bytes": self.fetched_bytes,
                 "fetch_decisions": self.decisions["fetch"],
                 "recompute_decisions": self.decisions["recompute"],
                 "fetch_bw_bytes_s": bw or 0.0, "fetch_latency_s": lat,
