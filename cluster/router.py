@@ -70,15 +70,25 @@ class LeastLoad(Policy):
     name = "least_load"
 
     def rank(self, loads, hashes):
-        timed = all(ld.step_s > 0 for ld in loads)
-        return sorted(range(len(loads)), key=lambda i: (
-            loads[i].wait_s() if timed else loads[i].score(), random.random()))
+        cost = self.costs(loads)
+        return sorted(range(len(loads)), key=lambda i: (cost[i], random.random()))
+
+    @staticmethod
+    def costs(loads: list[ReplicaLoad]) -> list[float]:
+        """Each replica's load in batches of work ahead of a new request, at the fastest
+        replica's pace where every one reports its step time (a replica at half speed
+        counts its queue twice), else its load score."""
+        if not loads or not all(ld.step_s > 0 for ld in loads):
+            return [ld.score() for ld in loads]
+        pace = min(ld.step_s for ld in loads)
+        return [ld.wait_s() / pace for ld in loads]
 
 
 class PrefixAware(Policy):
-    """The replica whose cached prefix saves the most prefill, unless its load exceeds the
-    least loaded replica's by more than `margin` times the share of that saving the least
-    loaded one would not get too; then least load. (Where the least loaded replica holds
+    """The replica whose cached prefix saves the most prefill, unless its load (as
+    least_load weighs it: at the fastest replica's pace where step times are known) exceeds
+    the least loaded replica's by more than `margin` times the share of that saving the
+    least loaded one would not get too; then least load. (Where the least loaded replica holds
     none of the prompt, that share is 1: the plain margin.)
 
     Blocks the cluster KV pool holds (cluster/kv_index.py) count for every replica of the
@@ -98,17 +108,18 @@ class PrefixAware(Policy):
         self.pool_effect = ""
 
     def rank(self, loads, hashes):
-        by_load = LeastLoad().rank(loads, hashes)
+        cost = LeastLoad.costs(loads)
+        by_load = sorted(range(len(loads)), key=lambda i: (cost[i], random.random()))
         self.pool_effect = ""
         if not hashes:
             return by_load
         runs = [ld.cached_blocks(hashes) for ld in loads]
         if not self.pool_weight or not any(ld.pool for ld in loads):
-            return self._ranked(by_load, self._pick(loads, by_load, runs))
+            return self._ranked(by_load, self._pick(cost, by_load, runs))
         blocks = [ld.prefix_blocks(hashes, r) for ld, r in zip(loads, runs, strict=True)]
-        first = self._pick(loads, by_load, [lo + self.pool_weight * po for lo, po in blocks])
+        first = self._pick(cost, by_load, [lo + self.pool_weight * po for lo, po in blocks])
         if any(po for _, po in blocks):
-            blind = self._pick(loads, by_load, runs)
+            blind = self._pick(cost, by_load, runs)
             self.pool_effect = "changed" if blind != first else "same"
         return self._ranked(by_load, first)
 
@@ -116,11 +127,12 @@ class PrefixAware(Policy):
     def _ranked(by_load: list[int], first: int) -> list[int]:
         return [first] + [i for i in by_load if i != first]
 
-    def _pick(self, loads: list[ReplicaLoad], by_load: list[int], saved: list[float]) -> int:
+    def _pick(self, cost: list[float], by_load: list[int], saved: list[float]) -> int:
+        """cost: LeastLoad.costs of the replicas, so that a slow holder of the prefix is
+        as much busier as its queue takes longer to clear."""
         best, least = max(by_load, key=lambda i: saved[i]), by_load[0]  # ties: less loaded
         lead = saved[best] - saved[least]
-        if lead <= 0 or (loads[best].score() - loads[least].score()
-                         > self.margin * lead / saved[best]):
+        if lead <= 0 or cost[best] - cost[least] > self.margin * lead / saved[best]:
             return least
         return best
 

@@ -232,3 +232,17 @@ def test_routing_benchmark_pairs_each_repeat_with_serves_router():
     vs = out["least_load"]["ttft_p99_vs_serve_default"]
     assert vs["range"] == [-0.7, 0.0] and abs(vs["median"] + 0.4) < 1e-9
     assert "ttft_p99_vs_serve_default" not in out["serve_default"]
+
+
+def test_prefix_aware_weighs_a_slow_holders_queue_by_its_speed():
+    """The same queue and cached prefix: a holder at the others' pace keeps the request
+    within the margin, one three times slower loses it to the idle replica (its queue takes
+    three times as long to clear)."""
+    hashes = prompt_digests(list(range(64)), 16)
+    idle = ReplicaLoad(max_num_seqs=32, step_s=0.01)
+    holder = dict(running=8, max_num_seqs=32, prefix=frozenset(hashes[:3]))
+    policy = PrefixAware(margin=1.0)
+    assert policy.rank([idle, ReplicaLoad(**holder, step_s=0.01)], hashes)[0] == 1
+    assert policy.rank([idle, ReplicaLoad(**holder, step_s=0.03)], hashes)[0] == 0
+    # without step times (no reports yet) the queues alone decide: the holder keeps it
+    assert policy.rank([IDLE, ReplicaLoad(**holder)], hashes)[0] == 1

@@ -75,6 +75,14 @@ async def drive(url: str, prompts: list[str], rate: float, max_tokens: int, bar,
             "requests_failed": len(results) - len(ok)}
 
 
+async def warm(url: str) -> None:
+    """Unmeasured requests, several per replica at once, before a policy's runs: a freshly
+    deployed replica's first steps are slower, which would land in one policy's p99."""
+    async with session(4 * REPLICAS, 120) as client:
+        await asyncio.gather(*(one(client, url, "tandem-tiny", f"warm up {i} " * 20, 8, None,
+                                   {"temperature": 0.0}) for i in range(4 * REPLICAS)))
+
+
 def replica_requests() -> dict[int, int]:
     """Requests each model replica has served so far, by replica rank."""
     from cluster.local_cluster import model_replica_stats
@@ -196,6 +204,7 @@ def run_policy(policy: str, runs: dict, args, url: str, bar, seed: int) -> dict:
         "model_pool": {"num_replicas": REPLICAS, "num_cpus": 1},
         "router": {"policy": policy, "stats_period_s": 0.5}})
     serve.run(build(cfg), name="bench", route_prefix="/bench")
+    asyncio.run(warm(url))
     res = {}
     for wl, prompts in runs.items():
         for rate in args.rates:
