@@ -71,9 +71,11 @@ class EngineConfig(Strict):
     enable_prefix_caching: bool = Field(True, description="share KV blocks of equal prompt "
                                         "prefixes")
     cuda_graphs: bool = Field(True, description="capture decode and mixed steps in CUDA graphs")
-    overlap_steps: bool = Field(True, description="schedule and launch each greedy step "
-                                "before the previous one's tokens are read (the host works "
-                                "while the GPU runs)")
+    overlap_steps: bool | None = Field(
+        None, description="schedule and launch each plain step before the previous one's "
+        "tokens are read (the host works while the GPU runs); null: on a GPU only (on the CPU "
+        "a step computes as it is launched, so running one ahead only holds every token back "
+        "a step); true: on the CPU too (tests of the GPU's logic)")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs (ranks) of one replica")
     stall_timeout_s: float = Field(120.0, gt=0, description="a replica whose engine finishes "
                                    "no step for this long while work waits fails its health "

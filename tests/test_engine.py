@@ -17,8 +17,10 @@ PROMPTS = ["hello world", "The quick brown fox jumps over the lazy dog. " * 6, "
 
 
 def make_engine(model_dir, **kw) -> LLMEngine:
+    """overlap_steps on unless a test says: the GPU's path (steps launched one ahead) runs
+    on the CPU too, where CI can check it (a CPU engine's default is off)."""
     cfg = dict(max_model_len=512, num_kv_blocks=128, block_size=16, max_num_batched_tokens=64,
-               torch_threads=1, dtype="float32", device="cpu")
+               torch_threads=1, dtype="float32", device="cpu", overlap_steps=True)
     return LLMEngine(str(model_dir), EngineConfig(**(cfg | kw)))
 
 
@@ -291,6 +293,26 @@ def test_steps_run_one_ahead_with_the_same_tokens(model_dir, prompts, hf_greedy)
     assert launches["ahead"] > 10 and eng.blocks.num_used == 0
     off = make_engine(model_dir, overlap_steps=False)
     assert off.generate(prompts, GREEDY) == hf_greedy
+
+
+def test_a_cpu_engine_by_default_returns_each_steps_tokens_from_that_step(model_dir, prompts):
+    """On the CPU a step computes while it is launched: launching the next one before the
+    tokens are returned would hold every token back a step (a prefill's first token waits
+    for the next step's compute too). By default a CPU engine does not; a forced one
+    does, and both give the same tokens."""
+    def first_call(overlap):
+        eng = make_engine(model_dir, overlap_steps=overlap, max_num_batched_tokens=512)
+        eng.add_request("a", prompts[1], GREEDY)  # one prefill step
+        outs = eng.step()
+        seq = eng.seqs["a"]
+        # KV the steps computed so far: the prompt, plus the first token's if the next
+        # (decode) step ran in this call too
+        return eng, outs[0].new_token_ids, seq.num_computed_tokens - len(prompts[1])
+
+    eng, toks, ahead = first_call(None)
+    assert eng.overlap is False and eng._flight is None and ahead == 0
+    forced, forced_toks, forced_ahead = first_call(True)
+    assert forced._flight is not None and forced_ahead == 1 and forced_toks == toks
 
 
 def test_mixed_steps_launched_ahead_match_step_by_step(model_dir, prompts):

@@ -125,6 +125,8 @@ class LLMEngine:
         self._grammar_vocab = None
         self.arch = ModelArch.from_hf(model_dir)
         self.device = pick_device(cfg)
+        self.overlap = cfg.overlap_steps if cfg.overlap_steps is not None else \
+            self.device.type == "cuda"
         if self.device.type == "cpu":
             log.warning("no GPU in this process: the engine runs on the CPU")
         dtype = resolve_dtype(cfg, self.device)
@@ -302,7 +304,12 @@ class LLMEngine:
         try:
             if flight is None and self._overlaps(batch):
                 flight = self._launch(batch, None)
-            if flight is None:
+            if flight is None and self._plain(batch):
+                # not launched ahead (a CPU engine): the same path, read at once; its
+                # sampler is the device one, cheaper than the host's general one
+                now = self._launch(batch, None)
+                (tokens, lps), at, written = now.tokens(), now.at, now.written
+            elif flight is None:
                 tokens, lps = self.runner.run(batch, self.eos)
                 at, written = self._advance(batch)
             else:
@@ -342,8 +349,10 @@ class LLMEngine:
         """Steps of plain requests (greedy, or temperature / top-k / top-p sampled on the
         device) on one rank run one ahead; penalties, logprobs, grammars and the like read
         the step's tokens on the host first, and TP peers run steps in lockstep."""
-        return self.cfg.overlap_steps and self.runner.peers is None and all(
-            seq.params.plain for seq in batch.seqs)
+        return self.overlap and self._plain(batch)
+
+    def _plain(self, batch: ScheduledBatch) -> bool:
+        return self.runner.peers is None and all(seq.params.plain for seq in batch.seqs)
 
     def _launch(self, batch: ScheduledBatch, prev: Flight | None) -> Flight:
         """Sends a step to the GPU without waiting, then counts its tokens as computed:
