@@ -70,8 +70,12 @@ class LeastLoad(Policy):
     name = "least_load"
 
     def rank(self, loads, hashes):
-        cost = self.costs(loads)
-        return sorted(range(len(loads)), key=lambda i: (cost[i], random.random()))
+        return self.order(self.costs(loads))
+
+    @staticmethod
+    def order(cost: list[float]) -> list[int]:
+        """Cheapest first, ties in random order."""
+        return sorted(range(len(cost)), key=lambda i: (cost[i], random.random()))
 
     @staticmethod
     def costs(loads: list[ReplicaLoad]) -> list[float]:
@@ -109,7 +113,7 @@ class PrefixAware(Policy):
 
     def rank(self, loads, hashes):
         cost = LeastLoad.costs(loads)
-        by_load = sorted(range(len(loads)), key=lambda i: (cost[i], random.random()))
+        by_load = LeastLoad.order(cost)
         self.pool_effect = ""
         if not hashes:
             return by_load
