@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU-run issue's runs on a lent H200, batched into one call per group (device time is
+# short). Run from the project root on the device machine, with `.device` carried (the Ray
+# bundle: `bash ../shared/device/make-ray-bundle.sh pyzmq msgpack llguidance` once):
+#
+#   bash infra/device/gpu-runs.sh suite steady engine     # the GPU suite, the engine alone
+#   bash infra/device/gpu-runs.sh streams path            # the served path
+#
+# Every stage writes its log and --json under $OUT (default ./out) and a line to
+# $OUT/summary.txt; a failing stage does not stop the next one.
+set -uo pipefail
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT" /tmp/site
+if [ ! -d /tmp/site/ray ]; then
+  tar -C /tmp/site -xJf .device/ray-bundle.tar.xz
+  mkdir -p /tmp/site/ray/dashboard/client/build/static
+fi
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+PY=python3
+commit=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+echo "commit $commit $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+  >> "$OUT/summary.txt"
+
+stage() {  # stage NAME CMD...: runs CMD, its output to $OUT/NAME.log, status to the summary
+  local name=$1; shift
+  local t0=$SECONDS
+  "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - t0))s: $(tail -n 1 "$OUT/$name.log" | cut -c1-300)" >> "$OUT/summary.txt"
+}
+
+model_05b=$HOME/.cache/tandem/models/tandem-0.5b
+serve_up() {
+  [ -d "$model_05b" ] || $PY -m cluster.cli model init --shape qwen2.5-0.5b --out "$model_05b"
+  $PY -m cluster.cli up --config deployments/gpu.yaml --model-gpus 1 --detach
+}
+
+for what in "$@"; do
+  case $what in
+    suite)
+      stage suite $PY -m pytest -m gpu tests/gpu -q -p no:cacheprovider --timeout 900 ;;
+    steady)
+      stage steady-t1 $PY -m cluster.bench.steady --json
+      stage steady-greedy $PY -m cluster.bench.steady --temperature 0 --json ;;
+    engine)
+      stage batch1 $PY -m cluster.bench.engine --batch1 --baseline-prompts 0 --check-prompts 0 --json
+      stage 8b-bf16 $PY -m cluster.bench.engine --preset llama3.1-8b --num-prompts 1000 \
+        --output-len 32 512 --temperature 1 --baseline-prompts 0 --check-prompts 0 --json
+      stage 8b-fp8-kv $PY -m cluster.bench.engine --preset llama3.1-8b --num-prompts 1000 \
+        --output-len 32 512 --temperature 1 --baseline-prompts 0 --check-prompts 0 \
+        --quantization fp8 --kv-cache-dtype fp8 --json ;;
+    streams)
+      stage up serve_up
+      stage streams $PY -m cluster.bench.serve --model tandem-0.5b --concurrency 1000 \
+        --num-requests 3000 --input-len 64 256 --output-len 32 128 --slo-ttft-ms 200 \
+        --ray-metrics --json
+      $PY -m cluster.cli stop > "$OUT/stop.log" 2>&1 ;;
+    path)
+      [ -d "$model_05b" ] || $PY -m cluster.cli model init --shape qwen2.5-0.5b --out "$model_05b"
+      stage path $PY -m cluster.bench.path --config deployments/gpu.yaml --model-gpus 1 \
+        --concurrency 256 --num-prompts 1024 --input-len 128 --output-len 128 --json ;;
+    *) echo "unknown stage $what" >> "$OUT/summary.txt" ;;
+  esac
+done
+cat "$OUT/summary.txt"
