@@ -32,7 +32,7 @@ from cluster.config import CPU, GPU, AppConfig
 from cluster.engine_client import EngineClient, Stream
 from cluster.load import IN_FLIGHT, ReplicaLoad, pool_loads
 from cluster.protocol import APIError, EngineRequest, GenerateRequest, TextDelta
-from cluster.tokenizer import TextStream, Tokenizer, decode_step
+from cluster.tokenizer import TextStream, Tokenizer
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
@@ -142,18 +142,12 @@ class Generations:
     # ---- tokens back, once per step for all streams of a core
 
     def _on_rows(self, items: list[tuple[Generation, list]]) -> None:
-        plain = []
         for g, row in items:
             if row[2] in ("dead", "moved", "error"):
                 g.control = row
                 g.event.set()
-            else:
-                plain.append((g, row))
-        if not plain:
-            return
-        texts = decode_step(self.tokenizer, [g.texts for g, _ in plain],
-                            [row[1] for _, row in plain], [row[2] for _, row in plain])
-        for (g, row), (text, reason) in zip(plain, texts, strict=True):
+                continue
+            text, reason = g.texts.push(row[1], row[2])
             g.generated += row[1]
             g.new_ids += row[1]
             g.text += text

@@ -10,6 +10,7 @@ from pathlib import Path
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 
 def _token_text(v) -> str | None:
@@ -75,42 +76,43 @@ class Tokenizer:
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas.
 
-    A byte-level token may end inside a multi-byte UTF-8 character; such a tail decodes to
-    U+FFFD and is held back until the next tokens complete it. Decoding restarts from a few
-    tokens back, not from the start, so each step costs O(1) in the output length.
+    A byte-level token may end inside a multi-byte UTF-8 character; its text is held back
+    until the next tokens complete it. The tokenizers library's DecodeStream keeps the
+    decoding window in Rust (it re-decodes from a few tokens back, so each step costs O(1) in
+    the output length): one call per stream per step, where two Python-built decodes of the
+    window cost 2.7x as much (8.1 against 3.0 us a token, 16 streams).
     """
+
+    CONTEXT = 6  # tokens before the held-back ones that `flush` decodes them after
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
+        self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
+        self.read = 0  # the ids before this one have all their text out
 
     def push(self, new_ids: list[int]) -> str:
-        prefix_ids, full_ids = self.extend(new_ids)
-        dec = self.tokenizer.decode
-        return self.advance(dec(prefix_ids, self.skip), dec(full_ids, self.skip))
-
-    def extend(self, new_ids: list[int]) -> tuple[list[int], list[int]]:
-        """Takes new ids; returns the two id runs whose texts `advance` needs (decoded by the
-        caller, so that a step's streams decode in one batch)."""
+        if not new_ids:
+            return ""
         self.ids.extend(new_ids)
-        return self.ids[self.prefix_offset : self.read_offset], self.ids[self.prefix_offset :]
-
-    def advance(self, prefix: str, full: str) -> str:
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return full[len(prefix) :]
-        return ""
+        text = self.stream.step(self.tokenizer.tok,
+                                new_ids[0] if len(new_ids) == 1 else new_ids)
+        if text is None:
+            return ""
+        self.read = len(self.ids)
+        return text
 
     def flush(self) -> str:
         """Whatever is still held back (a genuinely broken character at the very end)."""
+        if self.read == len(self.ids):
+            return ""
         dec = self.tokenizer.decode
-        prefix = dec(self.ids[self.prefix_offset : self.read_offset], self.skip)
-        full = dec(self.ids[self.prefix_offset :], self.skip)
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return full[len(prefix) :]
+        context = self.ids[max(0, self.read - self.CONTEXT) : self.read]
+        full = dec(context + self.ids[self.read :], self.skip)
+        self.read = len(self.ids)
+        self.stream = DecodeStream(skip_special_tokens=self.skip)
+        return full[len(dec(context, self.skip)) :]
 
 
 class StopStrings:
@@ -156,14 +158,8 @@ class TextStream:
 
     def push(self, ids: list[int], finish_reason: str | None) -> tuple[str, str | None]:
         """The text these ids add and the finish reason now ("stop" on a stop string)."""
-        return self.push_text(self.detok.push(self._kept(ids)), finish_reason)
-
-    def _kept(self, ids: list[int]) -> list[int]:
-        return [t for t in ids if t not in self.drop] if self.drop else ids
-
-    def push_text(self, new_text: str, finish_reason: str | None) -> tuple[str, str | None]:
-        """As push, for text already detokenized (see decode_step)."""
-        text, hit = self.stops.feed(new_text)
+        kept = [t for t in ids if t not in self.drop] if self.drop else ids
+        text, hit = self.stops.feed(self.detok.push(kept))
         if hit:
             return text, "stop"
         if finish_reason:  # the end: what was held back, which may complete a stop string
@@ -173,22 +169,3 @@ class TextStream:
                 return text, "stop"
             text += self.stops.flush()
         return text, finish_reason
-
-
-def decode_step(tokenizer: Tokenizer, streams: list[TextStream], new_ids: list[list[int]],
-                finish: list[str | None]) -> list[tuple[str, str | None]]:
-    """One engine step's tokens for many streams, detokenized in one batch call (the Rust
-    tokenizer decodes the whole batch at once instead of 2 x streams Python calls)."""
-    runs: dict[bool, list[list[int]]] = {True: [], False: []}  # by skip_special_tokens
-    at: list[int] = []
-    for st, ids in zip(streams, new_ids, strict=True):
-        group = runs[st.detok.skip]
-        at.append(len(group))
-        group.extend(st.detok.extend(st._kept(ids)))
-    texts = {skip: tokenizer.tok.decode_batch(r, skip_special_tokens=skip) if r else []
-             for skip, r in runs.items()}
-    out = []
-    for st, f, i in zip(streams, finish, at, strict=True):
-        t = texts[st.detok.skip]
-        out.append(st.push_text(st.detok.advance(t[i], t[i + 1]), f))
-    return out

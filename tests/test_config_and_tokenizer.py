@@ -63,6 +63,26 @@ def test_detokenizer_holds_split_utf8(model_dir):
     assert "".join(deltas) + d.flush() == text
 
 
+def test_detokenizer_in_chunks_equals_one_decode(model_dir):
+    """Ids arrive one or several per step (a resumed stream, a multi-token step); the deltas
+    of any split, and the flush, add up to one decode of them all, specials skipped or kept."""
+    import random
+
+    tok = Tokenizer(model_dir)
+    text_ids = tok.encode("naïve 你好 🚀✨ Ærøskøbing, ok", add_special_tokens=False)
+    for seed in range(40):
+        rng = random.Random(seed)
+        ids = text_ids if seed % 4 == 0 else [rng.randrange(tok.vocab_size)
+                                              for _ in range(rng.randrange(1, 80))]
+        for skip in (True, False):
+            d, deltas, at = IncrementalDetokenizer(tok, skip), [], 0
+            while at < len(ids):
+                n = rng.choice([1, 1, 2, 5])
+                deltas.append(d.push(ids[at:at + n]))
+                at += n
+            assert "".join(deltas) + d.flush() == tok.decode(ids, skip), (seed, skip)
+
+
 def test_chat_template_renders_roles(model_dir):
     tok = Tokenizer(model_dir)
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}])

@@ -70,12 +70,12 @@ def test_text_with_tools_keeps_special_markers_but_not_eos(model_dir):
     """Where a model's tool-call markers are special tokens, the parser must see them: a
     stream for a request with tools decodes special tokens, less EOS."""
     from cluster.arch import ModelArch
-    from cluster.tokenizer import TextStream, Tokenizer, decode_step
+    from cluster.tokenizer import TextStream, Tokenizer
 
     tok = Tokenizer(model_dir)
     eos = frozenset(ModelArch.from_hf(model_dir).eos_token_ids)
     special = tok.tok.token_to_id("<|im_start|>")
     ids = tok.encode("hi", add_special_tokens=False) + [special] + sorted(eos)[:1]
     plain, tools = TextStream(tok, []), TextStream(tok, [], eos)
-    (a, _), (b, _) = decode_step(tok, [plain, tools], [ids, ids], ["stop", "stop"])
+    (a, _), (b, _) = plain.push(ids, "stop"), tools.push(ids, "stop")
     assert a == "hi" and b == "hi<|im_start|>"
