@@ -14,15 +14,34 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_path_benchmark_offline_and_served_side_by_side(model_dir):
     out = subprocess.run(
         [sys.executable, "-m", "cluster.bench.path", "--concurrency", "8", "--num-prompts",
-         "16", "--input-len", "32", "--output-len", "24", "--json"],
+         "16", "--input-len", "32", "--output-len", "24", "--client-processes", "2", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout)  # stdout carries the JSON alone
     served, offline = res["served"], res["offline"]
     assert served["errors"] == 0 and served["tokens"] == offline["tokens"] == 16 * 24
+    assert served["client_processes"] == 2  # each its share of the requests, all counted
     assert served["output_tok_s"] > 0 and 0 < res["served_vs_offline"]
     assert set(served["cpu_s_per_1k_tokens"]) == {"proxy", "frontend", "model_replica",
                                                    "engine_core"}
     # 8 streams per step share one message: well under one message per token
     assert 0 < served["engine_messages_per_token"] < 0.5
     assert served["ttft_ms"]["p50"] > 0 and served["tpot_ms"]["p50"] > 0
+
+
+def test_py_spy_summary_counts_self_and_inclusive_shares(tmp_path):
+    """A raw py-spy file (collapsed stacks and their sample counts) gives each function's
+    share of samples: innermost frame for self time, once per stack for inclusive time
+    (a recursive frame counts once)."""
+    from cluster.bench import pyspy
+
+    raw = tmp_path / "core.raw"
+    raw.write_text(
+        "main (/a/core.py:10);step (/a/engine.py:5);forward (/a/model.py:7) 6\n"
+        "main (/a/core.py:10);step (/a/engine.py:5);pack (/a/protocol.py:3) 3\n"
+        "main (/a/core.py:10);main (/a/core.py:10) 1\n")
+    s = pyspy.summarize(raw)
+    assert s["samples"] == 10
+    assert s["self"][:2] == [[60.0, "forward (model.py:7)"], [30.0, "pack (protocol.py:3)"]]
+    incl = dict((k, v) for v, k in s["inclusive"])
+    assert incl["main (core.py:10)"] == 100.0 and incl["step (engine.py:5)"] == 90.0

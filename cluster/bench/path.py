@@ -10,7 +10,8 @@ a local cluster this command starts with the app of --config (one model replica 
 ignore_eos, so both sides make exactly the same tokens. Prints output tok/s of each and
 their ratio, TTFT / TPOT percentiles, CPU seconds per 1,000 streamed tokens of each process
 role (Serve's proxy, frontend, model replica, engine core; local cluster only), and engine
-messages and SSE events per token. --peer-url runs the same client and prompts against
+messages and SSE events per token; --py-spy N adds where the engine core's and a frontend's
+CPU goes (py-spy samples, top functions). --peer-url runs the same client and prompts against
 another OpenAI-compatible server (vLLM's, say) on the same machine.
 """
 
@@ -19,14 +20,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
 
 import aiohttp
 import httpx
 import numpy as np
 
+from cluster.bench import pyspy
 from cluster.bench.progress import progress, stdout_to_stderr
 from cluster.bench.serve import one as serve_one
 from cluster.bench.serve import pcts, session
@@ -83,14 +88,29 @@ async def one(client: aiohttp.ClientSession, url: str, model: str, prompt: list[
     return r
 
 
-async def served(url: str, model: str, prompts, out_len: int, concurrency: int,
-                 desc: str, extras: list[dict] | None = None) -> dict:
-    """extras: request fields per prompt (None: plain greedy requests)."""
+# Streams per client process. One Python process parses every SSE event of its streams
+# (~20 us each): at concurrency 256 on a GPU (2 ms a token) one process would have to parse
+# ~120,000 events a second and would be what got measured. Processes take at most half the
+# host's cores, the other half being the served path's.
+CLIENT_STREAMS = 32
+
+
+def client_processes(concurrency: int) -> int:
+    return max(1, min((os.cpu_count() or 2) // 2, -(-concurrency // CLIENT_STREAMS)))
+
+
+async def _drive(url: str, model: str, prompts, out_len: int, concurrency: int, desc: str,
+                 extras: list[dict] | None, start_at: float | None = None,
+                 position: int | None = None) -> tuple[list[dict], float, float]:
+    """One client process's share: its requests, at most `concurrency` in flight; they start
+    at `start_at` (the host's monotonic clock, which every process shares) when given."""
     sem = asyncio.Semaphore(concurrency)
     results: list[dict] = []
     async with session(concurrency, 600) as client:
         await one(client, url, model, prompts[0][:16], 4)  # warm: connections, caches
-        with progress(total=len(prompts), desc=desc, unit="req") as bar:
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+        with progress(total=len(prompts), desc=desc, unit="req", position=position) as bar:
             async def task(i, p):
                 async with sem:
                     results.append(await one(client, url, model, p, out_len,
@@ -99,14 +119,49 @@ async def served(url: str, model: str, prompts, out_len: int, concurrency: int,
 
             start = time.perf_counter()
             await asyncio.gather(*(task(i, p) for i, p in enumerate(prompts)))
-            elapsed = time.perf_counter() - start
+            end = time.perf_counter()
+    return results, start, end
+
+
+def _shard(*args) -> tuple[list[dict], float, float]:
+    return asyncio.run(_drive(*args))
+
+
+def _ready(_: int) -> None:
+    time.sleep(0.2)  # held, so that each of the pool's workers takes one and starts
+
+
+async def served(url: str, model: str, prompts, out_len: int, concurrency: int,
+                 desc: str, extras: list[dict] | None = None,
+                 processes: int | None = None) -> dict:
+    """extras: request fields per prompt (None: plain greedy requests). processes: client
+    processes (default: one per CLIENT_STREAMS streams); request i goes to process
+    i % processes with its share of the concurrency."""
+    n = processes or client_processes(concurrency)
+    if n <= 1:
+        results, start, end = await _drive(url, model, prompts, out_len, concurrency, desc,
+                                           extras)
+    else:
+        loop = asyncio.get_running_loop()
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(n, mp_context=ctx) as pool:
+            list(pool.map(_ready, range(n)))  # every worker spawned and imported first
+            start_at = time.perf_counter() + 1.0
+            shards = await asyncio.gather(*(loop.run_in_executor(
+                pool, _shard, url, model, prompts[i::n], out_len, -(-concurrency // n),
+                f"{desc} {i}", extras[i::n] if extras else None, start_at, i)
+                for i in range(n)))
+        results = [r for shard in shards for r in shard[0]]
+        start, end = min(sh[1] for sh in shards), max(sh[2] for sh in shards)
+    elapsed = end - start
     tokens = sum(r["out"] for r in results)
     return {"output_tok_s": tokens / elapsed, "elapsed_s": elapsed, "tokens": tokens,
             "errors": sum(1 for r in results if r["error"]),
             "first_error": next((r["error"] for r in results if r["error"]), None),
             "ttft_ms": pcts([r["ttft"] for r in results if r["ttft"] is not None]),
             "tpot_ms": pcts([r["tpot"] for r in results if r["tpot"] is not None]),
-            "sse_events_per_token": sum(r["events"] for r in results) / max(1, tokens)}
+            "sse_events_per_token": sum(r["events"] for r in results) / max(1, tokens),
+            "client_processes": n}
 
 
 def release_device() -> None:
@@ -180,8 +235,18 @@ def main(argv=None) -> int:
                    "config's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-offline", action="store_true")
+    p.add_argument("--client-processes", type=int, help="default: one per "
+                   f"{CLIENT_STREAMS} streams, at most half the cores")
+    p.add_argument("--py-spy", type=float, metavar="SECONDS",
+                   help="profile the engine core and a frontend with py-spy for this long "
+                   "during the served run (local cluster); the top functions go to the report")
+    p.add_argument("--py-spy-delay", type=float, default=1.0, metavar="SECONDS",
+                   help="start the profiles this long into the served run")
+    p.add_argument("--py-spy-dir", default=".run/profiles", help="the raw py-spy files")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.py_spy and not pyspy.available():
+        p.error("--py-spy needs the py-spy command on PATH")
 
     from cluster.arch import ModelArch
     from cluster.config import load_serve_config
@@ -206,8 +271,16 @@ def main(argv=None) -> int:
         roles = process_roles() if local else {}
         cpu0 = {r: sum(map(cpu_seconds, pids)) for r, pids in roles.items()}
         msgs0 = engine_messages() if local else 0
+        profiling = None
+        if local and args.py_spy:
+            pids = {r: roles[r][0] for r in ("engine_core", "frontend") if roles.get(r)}
+            profiling = ThreadPoolExecutor(1).submit(
+                pyspy.record, pids, args.py_spy, Path(args.py_spy_dir), args.py_spy_delay)
         out = asyncio.run(served(url, cfg.model.name, prompts, args.output_len,
-                                 args.concurrency, "served"))
+                                 args.concurrency, "served",
+                                 processes=args.client_processes))
+        if profiling is not None:
+            out["profile"] = {r: pyspy.summarize(f) for r, f in profiling.result().items()}
         if local:
             k = max(1, out["tokens"]) / 1000
             out["cpu_s_per_1k_tokens"] = {r: (sum(map(cpu_seconds, pids)) - cpu0[r]) / k
@@ -230,7 +303,8 @@ def main(argv=None) -> int:
         model = args.peer_model or httpx.get(f"{args.peer_url}/v1/models",
                                              timeout=30).json()["data"][0]["id"]
         res["peer"] = asyncio.run(served(args.peer_url, model, prompts, args.output_len,
-                                         args.concurrency, "peer"))
+                                         args.concurrency, "peer",
+                                         processes=args.client_processes))
         res["served_vs_peer"] = res["served"]["output_tok_s"] / res["peer"]["output_tok_s"]
     if args.json:
         print(json.dumps(res, indent=2))
@@ -262,6 +336,10 @@ def report(res: dict) -> None:
             f"{k} {v:.3f}" for k, v in s["cpu_s_per_1k_tokens"].items()))
         print(f"  engine messages per token {s['engine_messages_per_token']:.3f}, "
               f"SSE events per token {s['sse_events_per_token']:.3f}")
+    for role, prof in s.get("profile", {}).items():
+        print(f"  py-spy {role} ({prof['samples']} samples), self %:")
+        for pct, frame in prof["self"][:12]:
+            print(f"    {pct:5.1f} {frame}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU-run issue's runs on a lent H200, batched into one call per group (device time is
 # short). Run from the project root on the device machine, with `.device` carried (the Ray
-# bundle: `bash ../shared/device/make-ray-bundle.sh pyzmq msgpack llguidance` once):
+# bundle: `bash ../shared/device/make-ray-bundle.sh pyzmq msgpack llguidance py-spy` once):
 #
 #   bash infra/device/gpu-runs.sh suite steady engine     # the GPU suite, the engine alone
-#   bash infra/device/gpu-runs.sh streams path            # the served path
+#   bash infra/device/gpu-runs.sh streams path profile    # the served path (profile: py-spy)
 #
 # Every stage writes its log and --json under $OUT (default ./out) and a line to
 # $OUT/summary.txt; a failing stage does not stop the next one.
@@ -59,6 +59,11 @@ for what in "$@"; do
       [ -d "$model_05b" ] || $PY -m cluster.cli model init --shape qwen2.5-0.5b --out "$model_05b"
       stage path $PY -m cluster.bench.path --config deployments/gpu.yaml --model-gpus 1 \
         --concurrency 256 --num-prompts 1024 --input-len 128 --output-len 128 --json ;;
+    profile)  # bench.path at c=256, longer, with py-spy on the engine core and a frontend
+      [ -d "$model_05b" ] || $PY -m cluster.cli model init --shape qwen2.5-0.5b --out "$model_05b"
+      stage profile $PY -m cluster.bench.path --config deployments/gpu.yaml --model-gpus 1 \
+        --concurrency 256 --num-prompts 4096 --input-len 128 --output-len 128 \
+        --py-spy 6 --py-spy-delay 3 --py-spy-dir "$OUT/profiles" --json ;;
     *) echo "unknown stage $what" >> "$OUT/summary.txt" ;;
   esac
 done
