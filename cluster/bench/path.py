@@ -31,6 +31,7 @@ import aiohttp
 import httpx
 import numpy as np
 
+from cluster import stack_sampler
 from cluster.bench import pyspy
 from cluster.bench.progress import progress, stdout_to_stderr
 from cluster.bench.serve import one as serve_one
@@ -43,8 +44,10 @@ def workload(n: int, in_len: int, out_len: int, vocab: int, seed: int) -> list[l
     return [rng.integers(10, min(vocab, 32000) - 10, in_len).tolist() for _ in range(n)]
 
 
-def offline(cfg, prompts: list[list[int]], out_len: int, concurrency: int) -> dict:
-    """The engine alone: requests admitted as others finish, at most `concurrency` at once."""
+def offline(cfg, prompts: list[list[int]], out_len: int, concurrency: int,
+            profile: bool = False) -> dict:
+    """The engine alone: requests admitted as others finish, at most `concurrency` at once.
+    profile: sample the timed loop (stack_sampler, into $TANDEM_PROFILE_DIR)."""
     from cluster.engine.engine import LLMEngine
     from cluster.engine.sequence import SamplingParams
 
@@ -53,6 +56,7 @@ def offline(cfg, prompts: list[list[int]], out_len: int, concurrency: int) -> di
     engine.generate([prompts[0][:16]], SamplingParams(temperature=0.0, max_tokens=4))  # warm
     queue = list(enumerate(prompts))
     first, last, tpot = {}, {}, []
+    sampler = stack_sampler.start_from_env("offline") if profile else None
     start = time.perf_counter()
     produced, live = 0, 0
     with progress(total=len(prompts) * out_len, desc="engine offline", unit="tok") as bar:
@@ -75,8 +79,12 @@ def offline(cfg, prompts: list[list[int]], out_len: int, concurrency: int) -> di
     for rid, t in first.items():
         if t is not None and rid in last and out_len > 1:
             tpot.append((last[rid] - t) / (out_len - 1))
-    return {"output_tok_s": produced / elapsed, "elapsed_s": elapsed, "tokens": produced,
-            "tpot_ms": pcts(tpot)}
+    out = {"output_tok_s": produced / elapsed, "elapsed_s": elapsed, "tokens": produced,
+           "tpot_ms": pcts(tpot)}
+    if sampler is not None:
+        sampler.stop()
+        out["profile"] = pyspy.summarize(sampler.out)
+    return out
 
 
 async def one(client: aiohttp.ClientSession, url: str, model: str, prompt: list[int],
@@ -243,6 +251,10 @@ def main(argv=None) -> int:
     p.add_argument("--py-spy-delay", type=float, default=1.0, metavar="SECONDS",
                    help="start the profiles this long into the served run")
     p.add_argument("--py-spy-dir", default=".run/profiles", help="the raw py-spy files")
+    p.add_argument("--profile-dir", metavar="DIR",
+                   help="sample the offline engine's and the served engine core's loop from "
+                   "inside (cluster/stack_sampler.py: no ptrace needed) into DIR; their top "
+                   "functions go to the report")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.py_spy and not pyspy.available():
@@ -262,8 +274,12 @@ def main(argv=None) -> int:
                        ModelArch.from_hf(cfg.model.path).vocab_size, args.seed)
     res: dict = {"workload": {"concurrency": args.concurrency, "num_prompts": args.num_prompts,
                               "input_len": args.input_len, "output_len": args.output_len}}
+    if args.profile_dir:
+        prof_dir = Path(args.profile_dir).resolve()
+        os.environ[stack_sampler.ENV] = str(prof_dir)  # the local cluster's processes inherit it
     if not args.skip_offline:
-        res["offline"] = offline(cfg, prompts, args.output_len, args.concurrency)
+        res["offline"] = offline(cfg, prompts, args.output_len, args.concurrency,
+                                 bool(args.profile_dir))
         release_device()  # the served replica's engine sizes its KV cache from free memory
     doc["applications"][0]["args"]["engine"]["max_num_seqs"] = cfg.engine.max_num_seqs
 
@@ -271,6 +287,10 @@ def main(argv=None) -> int:
         roles = process_roles() if local else {}
         cpu0 = {r: sum(map(cpu_seconds, pids)) for r, pids in roles.items()}
         msgs0 = engine_messages() if local else 0
+        core_raw = None
+        if local and args.profile_dir and roles.get("engine_core"):
+            core_raw = prof_dir / f"engine-core-{roles['engine_core'][0]}.raw"
+            core0 = pyspy.read(core_raw)
         profiling = None
         if local and args.py_spy:
             pids = {r: roles[r][0] for r in ("engine_core", "frontend") if roles.get(r)}
@@ -281,6 +301,9 @@ def main(argv=None) -> int:
                                  processes=args.client_processes))
         if profiling is not None:
             out["profile"] = {r: pyspy.summarize(f) for r, f in profiling.result().items()}
+        if core_raw is not None:  # the run's samples: the file then, less the file before
+            out.setdefault("profile", {})["engine_core_loop"] = pyspy.summarize(
+                core_raw, before=core0)
         if local:
             k = max(1, out["tokens"]) / 1000
             out["cpu_s_per_1k_tokens"] = {r: (sum(map(cpu_seconds, pids)) - cpu0[r]) / k
@@ -336,8 +359,11 @@ def report(res: dict) -> None:
             f"{k} {v:.3f}" for k, v in s["cpu_s_per_1k_tokens"].items()))
         print(f"  engine messages per token {s['engine_messages_per_token']:.3f}, "
               f"SSE events per token {s['sse_events_per_token']:.3f}")
-    for role, prof in s.get("profile", {}).items():
-        print(f"  py-spy {role} ({prof['samples']} samples), self %:")
+    profiles = dict(s.get("profile", {}))
+    if "profile" in res.get("offline", {}):
+        profiles["offline_engine_loop"] = res["offline"]["profile"]
+    for role, prof in profiles.items():
+        print(f"  profile {role} ({prof['samples']} samples), self %:")
         for pct, frame in prof["self"][:12]:
             print(f"    {pct:5.1f} {frame}")
 

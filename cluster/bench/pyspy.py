@@ -43,18 +43,38 @@ def _frame(f: str) -> str:
     return f"{name} ({where.rsplit('/', 1)[-1]}" if where else name
 
 
-def summarize(raw: Path, top: int = 20) -> dict:
-    """Shares of samples (percent) per function: `self` (the innermost frame) and
-    `inclusive` (anywhere on the stack, once per sample)."""
-    total, incl, own = 0, Counter(), Counter()
+def _function(frame: str) -> str:
+    # "func (file.py:123)" -> "func (file.py)": inclusive time is a function's, all its lines
+    head, sep, line = frame.rpartition(":")
+    return f"{head})" if sep and line.rstrip(")").isdigit() else frame
+
+
+def read(raw: Path) -> Counter:
+    """Sample counts per collapsed stack (empty where the file is not there yet)."""
+    counts: Counter = Counter()
+    if not raw.exists():
+        return counts
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if not n.isdigit():
+        if n.isdigit():
+            counts[stack] += int(n)
+    return counts
+
+
+def summarize(raw: Path, top: int = 20, before: Counter | None = None) -> dict:
+    """Shares of samples (percent): `self` per line (the innermost frame) and `inclusive`
+    per function (anywhere on the stack, once per sample). before: counts read earlier from
+    the same growing file, taken off (the samples of a window)."""
+    counts = read(raw)
+    if before:
+        counts.subtract(before)
+    total, incl, own = 0, Counter(), Counter()
+    for stack, count in counts.items():
+        if count <= 0:
             continue
-        count = int(n)
         total += count
         frames = [_frame(f) for f in stack.split(";")]
-        for f in set(frames):
+        for f in {_function(f) for f in frames}:
             incl[f] += count
         own[frames[-1]] += count
 

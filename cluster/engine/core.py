@@ -35,6 +35,7 @@ from dataclasses import asdict
 import msgpack
 import zmq
 
+from cluster import stack_sampler
 from cluster.config import EngineConfig
 from cluster.engine.engine import LLMEngine, RequestOutput
 from cluster.engine.sequence import SamplingParams
@@ -355,6 +356,7 @@ def main() -> None:
                       spec.get("kv_hot", 0.95), spec.get("score_hot", 4.0))
     print(f"READY {core.addr}", flush=True)
     os.dup2(2, 1)  # nobody reads the pipe after READY: a stray print must not fill it and block
+    stack_sampler.start_from_env("engine-core")  # where the loop's time goes, when asked
     core.run()
 
 

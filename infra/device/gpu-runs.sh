@@ -59,11 +59,11 @@ for what in "$@"; do
       [ -d "$model_05b" ] || $PY -m cluster.cli model init --shape qwen2.5-0.5b --out "$model_05b"
       stage path $PY -m cluster.bench.path --config deployments/gpu.yaml --model-gpus 1 \
         --concurrency 256 --num-prompts 1024 --input-len 128 --output-len 128 --json ;;
-    profile)  # bench.path at c=256, longer, with py-spy on the engine core and a frontend
+    profile)  # bench.path at c=256, longer, the engine loops sampled from inside (no ptrace here)
       [ -d "$model_05b" ] || $PY -m cluster.cli model init --shape qwen2.5-0.5b --out "$model_05b"
       stage profile $PY -m cluster.bench.path --config deployments/gpu.yaml --model-gpus 1 \
         --concurrency 256 --num-prompts 4096 --input-len 128 --output-len 128 \
-        --py-spy 6 --py-spy-delay 3 --py-spy-dir "$OUT/profiles" --json ;;
+        --profile-dir "$OUT/profiles" --json ;;
     *) echo "unknown stage $what" >> "$OUT/summary.txt" ;;
   esac
 done
