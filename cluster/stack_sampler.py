@@ -3,11 +3,13 @@ thread's Python stack every few milliseconds (sys._current_frames) and keeps cou
 collapsed stacks, in py-spy's raw format, so `cluster.bench.pyspy.summarize` reads both.
 
 Why beside py-spy: py-spy attaches with ptrace, which some containers forbid (the lent GPU
-machines among them). The sampler needs the GIL to look, so while the thread holds it in
-pure Python the sampler waits for the interpreter's switch interval (5 ms), and while it is
-in a call that releases it (a socket poll, a CUDA sync) it looks every interval. Each look
-therefore counts the time since the last one (in units of 0.1 ms), not 1: unweighted, a
-thread busy in Python 75% of the time showed 44%. Costs ~1% of the sampled thread.
+machines among them). The sampler needs the GIL to look. A thread running Python gives the
+GIL up at the interpreter's switch interval (5 ms by default) or earlier where a call
+releases it (a socket send, a CUDA event): with 5 ms, most looks landed on those calls and
+charged them the Python time before them (a first GPU profile put 35% of the engine core in
+ZMQ's send). So the sampler shortens the switch interval to a tenth of its own: a look
+waits at most that long, and lands where the thread is. Each look counts the time since
+the last one (units of 0.1 ms). Costs ~1% of the sampled thread.
 
 Set TANDEM_PROFILE_DIR for the processes to profile (the engine core starts one for its
 loop when it finds it); the file is rewritten every `flush_s` and when the process exits.
@@ -47,6 +49,8 @@ class StackSampler:
         self.thread = threading.Thread(target=self._run, name="stack-sampler", daemon=True)
 
     def start(self) -> StackSampler:
+        # a look waits for the GIL at most this long (see the module's note)
+        sys.setswitchinterval(min(sys.getswitchinterval(), self.interval_s / 10))
         self.thread.start()
         atexit.register(self.stop)
         return self
