@@ -101,7 +101,13 @@ class EngineCore:
         try:
             while not self.stopping:
                 busy = self.engine.has_work() and self.failure is None
-                if self.sock.poll(0 if busy else 50):
+                # two lines, not one computed timeout: a profile tells a busy loop's look
+                # for messages from an idle core's wait for them
+                if busy:
+                    ready = self.sock.poll(0)
+                else:
+                    ready = self.sock.poll(50)
+                if ready:
                     self._drain()
                 if self.engine.has_work() and self.failure is None:
                     self._send(self._step())
@@ -195,7 +201,10 @@ class EngineCore:
             self._send_to(peer, rows, now)
 
     def _send_to(self, peer: bytes, rows: list, now: float | None = None) -> None:
-        self.sock.send_multipart([peer, pack(["out", rows])])
+        # two sends, not send_multipart: its Python side cost 7.8 against 4.4 us a message
+        # (12 frontends: once per frontend per step)
+        self.sock.send(peer, zmq.SNDMORE)
+        self.sock.send(pack(["out", rows]))
         self.messages += 1
         self.last_sent[peer] = now or time.monotonic()
 
