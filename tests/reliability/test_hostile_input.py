@@ -110,14 +110,15 @@ def test_replicas_survived_the_matrix(app_url, replicas_before, client):
 
 def test_schemathesis_finds_no_server_errors(app_url, tmp_path):
     """Property-based requests from the ingress's OpenAPI schema: no 5xx, no hang (each
-    request has a deadline), responses in the documented shape."""
+    request has a deadline), responses in the documented shape. Capped at 90 s of
+    requests: the suite's 20 minutes on the CI machine."""
     if shutil.which("schemathesis", path=str(sys.prefix) + "/bin") is None:
         skip_or_fail("schemathesis is not installed (pip install -e .[dev])")
     exe = shutil.which("schemathesis", path=str(sys.prefix) + "/bin")
     proc = subprocess.run(
         [exe, "--no-color", "run", f"{app_url}/openapi.json", "--checks", "not_a_server_error",
          "--max-examples", "40", "--request-timeout", "60", "--workers", "2", "--seed", "7",
-         "--phases", "examples,coverage,fuzzing", "--max-time", "120",
+         "--phases", "examples,coverage,fuzzing", "--max-time", "90",
          "--suppress-health-check", "all"],
         capture_output=True, text=True, timeout=400,
         env={"SCHEMATHESIS_HOOKS": "", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
