@@ -2,14 +2,16 @@
 thread's Python stack every few milliseconds (sys._current_frames) and keeps counts of the
 collapsed stacks, in py-spy's raw format, so `cluster.bench.pyspy.summarize` reads both.
 
-Why beside py-spy: py-spy attaches with ptrace, which some containers forbid (the lent GPU
-machines among them). The sampler needs the GIL to look. A thread running Python gives the
-GIL up at the interpreter's switch interval (5 ms by default) or earlier where a call
-releases it (a socket send, a CUDA event): with 5 ms, most looks landed on those calls and
-charged them the Python time before them (a first GPU profile put 35% of the engine core in
-ZMQ's send). So the sampler shortens the switch interval to a tenth of its own: a look
-waits at most that long, and lands where the thread is. Each look counts the time since
-the last one (units of 0.1 ms). Costs ~1% of the sampled thread.
+Why beside py-spy: py-spy attaches with ptrace, which some containers forbid (on the lent
+GPU machine it gave no profile; its error went unread then). The sampler needs the GIL to
+look. A thread running Python gives the GIL up at the interpreter's switch interval (5 ms
+by default) or earlier where a call releases it (a socket send, a CUDA event): with 5 ms,
+most looks landed on those calls and charged them the Python time before them (a first GPU
+profile put 35% of the engine core in ZMQ's send). So the sampler shortens the switch
+interval to a tenth of its own: a look waits at most that long, and lands where the thread
+is. Each look counts the time since the last one (units of 0.1 ms). It slows the thread it
+samples: a pure-Python loop ran 8-14% slower under it on a 2-core machine (noisy); figures
+taken while sampling say so.
 
 Set TANDEM_PROFILE_DIR for the processes to profile (the engine core starts one for its
 loop when it finds it); the file is rewritten every `flush_s` and when the process exits.

@@ -100,3 +100,15 @@ def test_stack_sampler_sees_where_a_thread_spends_its_time(tmp_path):
     # the same file read twice: the window between holds nothing
     assert pyspy.summarize(tmp_path / "w.raw", before=pyspy.read(tmp_path / "w.raw"))[
         "samples"] == 0
+
+
+def test_py_spy_record_reports_why_it_could_not_profile(tmp_path):
+    """A pid py-spy cannot profile (here: one that is gone; on the lent GPU machine it gave
+    no profile, reason unread) comes back with py-spy's own error, not as an empty profile."""
+    from cluster.bench import pyspy
+    from tests.skips import skip_or_fail
+
+    if not pyspy.available():
+        skip_or_fail("py-spy is not installed (pip install -e .[dev])")
+    files, errors = pyspy.record({"gone": 2**22 + 7}, 1, tmp_path)
+    assert files == {} and errors["gone"] and "exit" not in errors["gone"][:4]

@@ -300,7 +300,10 @@ def main(argv=None) -> int:
                                  args.concurrency, "served",
                                  processes=args.client_processes))
         if profiling is not None:
-            out["profile"] = {r: pyspy.summarize(f) for r, f in profiling.result().items()}
+            files, errors = profiling.result()
+            out["profile"] = {r: pyspy.summarize(f) for r, f in files.items()}
+            if errors:
+                out["py_spy_errors"] = errors
         if core_raw is not None:  # the run's samples: the file then, less the file before
             out.setdefault("profile", {})["engine_core_loop"] = pyspy.summarize(
                 core_raw, before=core0)
@@ -362,6 +365,8 @@ def report(res: dict) -> None:
     profiles = dict(s.get("profile", {}))
     if "profile" in res.get("offline", {}):
         profiles["offline_engine_loop"] = res["offline"]["profile"]
+    for role, err in s.get("py_spy_errors", {}).items():
+        print(f"  py-spy could not profile the {role}: {err}")
     for role, prof in profiles.items():
         print(f"  profile {role} ({prof['samples']} samples), self %:")
         for pct, frame in prof["self"][:12]:

@@ -10,31 +10,41 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 
+def executable() -> str | None:
+    """py-spy on PATH, or beside this interpreter (a venv's bin that is not on PATH)."""
+    return shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+
+
 def available() -> bool:
-    return shutil.which("py-spy") is not None
+    return executable() is not None
 
 
 def record(pids: dict[str, int], seconds: float, out_dir: Path, delay_s: float = 0.0,
-           rate: int = 200) -> dict[str, Path]:
-    """Profiles each named pid for `seconds` after `delay_s`; returns the raw files. Blocks:
-    run it in a thread beside the load."""
+           rate: int = 200) -> tuple[dict[str, Path], dict[str, str]]:
+    """Profiles each named pid for `seconds` after `delay_s`; returns the raw files and, for
+    each pid py-spy could not profile, its error (where ptrace is refused, say). Blocks: run
+    it in a thread beside the load."""
     time.sleep(delay_s)
     out_dir.mkdir(parents=True, exist_ok=True)
-    procs, files = [], {}
+    procs, files = {}, {}
     for name, pid in pids.items():
         files[name] = out_dir / f"{name}.raw"
-        procs.append(subprocess.Popen(
-            ["py-spy", "record", "-p", str(pid), "-d", str(seconds), "-r", str(rate),
-             "-f", "raw", "-o", str(files[name]), "--nonblocking"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    for p in procs:
-        p.wait(timeout=seconds + 60)
-    return {k: v for k, v in files.items() if v.exists()}
+        procs[name] = subprocess.Popen(
+            [executable() or "py-spy", "record", "-p", str(pid), "-d", str(seconds),
+             "-r", str(rate), "-f", "raw", "-o", str(files[name]), "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    errors = {}
+    for name, p in procs.items():
+        _, err = p.communicate(timeout=seconds + 60)
+        if p.returncode != 0 or not files[name].exists():
+            errors[name] = (err or f"exit {p.returncode}").strip()[:300]  # its first lines
+    return {k: v for k, v in files.items() if v.exists()}, errors
 
 
 def _frame(f: str) -> str:
