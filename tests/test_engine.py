@@ -148,6 +148,64 @@ def test_block_manager_prefix_sharing_and_lru_eviction():
     assert not bm.allocate(_seq("d", 4), 4)
 
 
+def test_table_rows_mirror_every_block_table_through_sharing_growth_and_frees():
+    """The block manager's array (one row per live sequence, gathered per step) holds each
+    sequence's table exactly, padded with 0, while rows are reused and the array grows in
+    both directions (past its 64 rows and 16 columns)."""
+    import random
+
+    from cluster.engine.block_tables import TableRows
+
+    rng = random.Random(3)
+    bm = BlockManager(num_blocks=4096, block_size=4)
+    live: list[Sequence] = []
+    for step in range(600):
+        if live and rng.random() < 0.15:
+            bm.free(live.pop(rng.randrange(len(live))))
+        elif rng.random() < 0.5 or not live:
+            s = _seq(f"s{step}", rng.randrange(1, 40))
+            s.token_ids = [rng.randrange(3) for _ in s.token_ids]  # shared prefixes happen
+            bm.match_prefix(s)
+            assert bm.allocate(s, s.num_tokens)
+            s.num_computed_tokens = s.num_tokens
+            bm.register_full_blocks(s, s.num_tokens)
+            live.append(s)
+        else:  # a sequence grows past its blocks, far past the array's first width
+            s = rng.choice(live)
+            s.token_ids += [7] * rng.randrange(1, 30)
+            assert bm.allocate(s, s.num_tokens)
+        if live:
+            width = max(len(s.block_table) for s in live)
+            got = bm.rows.gather([s.table_row for s in live], width)
+            want = [s.block_table + [0] * (width - len(s.block_table)) for s in live]
+            assert got.tolist() == want
+    assert bm.rows.array.shape[0] > 64 and bm.rows.array.shape[1] > 16
+    rows = TableRows(rows=1, width=1)
+    a = rows.take()
+    rows.put(a, 0, 5)
+    rows.release(a, 1)
+    assert rows.take() == a and rows.gather([a], 1).tolist() == [[0]]  # reused zeroed
+
+
+def test_step_inputs_carry_the_gathered_tables(model_dir, prompts):
+    """Every step's inputs carry its tables gathered from the rows, equal to the array
+    built from the sequences' lists at that moment (chunked prefills, decodes, frees)."""
+    from cluster.engine.cuda_graphs import padded_tables
+
+    eng = make_engine(model_dir, max_num_batched_tokens=16)
+    make_inputs, checked = eng.runner.make_inputs, []
+
+    def spy(batch):
+        inp = make_inputs(batch)
+        checked.append(inp.table_array is not None and
+                       inp.table_array.tolist() == padded_tables(inp.tables).tolist())
+        return inp
+
+    eng.runner.make_inputs = spy
+    eng.generate(prompts, SamplingParams(max_tokens=40, temperature=0.0))
+    assert len(checked) > 40 and all(checked)
+
+
 def test_scheduler_respects_token_budget_and_seq_limit():
     bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=False)
     sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=10)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from itertools import islice
 
+from cluster.engine.block_tables import TableRows
 from cluster.engine.sequence import Sequence
 from cluster.prefix_hash import block_hash, salt_digest, short_digest
 
@@ -29,6 +30,7 @@ class BlockManager:
         self.prefix_queries = 0  # prompt blocks looked up
         self.prefix_hits = 0  # found in this cache (the tiers count their own)
         self.tier = None  # the KV tiers below this cache (kv_tier.KVTier), set by the engine
+        self.rows = TableRows()  # the live tables again, as rows of one array (block_tables.py)
 
     @property
     def num_free(self) -> int:
@@ -67,7 +69,7 @@ class BlockManager:
                 if block is None:
                     break
             h = nh
-            seq.block_table.append(block)
+            self._append(seq, block)
         if self.tier is not None:
             self.tier.done_matching(seq)
         seq.num_hashed_blocks = len(seq.block_table)
@@ -95,8 +97,14 @@ class BlockManager:
         if need > self.num_free:
             return False
         for _ in range(need):
-            seq.block_table.append(self._take_block())
+            self._append(seq, self._take_block())
         return True
+
+    def _append(self, seq: Sequence, block: int) -> None:
+        if seq.table_row < 0:
+            seq.table_row = self.rows.take()
+        self.rows.put(seq.table_row, len(seq.block_table), block)
+        seq.block_table.append(block)
 
     def _take_block(self) -> int:
         if self.free_blocks:
@@ -141,6 +149,9 @@ class BlockManager:
                     self.evictable[block] = None
                 else:
                     self.free_blocks.append(block)
+        if seq.table_row >= 0:
+            self.rows.release(seq.table_row, len(seq.block_table))
+            seq.table_row = -1
         seq.block_table = []
         seq.num_hashed_blocks = 0
         seq.prefix_hash = b""

@@ -130,7 +130,7 @@ class DecodeGraphs:
         self.slots.host[f, n:bs] = self.pad_slot
         self.ctx.host[f, :n] = from_list(inp.ctx, torch.int32)
         self.ctx.host[f, n:bs] = 0
-        tables = padded_tables(inp.tables)
+        tables = inp.padded_tables()
         self.tables.host[f, :n, : tables.shape[1]] = torch.from_numpy(tables)
         for s in (self.ids, self.pos, self.slots, self.ctx, self.tables):
             s.send(f, bs)
@@ -228,7 +228,7 @@ class MixedGraphs:
         self.pos.host[f, nt:t] = 0
         self.slots.host[f, :nt] = from_list(inp.slots)
         self.slots.host[f, nt:t] = self.pad_slot
-        tables = padded_tables(inp.tables)
+        tables = inp.padded_tables()
         self.tables.host[f, :n, : tables.shape[1]] = torch.from_numpy(tables)
         ctx = from_list(inp.ctx, torch.int32)
         self.ctx.host[f, :n] = ctx

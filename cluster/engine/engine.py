@@ -160,6 +160,7 @@ class LLMEngine:
             self._on_all_ranks("capture_mixed_graphs", cfg.max_num_seqs,
                                cfg.max_num_batched_tokens)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.runner.table_rows = self.blocks.rows
         self.blocks.tier = kv_tier.build(self.runner, cfg, model_dir, weights, kv_pool,
                                          max_fetch_wait_s)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from cluster.engine.attention import AttentionMetadata
@@ -59,6 +60,12 @@ class StepInputs:
     # prompt scoring (echo): (sequence, first prompt token scored, count); their logits are
     # those of the positions just before those tokens, taken after the emitting rows'
     scored: list[tuple[int, int, int]] = field(default_factory=list)
+    # `tables` padded into one array, gathered from the block manager's rows (None: built
+    # from the lists, for inputs made without one)
+    table_array: np.ndarray | None = None
+
+    def padded_tables(self) -> np.ndarray:
+        return self.table_array if self.table_array is not None else padded_tables(self.tables)
 
 
 def _emitting(out: torch.Tensor, inp: StepInputs) -> torch.Tensor:
@@ -135,6 +142,7 @@ class ModelRunner:
         self.h_tokens = torch.zeros(2, 0, dtype=torch.int64)  # pinned when first needed
         self.flip = 0
         self.peers = None  # tensor-parallel ranks 1..N-1 (cluster.engine.tp_workers)
+        self.table_rows = None  # the block manager's TableRows, set by the engine
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
         self.kv_tensors: list[torch.Tensor] = []
@@ -180,9 +188,12 @@ class ModelRunner:
     def make_inputs(self, batch: ScheduledBatch) -> StepInputs:
         bs = self.block_size
         inp = StepInputs([], [], [], [], [0], [], [])
+        rows, width = [], 1
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start = seq.num_computed_tokens
             table = seq.block_table
+            rows.append(seq.table_row)
+            width = max(width, len(table))
             if n == 1:  # a decode row (most rows of a big batch): no slices, no generator
                 inp.input_ids.append(seq.token_ids[start])
                 inp.positions.append(start)
@@ -203,6 +214,8 @@ class ModelRunner:
                 last = min(start + n, seq.num_prompt_tokens - 1)
                 if last >= first:
                     inp.scored.append((i, first, last - first + 1))
+        if self.table_rows is not None and rows and min(rows) >= 0:
+            inp.table_array = self.table_rows.gather(rows, width)
         if inp.scored:  # prompt scoring takes logits of rows a graph does not return
             return inp
         if batch.is_decode and self.decode_graphs is not None:
@@ -223,7 +236,7 @@ class ModelRunner:
     def _tensors(self, inp: StepInputs):
         t = self._to_device
 
-        tables = padded_tables(inp.tables)
+        tables = inp.padded_tables()
         q_lens = [b - a for a, b in zip(inp.cu_q, inp.cu_q[1:], strict=False)]
         meta = AttentionMetadata(
             slot_mapping=t(inp.slots, torch.int64),

@@ -78,6 +78,7 @@ class Sequence:
     num_prompt_tokens: int = 0
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
+    table_row: int = -1  # its row in the block manager's TableRows (-1: holds no block)
     num_computed_tokens: int = 0  # tokens whose K/V is already in the cache
     num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache
     num_hashed_blocks: int = 0  # leading blocks of block_table registered in the prefix cache
