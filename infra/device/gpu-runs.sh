@@ -5,6 +5,7 @@
 #
 #   bash infra/device/gpu-runs.sh suite steady engine     # the GPU suite, the engine alone
 #   bash infra/device/gpu-runs.sh streams path profile    # the served path (profile: py-spy)
+#   bash infra/device/gpu-runs.sh idle surface            # GPU idle at batch 64; mixed load
 #
 # Every stage writes its log and --json under $OUT (default ./out) and a line to
 # $OUT/summary.txt; a failing stage does not stop the next one.
@@ -49,6 +50,16 @@ for what in "$@"; do
       stage 8b-fp8-kv $PY -m cluster.bench.engine --preset llama3.1-8b --num-prompts 1000 \
         --output-len 32 512 --temperature 1 --baseline-prompts 0 --check-prompts 0 \
         --quantization fp8 --kv-cache-dtype fp8 --json ;;
+    idle)  # GPU idle between decode steps at batch 64, 0.5B shape, sampled and greedy
+      stage idle-05b-t1 $PY -m cluster.bench.engine --num-prompts 256 --temperature 1 \
+        --baseline-prompts 0 --check-prompts 0 --json
+      stage idle-05b-greedy $PY -m cluster.bench.engine --num-prompts 256 --temperature 0 \
+        --baseline-prompts 0 --check-prompts 0 --json ;;
+    surface)  # structured outputs, logprobs and penalties in one request of four vs plain
+      stage up serve_up
+      stage surface $PY -m cluster.bench.surface --url http://127.0.0.1:8000 --concurrency 256 \
+        --num-prompts 2048 --input-len 128 --output-len 128 --json
+      $PY -m cluster.cli stop > "$OUT/stop.log" 2>&1 ;;
     streams)
       stage up serve_up
       stage streams $PY -m cluster.bench.serve --model tandem-0.5b --concurrency 1000 \
