@@ -228,8 +228,10 @@ def serve_yaml() -> dict:
     """infra/serve.yaml sized for this machine; the model pool keeps num_gpus: 1."""
     doc = yaml.safe_load((ROOT / "infra" / "serve.yaml").read_text())
     args = doc["applications"][0]["args"]
+    # no C++ attention kernel: a fresh host's home builds it on the replica's first start
+    # (~51 s of this test's 2 cores, tests/test_cpu_kernels.py covers it); batched SDPA here
     args["engine"].update(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=256,
-                          cpu_kv_cache_gib=0.02, torch_threads=1)
+                          cpu_kv_cache_gib=0.02, torch_threads=1, cpu_attention_kernel=False)
     args["frontend_pool"].update(num_replicas=1, num_cpus=0.5)
     args["model_pool"].update(num_cpus=0.5)
     return doc

@@ -19,6 +19,7 @@ import copy
 import json
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -113,9 +114,16 @@ def run_engine(engine: LLMEngine, prompts, out_lens, temperature: float = 0.0) -
             "kv_blocks": s.kv_blocks_total, "preemptions": s.preemptions}
 
 
-def _decode_profile(engine: LLMEngine, batch: int, steps: int, temperature: float = 0.0):
-    """Profiles `steps` pure decode steps at a batch size; returns (profiler, wall seconds)."""
+def _decode_profile(engine: LLMEngine, batch: int, steps: int, temperature: float = 0.0,
+                    host_raw: Path | None = None):
+    """Profiles `steps` pure decode steps at a batch size; returns (profiler, wall seconds).
+    host_raw: instead of the CUDA profiler, the host loop's stacks sampled into that file
+    (what the host does while the GPU idles: the sampler slows it, so never both at once)."""
+    from contextlib import nullcontext
+
     from torch.profiler import ProfilerActivity, profile
+
+    from cluster.stack_sampler import StackSampler
 
     params = SamplingParams(temperature=temperature, max_tokens=steps + 20, ignore_eos=True)
     for i in range(batch):
@@ -125,12 +133,17 @@ def _decode_profile(engine: LLMEngine, batch: int, steps: int, temperature: floa
         engine.step()
     engine.step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    sampler = None
+    if host_raw is not None:
+        sampler = StackSampler(host_raw, threading.get_ident(), interval_s=0.001).start()
+    with nullcontext() if sampler else profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
+    if sampler is not None:
+        sampler.stop()
     for i in range(batch):
         engine.abort(f"prof-{i}")
     return prof, wall
@@ -144,6 +157,18 @@ def gpu_idle_fraction(engine: LLMEngine, batch: int, steps: int = 50,
     prof, wall = _decode_profile(engine, batch, steps, temperature)
     busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
     return max(0.0, 1 - busy / wall)
+
+
+def host_profile(engine: LLMEngine, batch: int, steps: int = 200,
+                 temperature: float = 0.0) -> dict:
+    """Where the host loop's time goes in decode steps at a batch size (stack samples every
+    ms; cluster.bench.pyspy's summary), and its ms per step while sampled."""
+    from cluster.bench import pyspy
+
+    raw = Path(tempfile.mkdtemp(prefix="tandem-host-")) / f"decode-{batch}.raw"
+    _, wall = _decode_profile(engine, batch, steps, temperature, host_raw=raw)
+    return {"batch": batch, "ms_per_step_sampled": 1000 * wall / steps,
+            **pyspy.summarize(raw, top=25)}
 
 
 def profile_decode(engine: LLMEngine, batch: int, steps: int = 20) -> None:
@@ -342,6 +367,9 @@ def main(argv=None) -> int:
                     help="of the timed run and the GPU-idle profile (unseeded, as OpenAI "
                     "traffic by default; the correctness check stays greedy)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="sample the host loop in batch-64 decode steps after the idle "
+                         "measurement (where the host's time goes while the GPU idles)")
     ap.add_argument("--profile", action="store_true", help="top CUDA kernels of decode steps")
     args = ap.parse_args(argv)
     if args.device == "cpu" and args.preset != "default" and args.num_prompts == 256:
@@ -432,6 +460,9 @@ def main(argv=None) -> int:
     if args.profile and args.device == "cuda":
         profile_decode(engine, 1)
         profile_decode(engine, 64)
+    if args.host_profile and args.device == "cuda":
+        result["engine"]["host_profile"] = host_profile(engine, min(64, args.max_num_seqs),
+                                                        temperature=args.temperature)
     # --check-prompts 0: a speed run, nothing checked (not "correct")
     result["check"] = None if not check else {"prompts": len(check), "exact_32": sum(matched),
                        "within_tol": sum(within), "tol": tol,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 
 from cluster.bench.path import served, workload
 from cluster.bench.progress import stdout_to_stderr
@@ -32,7 +33,8 @@ FEATURES = {"logprobs": 5, "presence_penalty": 0.5, "frequency_penalty": 0.5,
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cluster.bench.surface", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="deployments/local.yaml")
+    p.add_argument("--config", default="deployments/local.yaml",
+                   help="the app to start, or with --url the one running (its model)")
     p.add_argument("--url", help="a running tandem app (default: start a local cluster)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--num-prompts", type=int, default=64)
@@ -72,6 +74,10 @@ def main(argv=None) -> int:
     res["workload"] = {"concurrency": args.concurrency, "num_prompts": args.num_prompts,
                        "input_len": args.input_len, "output_len": args.output_len,
                        "featured_share": 1 / args.every}
+    if not res["plain"]["output_tok_s"]:  # every plain request failed: say why, no ratio
+        print(f"plain load: no tokens; first error: {res['plain'].get('first_error')}",
+              file=sys.stderr)
+        return 1
     res["mixed_vs_plain"] = res["mixed"]["output_tok_s"] / res["plain"]["output_tok_s"]
     if args.json:
         print(json.dumps(res, indent=2))

@@ -52,12 +52,13 @@ for what in "$@"; do
         --quantization fp8 --kv-cache-dtype fp8 --json ;;
     idle)  # GPU idle between decode steps at batch 64, 0.5B shape, sampled and greedy
       stage idle-05b-t1 $PY -m cluster.bench.engine --num-prompts 256 --temperature 1 \
-        --baseline-prompts 0 --check-prompts 0 --json
+        --baseline-prompts 0 --check-prompts 0 --host-profile --json
       stage idle-05b-greedy $PY -m cluster.bench.engine --num-prompts 256 --temperature 0 \
-        --baseline-prompts 0 --check-prompts 0 --json ;;
+        --baseline-prompts 0 --check-prompts 0 --host-profile --json ;;
     surface)  # structured outputs, logprobs and penalties in one request of four vs plain
       stage up serve_up
-      stage surface $PY -m cluster.bench.surface --url http://127.0.0.1:8000 --concurrency 256 \
+      stage surface $PY -m cluster.bench.surface --config deployments/gpu.yaml \
+        --url http://127.0.0.1:8000 --concurrency 256 \
         --num-prompts 2048 --input-len 128 --output-len 128 --json
       $PY -m cluster.cli stop > "$OUT/stop.log" 2>&1 ;;
     streams)
