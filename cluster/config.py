@@ -71,6 +71,10 @@ class EngineConfig(Strict):
     enable_prefix_caching: bool = Field(True, description="share KV blocks of equal prompt "
                                         "prefixes")
     cuda_graphs: bool = Field(True, description="capture decode and mixed steps in CUDA graphs")
+    deepseek_kernels: bool = Field(True, description="DeepSeek models on a GPU: the routed "
+                                   "experts in one fused Triton MoE kernel pair and MLA decode "
+                                   "in a Triton kernel over the latent cache; false: the "
+                                   "PyTorch paths (the reference)")
     overlap_steps: bool | None = Field(
         None, description="schedule and launch each plain step before the previous one's "
         "tokens are read (the host works while the GPU runs); null: on a GPU only (on the CPU "

@@ -355,6 +355,9 @@ def main(argv=None) -> int:
                     help="prompts given to the transformers baseline (0: skip it)")
     ap.add_argument("--check-prompts", type=int, default=4)
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--no-deepseek-kernels", action="store_true",
+                    help="DeepSeek shapes: the PyTorch MoE and MLA paths (engine."
+                         "deepseek_kernels false)")
     ap.add_argument("--tp", type=int, default=1, help="compare TP=N with TP=1 (Ray actors)")
     ap.add_argument("--dp", action="store_true", help="with --tp N: also N TP=1 replicas")
     ap.add_argument("--quantization", choices=["int8", "fp8"], default=None,
@@ -381,7 +384,8 @@ def main(argv=None) -> int:
         cfg = EngineConfig(device=args.device, dtype=dtype_name,
                            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                            max_num_batched_tokens=args.max_num_batched_tokens,
-                           cuda_graphs=not args.no_cuda_graphs)
+                           cuda_graphs=not args.no_cuda_graphs,
+                           deepseek_kernels=not args.no_deepseek_kernels)
         arch_vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
         prompts, out_lens = workload(args, arch_vocab)
         res = tp_main(args, cfg, folder, prompts, out_lens)
@@ -416,7 +420,8 @@ def main(argv=None) -> int:
     cfg = EngineConfig(device=args.device, dtype=dtype_name, max_model_len=args.max_model_len,
                        max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
-                       cuda_graphs=not args.no_cuda_graphs, torch_threads=None,
+                       cuda_graphs=not args.no_cuda_graphs,
+                           deepseek_kernels=not args.no_deepseek_kernels, torch_threads=None,
                        quantization=args.quantization, fp8_emulation=args.fp8_emulation,
                        kv_cache_dtype=args.kv_cache_dtype,
                        quantize_lm_head={"yes": True, "no": False}.get(args.quantize_lm_head))

@@ -1,5 +1,6 @@
 """Multi-head latent attention (DeepSeek MLA) over a compressed paged cache, in plain PyTorch
-(the CPU engine, and on the GPU until MLA kernels come).
+(the CPU engine, and the reference); on the GPU, after `use_triton()`, the decode rows go to
+the Triton kernel of triton_mla.py instead.
 
 Cache layout, one tensor per layer:
     kv_cache: [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]
@@ -21,10 +22,31 @@ kv_lora_rank + rope wide per head, against nope + rope).
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 
 from cluster.engine.attention import AttentionMetadata
+
+_triton_mla: ModuleType | None = None  # cluster.engine.triton_mla, once use_triton() ran
+
+
+def use_triton(on: bool = True) -> None:
+    """Decode rows over CUDA caches go to the Triton kernel (triton_mla.py); off: to
+    latent_decode. ImportError without Triton, here rather than mid-step."""
+    global _triton_mla
+    if not on:
+        _triton_mla = None
+        return
+    from cluster.engine import triton_mla
+
+    _triton_mla = triton_mla
+
+
+def triton_kernel() -> ModuleType | None:
+    """triton_mla where use_triton() has run, else None."""
+    return _triton_mla
 
 
 def store_latents(entries: torch.Tensor, kv_cache: torch.Tensor,
@@ -44,12 +66,20 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
     w = kv_b_weight.view(heads, -1, rank)
     w_uk, w_uv = w[:, :nope], w[:, nope:]  # [heads, nope, rank], [heads, v, rank]
     out = q_nope.new_empty(tokens, heads, w_uv.shape[1])
-    nd = meta.num_decodes
+    # a decode CUDA graph's metadata counts no decodes on the host: every row is one
+    nd = tokens if meta.is_decode else meta.num_decodes
     if nd:
         q_latent = torch.einsum("thn,hnr->thr", q_nope[:nd], w_uk)
-        o_latent = latent_decode(torch.cat([q_latent, q_pe[:nd]], dim=-1), kv_cache,
-                                 meta.block_tables[:nd], meta.context_lens[:nd],
-                                 meta.context_lens_host[:nd], scale, rank)
+        q_cat = torch.cat([q_latent, q_pe[:nd]], dim=-1)
+        kernel = _triton_mla
+        if kernel is not None and kv_cache.is_cuda and kernel.supports(rank, q_pe.shape[-1]):
+            # reads the paged cache in place and no context length from the host
+            o_latent = kernel.mla_decode(q_cat, kv_cache, meta.block_tables[:nd],
+                                         meta.context_lens[:nd], scale, rank)
+        else:
+            o_latent = latent_decode(q_cat, kv_cache, meta.block_tables[:nd],
+                                     meta.context_lens[:nd], meta.context_lens_host[:nd],
+                                     scale, rank)
         out[:nd] = torch.einsum("thr,hvr->thv", o_latent, w_uv)
     cu = meta.cu_seqlens_q_host
     for b in range(nd, len(meta.context_lens_host)):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cluster.engine import mla_attention
 from cluster.engine.attention import AttentionMetadata
 from cluster.engine.cuda_graphs import (
     DecodeGraph,
@@ -29,6 +30,7 @@ from cluster.engine.model import (
     Ops,
     can_pack_linears,
 )
+from cluster.engine.moe import Experts
 from cluster.engine.parallel import TP
 from cluster.engine.sampler import Picks, prompt_logprobs, sample, sample_on_device
 from cluster.engine.scheduler import ScheduledBatch
@@ -95,7 +97,8 @@ class Launched:
 class ModelRunner:
     def __init__(self, model_dir: str, arch: ModelArch, device: torch.device, dtype: torch.dtype,
                  max_model_len: int, block_size: int, weights=None, tp: TP | None = None,
-                 cpu_kernel: bool = True, kv_dtype: torch.dtype | None = None):
+                 cpu_kernel: bool = True, kv_dtype: torch.dtype | None = None,
+                 deepseek_kernels: bool = True):
         self.arch, self.device, self.dtype = arch, device, dtype
         self.threads = torch.get_num_threads() if device.type == "cpu" else 1  # the engine's
         self.kv_dtype = kv_dtype or dtype  # fp8 (e4m3): attention converts after reading
@@ -124,8 +127,8 @@ class ModelRunner:
         else:
             load_weights(self.model, weights or iter_checkpoint(model_dir), model_dir)
         self.model.eval()
-        # MLA attends over its latent cache in plain PyTorch on every device (deepseek.py):
-        # the C++ decode kernel and the Triton kernels read per-head K/V caches
+        # MLA attends over its latent cache (mla_attention.py), not through these backends:
+        # the C++ decode kernel and the dense Triton kernels read per-head K/V caches
         if not self.mla and device.type == "cpu" and self.kv_dtype == torch.float32 and \
                 cpu_kernel:  # the C++ kernel reads fp32 caches
             from cluster.engine import cpu_kernels
@@ -139,6 +142,15 @@ class ModelRunner:
             except ImportError as err:
                 log.warning("Triton unavailable (%s): gather attention, eager ops", err)
                 self.model.backend = GatherBackend()
+        if self.mla:  # module-wide switches: set either way, a process may build another
+            mla_attention.use_triton(False)
+            Experts.use_triton(False)
+            if device.type == "cuda" and deepseek_kernels:
+                try:
+                    mla_attention.use_triton()
+                    Experts.use_triton()  # no host sync in the routed experts either
+                except ImportError as err:
+                    log.warning("Triton unavailable (%s): DeepSeek in plain PyTorch", err)
         self.h_tokens = torch.zeros(2, 0, dtype=torch.int64)  # pinned when first needed
         self.flip = 0
         self.peers = None  # tensor-parallel ranks 1..N-1 (cluster.engine.tp_workers)
@@ -402,13 +414,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_decode_graphs(self, max_num_seqs: int) -> None:
-        if self.mla:  # MoE reads its expert counts on the host and MLA its context lengths
-            log.info("no decode CUDA graphs for MLA/MoE models yet: eager decode")
+        if self.mla and not self._mla_on_device():
+            # the PyTorch MoE reads its expert counts on the host, latent_decode its
+            # context lengths: neither can be captured
+            log.info("no decode CUDA graphs for DeepSeek without its kernels: eager decode")
             return
         self.decode_graphs = DecodeGraphs(self.model, self.device, *self._graph_room(),
                                           max_num_seqs)
         self._host_tokens(self.decode_graphs.sizes[-1])  # sized now rather than on first use
         self.graph_pool = self.decode_graphs.capture(self.graph_pool)
+
+    def _mla_on_device(self) -> bool:
+        """A DeepSeek decode step reads nothing on the host: its routed experts and its
+        latent attention both run in the Triton kernels."""
+        d = self.arch.deepseek
+        kernel = mla_attention.triton_kernel()
+        return Experts.fused is not None and kernel is not None and \
+            kernel.supports(d.kv_lora_rank, d.qk_rope_head_dim)
 
     @torch.inference_mode()
     def capture_mixed_graphs(self, max_num_seqs: int, max_tokens: int) -> None:

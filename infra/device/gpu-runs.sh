@@ -6,6 +6,7 @@
 #   bash infra/device/gpu-runs.sh suite steady engine     # the GPU suite, the engine alone
 #   bash infra/device/gpu-runs.sh streams path profile    # the served path (profile: py-spy)
 #   bash infra/device/gpu-runs.sh idle surface            # GPU idle at batch 64; mixed load
+#   bash infra/device/gpu-runs.sh deepseek                # its kernels' tests; v2-lite speed
 #
 # Every stage writes its log and --json under $OUT (default ./out) and a line to
 # $OUT/summary.txt; a failing stage does not stop the next one.
@@ -50,6 +51,13 @@ for what in "$@"; do
       stage 8b-fp8-kv $PY -m cluster.bench.engine --preset llama3.1-8b --num-prompts 1000 \
         --output-len 32 512 --temperature 1 --baseline-prompts 0 --check-prompts 0 \
         --quantization fp8 --kv-cache-dtype fp8 --json ;;
+    deepseek)  # the fused MoE and MLA decode kernels against the PyTorch paths, then speed
+      stage deepseek-tests $PY -m pytest -m gpu tests/gpu/test_triton_moe.py \
+        tests/gpu/test_triton_mla.py tests/gpu/test_deepseek_gpu.py -q -p no:cacheprovider
+      stage v2lite-kernels timeout 240 $PY -m cluster.bench.engine --preset deepseek-v2-lite \
+        --baseline-prompts 0 --check-prompts 0 --json
+      stage v2lite-torch timeout 240 $PY -m cluster.bench.engine --preset deepseek-v2-lite \
+        --baseline-prompts 0 --check-prompts 0 --no-deepseek-kernels --json ;;
     idle)  # GPU idle between decode steps at batch 64, 0.5B shape, sampled and greedy
       stage idle-05b-t1 $PY -m cluster.bench.engine --num-prompts 256 --temperature 1 \
         --baseline-prompts 0 --check-prompts 0 --host-profile --json
