@@ -7,6 +7,8 @@ dashboards written for vLLM carry over. Labels are bounded: model, replica, node
 
 from __future__ import annotations
 
+import random
+
 import ray
 from ray.util import metrics
 
@@ -15,6 +17,8 @@ TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 
                  1, 2.5]
 GAP_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1]
 TAGS = ("model", "replica", "node", "node_role")
+# inter-token gaps observed per core report (two a second) at most: see token_gaps
+ITL_OBSERVATIONS_MAX = 2000
 
 
 def base_tags(model: str, replica: str) -> dict[str, str]:
@@ -132,9 +136,17 @@ class EngineMetrics:
         self.queue.observe(queue_s, self.tags)
         self.prefill.observe(prefill_s, self.tags)
 
-    def tokens_after(self, gap_s: float, n: int) -> None:
-        """n tokens that arrived together gap_s after the previous ones."""
-        self.itl.observe(gap_s / n, self.tags)
+    def token_gaps(self, gaps: list, cap: int = ITL_OBSERVATIONS_MAX) -> None:
+        """[gap, rows] pairs from a core report: `rows` outputs whose tokens came `gap` s
+        (per token) after the stream's previous ones. Above `cap` rows a report is sampled
+        in proportion (each count scaled, rounded at random), which keeps the histogram's
+        shape and bounds the observe calls."""
+        total = sum(n for _, n in gaps)
+        scale = min(1.0, cap / total) if total else 1.0
+        for gap, n in gaps:
+            k = n * scale
+            for _ in range(int(k) + (random.random() < k - int(k))):
+                self.itl.observe(gap, self.tags)
 
     def request_done(self, prompt_tokens: int, output_tokens: int, reason: str,
                      ttft_s: float | None, e2e_s: float) -> None:

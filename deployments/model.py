@@ -90,8 +90,7 @@ class ModelReplica:
         obs = report["obs"]
         for queue_s, prefill_s in zip(obs["queue"], obs["prefill"], strict=True):
             m.first_token(queue_s, prefill_s)
-        for gap, n in obs["itl"]:
-            m.tokens_after(gap * n, n)
+        m.token_gaps(obs["itl"])
         for n_prompt, n_out, reason, ttft, e2e in obs["done"]:
             m.request_done(n_prompt, n_out, reason, ttft, e2e)
         if report.get("kv_tier"):

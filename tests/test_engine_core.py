@@ -160,3 +160,41 @@ def test_stats_are_read_from_a_snapshot_while_the_core_runs(core):
     time.sleep(0.1)
     assert c.engine.snapshot.waiting == 0 and c.engine.snapshot.running == 0
     fe.close()
+
+
+def test_inter_token_gaps_travel_grouped_and_are_sampled_in_proportion(core):
+    """A core report carries [gap, rows] pairs: rows of a step share a gap, so 8 streams of
+    10 tokens give 72 rows under a few keys. The replica observes every row up to its cap,
+    and above it a sample in proportion (the histogram keeps its shape)."""
+    from collections import Counter
+
+    from cluster.stage_metrics import EngineMetrics
+
+    c = core()
+    fe = Frontend(c.addr)
+    rids = [f"g{i}" for i in range(8)]
+    for i, rid in enumerate(rids):
+        fe.add(rid, [5 + i, 6, 7], max_tokens=10)
+    out = fe.collect(rids)
+    assert all(len(out[r][0]) == 10 for r in rids)
+    time.sleep(0.1)
+    gaps = c.stats_report(time.monotonic())["obs"]["itl"]
+    assert sum(n for _, n in gaps) == 8 * 9 and len(gaps) < 8 * 9 / 2
+    assert all(g > 0 for g, _ in gaps)
+
+    class Seen:  # the replica's histogram: what it was asked to observe
+        def __init__(self):
+            self.values = Counter()
+
+        def observe(self, value, tags):
+            self.values[value] += 1
+
+    m = EngineMetrics.__new__(EngineMetrics)
+    m.tags, m.itl = {}, Seen()
+    m.token_gaps(gaps)
+    assert m.itl.values == Counter(dict(gaps))  # under the cap: every row
+    m.itl = Seen()
+    m.token_gaps([[0.01, 30_000], [0.02, 10_000]], cap=2_000)
+    fast, slow = m.itl.values[0.01], m.itl.values[0.02]
+    assert fast + slow == 2_000 and 1_400 <= fast <= 1_600  # 3:1, as the rows were
+    fe.close()

@@ -85,15 +85,19 @@ class EngineCore:
         self.stopping = False
         self.requests = self.moved = self.messages = self.aborted = 0
         self.arrivals = 0  # requests offered, refused ones too (fault_error_share)
-        self.obs: dict[str, list] = self._new_obs()
+        self.obs: dict = self._new_obs()
         self.ttfts: deque[tuple[float, float]] = deque(maxlen=1024)
         self.tok_samples: deque[tuple[float, int]] = deque(maxlen=20)
         self._next_tick = 0.0
         self._next_move_check = 0.0
 
     @staticmethod
-    def _new_obs() -> dict[str, list]:
-        return {"ttft": [], "queue": [], "prefill": [], "itl": [], "done": []}
+    def _new_obs() -> dict:
+        # itl: gap -> rows that saw it. The rows of a step that emitted in the step before
+        # share one gap (the same two clocks), so 1,000 streams add a few keys a step, not
+        # 1,000 entries that the replica then observed one by one (~10 us each: 0.65 of a
+        # core at 64k tok/s on an H100 host)
+        return {"ttft": [], "queue": [], "prefill": [], "itl": {}, "done": []}
 
     # ---- the loop
 
@@ -226,8 +230,9 @@ class EngineCore:
                     self.obs["queue"].append(o.queue_s)
                     self.obs["prefill"].append(o.prefill_s)
             else:
-                self.obs["itl"].append(((now - c.last) / len(o.new_token_ids),
-                                        len(o.new_token_ids)))
+                itl = self.obs["itl"]
+                gap = (now - c.last) / len(o.new_token_ids)
+                itl[gap] = itl.get(gap, 0) + 1
             c.n_out += len(o.new_token_ids)
             c.last = now
         if o.finish_reason:
@@ -285,6 +290,7 @@ class EngineCore:
         while eng.idle_gaps:
             gaps.append(eng.idle_gaps.popleft())
         obs, self.obs = self.obs, self._new_obs()
+        obs["itl"] = list(obs["itl"].items())  # [gap, rows] pairs (msgpack maps: str keys)
         return {**self.load_report(), "snapshot": asdict(eng.snapshot),
                 "prefix": list(eng.prefix_digests), "requests": self.requests,
                 "moved": self.moved, "messages": self.messages, "aborted": self.aborted,
