@@ -398,12 +398,14 @@ def main(argv=None) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_cfg = AutoConfig.from_pretrained(folder)
-    if not any(Path(folder).glob("*.safetensors")):  # a shape only: seeded random weights
-        with torch.device(args.device):
-            hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
-    else:
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device)
-    hf.eval()
+    hf = None  # transformers' model: only for the baseline and the greedy check
+    if args.baseline_prompts or args.check_prompts:
+        if not any(Path(folder).glob("*.safetensors")):  # a shape only: seeded random weights
+            with torch.device(args.device):
+                hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device)
+        hf.eval()
     prompts, out_lens = workload(args, hf_cfg.vocab_size)
     result: dict = {"preset": args.preset, "device": args.device, "dtype": dtype_name,
                     "quantization": args.quantization,
@@ -414,45 +416,49 @@ def main(argv=None) -> int:
         k = min(args.baseline_prompts, len(prompts))
         result["baseline"] = run_hf(hf, args.device, prompts[:k], out_lens[:k])
     check = [p[:256] for p in prompts[: args.check_prompts]]
-    expected = hf_greedy(hf, args.device, check, 32)
-    hf_check = hf
 
     cfg = EngineConfig(device=args.device, dtype=dtype_name, max_model_len=args.max_model_len,
                        max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        cuda_graphs=not args.no_cuda_graphs,
-                           deepseek_kernels=not args.no_deepseek_kernels, torch_threads=None,
+                       deepseek_kernels=not args.no_deepseek_kernels, torch_threads=None,
                        quantization=args.quantization, fp8_emulation=args.fp8_emulation,
                        kv_cache_dtype=args.kv_cache_dtype,
                        quantize_lm_head={"yes": True, "no": False}.get(args.quantize_lm_head))
-    # The check runs on an engine holding transformers' weights and a small KV cache. The
-    # timed engine is built after transformers is freed, so that its KV cache is sized as in
-    # a replica (an 8B model alive beside it would take 16 GB of it); a shape preset gets
-    # seeded random weights there (speed does not depend on the values), a checkpoint its own.
-    checker = LLMEngine(folder, cfg.model_copy(update={
-        "num_kv_blocks": -(-args.max_model_len // cfg.block_size) + 64,
-        "max_num_seqs": max(1, len(check)), "enable_prefix_caching": False}),
-        weights=list(hf.state_dict().items()))
-    del hf
-    got = checker.generate(check, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
-    matched = [g == e for g, e in zip(got, expected, strict=True)]
-    # quantized: as bf16 (its rounding errors are of that order), judged in fp32 all the same
-    exact = dtype_name == "float32" and not args.quantization and args.kv_cache_dtype == "auto"
-    tol = 0.0 if exact else 0.1
-    # Judged by the model in fp32: in bf16 our tokens must be within tol of its best logit,
-    # or at worst as close as transformers' own bf16 tokens are (rounding over many layers
-    # moves both implementations off the fp32 picks; a wrong kernel moves far more).
-    ref = hf_check if dtype_name == "float32" else copy.deepcopy(hf_check).float()
-    del hf_check
-    gaps = [greedy_gap(ref, args.device, p, g) for p, g in zip(check, got, strict=True)]
-    own = [0.0 if dtype_name == "float32" else greedy_gap(ref, args.device, p, e)[0]
-           for p, e in zip(check, expected, strict=True)]
-    # a failed request ends short: that is wrong however close its few tokens are
-    within = [len(g) == 32 and gap <= max(allowed_gap(tol, scale), hf_gap)
-              for g, (gap, scale), hf_gap in zip(got, gaps, own, strict=True)]
-    errors = [logit_error(ref, args.device, checker, p + g) for p, g in zip(check, got,
-                                                                             strict=True)]
-    del ref, checker
+    within: list[bool] = []
+    if not check:  # a speed run: no fp32 copy of the model (a 31 GB bf16 one would not fit)
+        del hf
+    else:
+        expected = hf_greedy(hf, args.device, check, 32)
+        hf_check = hf
+        # The check runs on an engine holding transformers' weights and a small KV cache. The
+        # timed engine is built after transformers is freed, so that its KV cache is sized as in
+        # a replica (an 8B model alive beside it would take 16 GB of it); a shape preset gets
+        # seeded random weights there (speed does not depend on the values), a checkpoint its own.
+        checker = LLMEngine(folder, cfg.model_copy(update={
+            "num_kv_blocks": -(-args.max_model_len // cfg.block_size) + 64,
+            "max_num_seqs": max(1, len(check)), "enable_prefix_caching": False}),
+            weights=list(hf.state_dict().items()))
+        del hf
+        got = checker.generate(check, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+        matched = [g == e for g, e in zip(got, expected, strict=True)]
+        # quantized: as bf16 (its rounding errors are of that order), judged in fp32 all the same
+        exact = dtype_name == "float32" and not args.quantization and args.kv_cache_dtype == "auto"
+        tol = 0.0 if exact else 0.1
+        # Judged by the model in fp32: in bf16 our tokens must be within tol of its best logit,
+        # or at worst as close as transformers' own bf16 tokens are (rounding over many layers
+        # moves both implementations off the fp32 picks; a wrong kernel moves far more).
+        ref = hf_check if dtype_name == "float32" else copy.deepcopy(hf_check).float()
+        del hf_check
+        gaps = [greedy_gap(ref, args.device, p, g) for p, g in zip(check, got, strict=True)]
+        own = [0.0 if dtype_name == "float32" else greedy_gap(ref, args.device, p, e)[0]
+               for p, e in zip(check, expected, strict=True)]
+        # a failed request ends short: that is wrong however close its few tokens are
+        within = [len(g) == 32 and gap <= max(allowed_gap(tol, scale), hf_gap)
+                  for g, (gap, scale), hf_gap in zip(got, gaps, own, strict=True)]
+        errors = [logit_error(ref, args.device, checker, p + g) for p, g in zip(check, got,
+                                                                                 strict=True)]
+        del ref, checker
     if args.device == "cuda":
         torch.cuda.empty_cache()
     checkpoint = any(Path(folder).glob("*.safetensors"))

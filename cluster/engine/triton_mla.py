@@ -28,8 +28,8 @@ def _mla_split_kernel(
     stride_qb, stride_qh, stride_kb, stride_ks, stride_tb,
     stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
     HEADS: tl.constexpr, BLOCK_H: tl.constexpr, RANK: tl.constexpr, ROPE: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    RANK_P: tl.constexpr, ROPE_P: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     hb = tl.program_id(1)
@@ -41,22 +41,30 @@ def _mla_split_kernel(
 
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     live = h < HEADS  # padding heads: zero queries, never stored
-    lat = tl.arange(0, RANK)
-    pe = RANK + tl.arange(0, ROPE)
+    # widths padded to powers of two (tl.arange) of at least 16 (tl.dot), masked past them
+    lat = tl.arange(0, RANK_P)
+    lat_ok = lat < RANK
+    pe_at = tl.arange(0, ROPE_P)
+    pe_ok = pe_at < ROPE
+    pe = RANK + pe_at
     q_row = q_ptr + b * stride_qb + h[:, None] * stride_qh
     kv_dtype = kv_ptr.dtype.element_ty
-    q_lat = tl.load(q_row + lat[None, :], mask=live[:, None], other=0.0).to(kv_dtype)
-    q_pe = tl.load(q_row + pe[None, :], mask=live[:, None], other=0.0).to(kv_dtype)
+    q_lat = tl.load(q_row + lat[None, :], mask=live[:, None] & lat_ok[None, :],
+                    other=0.0).to(kv_dtype)
+    q_pe = tl.load(q_row + pe[None, :], mask=live[:, None] & pe_ok[None, :],
+                   other=0.0).to(kv_dtype)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     ell = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, RANK], tl.float32)
+    acc = tl.zeros([BLOCK_H, RANK_P], tl.float32)
     for n0 in range(start, end, BLOCK_N):  # every tile holds at least one live token
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < end
         block = tl.load(tables_ptr + b * stride_tb + n // PAGE, mask=valid, other=0)
         entry = kv_ptr + block.to(tl.int64) * stride_kb + (n % PAGE) * stride_ks
-        k_lat = tl.load(entry[:, None] + lat[None, :], mask=valid[:, None], other=0.0)
-        k_pe = tl.load(entry[:, None] + pe[None, :], mask=valid[:, None], other=0.0)
+        k_lat = tl.load(entry[:, None] + lat[None, :], mask=valid[:, None] & lat_ok[None, :],
+                        other=0.0)
+        k_pe = tl.load(entry[:, None] + pe[None, :], mask=valid[:, None] & pe_ok[None, :],
+                       other=0.0)
         s = tl.dot(q_lat, tl.trans(k_lat), input_precision=PRECISION)
         s = tl.dot(q_pe, tl.trans(k_pe), acc=s, input_precision=PRECISION)
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
@@ -70,18 +78,20 @@ def _mla_split_kernel(
     o = acc / tl.where(has, ell, 1.0)[:, None]
     if NUM_SPLITS == 1:
         tl.store(out_ptr + b * stride_ob + h[:, None] * stride_oh + lat[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=live[:, None])
+                 o.to(out_ptr.dtype.element_ty), mask=live[:, None] & lat_ok[None, :])
     else:
         lse = tl.where(has, m + tl.log2(tl.where(has, ell, 1.0)), float("-inf"))
         mid = b * stride_mb + h * stride_mh + split * stride_ms
-        tl.store(mid_o_ptr + mid[:, None] + lat[None, :], o, mask=live[:, None])
+        tl.store(mid_o_ptr + mid[:, None] + lat[None, :], o,
+                 mask=live[:, None] & lat_ok[None, :])
         tl.store(mid_lse_ptr + b * stride_lb + h * stride_lh + split, lse, mask=live)
 
 
 @triton.jit
 def _mla_merge_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_mb, stride_mh, stride_ms,
                       stride_lb, stride_lh, stride_ob, stride_oh, RANK: tl.constexpr,
-                      NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                      RANK_P: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                      SPLITS_PAD: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
@@ -90,19 +100,26 @@ def _mla_merge_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_mb, stride_mh, str
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)  # a row of context 0: every weight is 0
     total = tl.sum(tl.exp2(lse - m), 0)
-    lat = tl.arange(0, RANK)
+    lat = tl.arange(0, RANK_P)
+    lat_ok = lat < RANK
     o_at = mid_o_ptr + b * stride_mb + h * stride_mh + lat
-    acc = tl.zeros([RANK], tl.float32)
+    acc = tl.zeros([RANK_P], tl.float32)
     for i in range(NUM_SPLITS):  # one split's [RANK] at a time, not all of them at once
         w = tl.exp2(tl.load(lse_at + i) - m)
-        acc += w * tl.load(o_at + i * stride_ms)
+        acc += w * tl.load(o_at + i * stride_ms, mask=lat_ok, other=0.0)
     res = acc / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + lat, res.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + lat, res.to(out_ptr.dtype.element_ty),
+             mask=lat_ok)
 
 
 def supports(rank: int, rope: int) -> bool:
-    """Widths the kernel takes: powers of two (tl.arange), at least 16 (tl.dot)."""
-    return all(x >= 16 and x & (x - 1) == 0 for x in (rank, rope))
+    """Widths the kernel takes: any, padded (and masked) to powers of two of at least 16;
+    a [BLOCK_H, rank] accumulator must fit a program's registers."""
+    return 1 <= rank <= 1024 and 1 <= rope <= 256
+
+
+def _padded(width: int) -> int:
+    return max(16, triton.next_power_of_2(width))
 
 
 def _num_splits(device: torch.device, batch: int, head_blocks: int, max_context: int) -> int:
@@ -143,7 +160,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1),
         block_tables.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
-        HEADS=heads, BLOCK_H=block_h, RANK=rank, ROPE=rope, PAGE=page,
+        HEADS=heads, BLOCK_H=block_h, RANK=rank, ROPE=rope, RANK_P=_padded(rank),
+        ROPE_P=_padded(rope), PAGE=page,
         BLOCK_N=block_n or (16 if wide else 32), NUM_SPLITS=splits,
         # tl.dot rounds fp32 inputs to tf32 by default: an fp32 cache stays fp32
         PRECISION="ieee" if wide else "tf32", num_warps=num_warps, num_stages=num_stages)
@@ -151,6 +169,6 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
         _mla_merge_kernel[(batch, heads)](
             mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1), RANK=rank,
-            NUM_SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
-            num_warps=4)
+            RANK_P=_padded(rank), NUM_SPLITS=splits,
+            SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out
