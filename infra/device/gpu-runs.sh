@@ -54,14 +54,15 @@ for what in "$@"; do
     deepseek)  # the fused MoE and MLA decode kernels against the PyTorch paths, then speed
       stage deepseek-tests $PY -m pytest -m gpu tests/gpu/test_triton_moe.py \
         tests/gpu/test_triton_mla.py tests/gpu/test_deepseek_gpu.py -q -p no:cacheprovider
-      stage v2lite-kernels timeout 200 $PY -m cluster.bench.engine --preset deepseek-v2-lite \
+      stage v2lite-kernels timeout 150 $PY -m cluster.bench.engine --preset deepseek-v2-lite \
         --baseline-prompts 0 --check-prompts 0 --json
       # the PyTorch paths beside the kernels on a shorter run (their eager MoE is slow)
-      stage v2lite-short-kernels timeout 120 $PY -m cluster.bench.engine \
-        --preset deepseek-v2-lite --output-len 64 64 --baseline-prompts 0 --check-prompts 0 --json
-      stage v2lite-short-torch timeout 150 $PY -m cluster.bench.engine \
-        --preset deepseek-v2-lite --output-len 64 64 --baseline-prompts 0 --check-prompts 0 \
-        --no-deepseek-kernels --json ;;
+      for how in kernels torch; do
+        stage v2lite-short-$how timeout 100 $PY -m cluster.bench.engine \
+          --preset deepseek-v2-lite --num-prompts 64 --input-len 100 512 --output-len 64 64 \
+          --baseline-prompts 0 --check-prompts 0 --json \
+          $([ $how = torch ] && echo --no-deepseek-kernels)
+      done ;;
     idle)  # GPU idle between decode steps at batch 64, 0.5B shape, sampled and greedy
       stage idle-05b-t1 $PY -m cluster.bench.engine --num-prompts 256 --temperature 1 \
         --baseline-prompts 0 --check-prompts 0 --host-profile --json
