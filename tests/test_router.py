@@ -195,8 +195,10 @@ def test_hot_replica_gets_no_new_work_and_hands_its_queue_to_a_cool_one(app_url)
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
         def ask(i):
+            # ignore_eos: 12 tokens whatever the random model says (it may pick EOS early)
             return client.completions.create(model="tandem-tiny", prompt="Tell me a story",
-                                             max_tokens=12, temperature=0)
+                                             max_tokens=12, temperature=0,
+                                             extra_body={"ignore_eos": True})
 
         with ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(ask, range(36)))
