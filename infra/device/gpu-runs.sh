@@ -54,11 +54,11 @@ for what in "$@"; do
     deepseek)  # the fused MoE and MLA decode kernels against the PyTorch paths, then speed
       stage deepseek-tests $PY -m pytest -m gpu tests/gpu/test_triton_moe.py \
         tests/gpu/test_triton_mla.py tests/gpu/test_deepseek_gpu.py -q -p no:cacheprovider
-      stage v2lite-kernels timeout 150 $PY -m cluster.bench.engine --preset deepseek-v2-lite \
+      stage v2lite-kernels timeout 130 $PY -m cluster.bench.engine --preset deepseek-v2-lite \
         --baseline-prompts 0 --check-prompts 0 --json
       # the PyTorch paths beside the kernels on a shorter run (their eager MoE is slow)
       for how in kernels torch; do
-        stage v2lite-short-$how timeout 100 $PY -m cluster.bench.engine \
+        stage v2lite-short-$how timeout 80 $PY -m cluster.bench.engine \
           --preset deepseek-v2-lite --num-prompts 64 --input-len 100 512 --output-len 64 64 \
           --baseline-prompts 0 --check-prompts 0 --json \
           $([ $how = torch ] && echo --no-deepseek-kernels)
