@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -32,7 +31,7 @@ import httpx
 import numpy as np
 
 from cluster import stack_sampler
-from cluster.bench import pyspy
+from cluster.bench import clients, pyspy
 from cluster.bench.progress import progress, stdout_to_stderr
 from cluster.bench.serve import one as serve_one
 from cluster.bench.serve import pcts, session
@@ -96,15 +95,14 @@ async def one(client: aiohttp.ClientSession, url: str, model: str, prompt: list[
     return r
 
 
-# Streams per client process. One Python process parses every SSE event of its streams
-# (~20 us each): at concurrency 256 on a GPU (2 ms a token) one process would have to parse
-# ~120,000 events a second and would be what got measured. Processes take at most half the
-# host's cores, the other half being the served path's.
+# Streams per client process: at concurrency 256 on a GPU (2 ms a token) one process would
+# have to parse ~120,000 SSE events a second; processes take at most half the host's cores,
+# the other half being the served path's (cluster/bench/clients.py)
 CLIENT_STREAMS = 32
 
 
 def client_processes(concurrency: int) -> int:
-    return max(1, min((os.cpu_count() or 2) // 2, -(-concurrency // CLIENT_STREAMS)))
+    return clients.processes(concurrency, CLIENT_STREAMS, (os.cpu_count() or 2) // 2)
 
 
 async def _drive(url: str, model: str, prompts, out_len: int, concurrency: int, desc: str,
@@ -112,31 +110,16 @@ async def _drive(url: str, model: str, prompts, out_len: int, concurrency: int, 
                  position: int | None = None) -> tuple[list[dict], float, float]:
     """One client process's share: its requests, at most `concurrency` in flight; they start
     at `start_at` (the host's monotonic clock, which every process shares) when given."""
-    sem = asyncio.Semaphore(concurrency)
-    results: list[dict] = []
     async with session(concurrency, 600) as client:
         await one(client, url, model, prompts[0][:16], 4)  # warm: connections, caches
-        if start_at is not None:
-            await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
-        with progress(total=len(prompts), desc=desc, unit="req", position=position) as bar:
-            async def task(i, p):
-                async with sem:
-                    results.append(await one(client, url, model, p, out_len,
-                                             extras[i] if extras else None))
-                    bar.update()
-
-            start = time.perf_counter()
-            await asyncio.gather(*(task(i, p) for i, p in enumerate(prompts)))
-            end = time.perf_counter()
-    return results, start, end
+        return await clients.drive(
+            lambda i: one(client, url, model, prompts[i], out_len,
+                          extras[i] if extras else None),
+            len(prompts), concurrency, start_at=start_at, desc=desc, position=position)
 
 
 def _shard(*args) -> tuple[list[dict], float, float]:
     return asyncio.run(_drive(*args))
-
-
-def _ready(_: int) -> None:
-    time.sleep(0.2)  # held, so that each of the pool's workers takes one and starts
 
 
 async def served(url: str, model: str, prompts, out_len: int, concurrency: int,
@@ -150,15 +133,9 @@ async def served(url: str, model: str, prompts, out_len: int, concurrency: int,
         results, start, end = await _drive(url, model, prompts, out_len, concurrency, desc,
                                            extras)
     else:
-        loop = asyncio.get_running_loop()
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(n, mp_context=ctx) as pool:
-            list(pool.map(_ready, range(n)))  # every worker spawned and imported first
-            start_at = time.perf_counter() + 1.0
-            shards = await asyncio.gather(*(loop.run_in_executor(
-                pool, _shard, url, model, prompts[i::n], out_len, -(-concurrency // n),
-                f"{desc} {i}", extras[i::n] if extras else None, start_at, i)
-                for i in range(n)))
+        shards = await clients.in_processes(_shard, n, lambda i, start_at: (
+            url, model, prompts[i::n], out_len, -(-concurrency // n), f"{desc} {i}",
+            extras[i::n] if extras else None, start_at, i))
         results = [r for shard in shards for r in shard[0]]
         start, end = min(sh[1] for sh in shards), max(sh[2] for sh in shards)
     elapsed = end - start

@@ -24,18 +24,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
-import os
 import random
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import aiohttp
 import httpx
 import numpy as np
 
-from cluster.bench.progress import progress
+from cluster.bench import clients
 
 CLIENT_STREAMS = 200  # concurrent streams per client process
 WORDS = ("the of and to in is was for on that with as by at from it an be this are or "
@@ -227,46 +224,32 @@ def utilization_reader(args):
 
 
 async def drive(args, prompts: list[str], lens: list[int], concurrency: int,
-                rate: float | None, seed: int, shard: int | None = None) -> list[dict]:
+                rate: float | None, seed: int, shard: int | None = None,
+                start_at: float | None = None) -> tuple[list[dict], float, float]:
     """One client process's requests: at most `concurrency` in flight, Poisson arrivals at
-    `rate` when given. Client processes (`shard`) show a bar each, one line apiece."""
-    sem = asyncio.Semaphore(concurrency)
-    results: list[dict] = []
-    start = time.perf_counter()
-    desc = "requests" if shard is None else f"client {shard}"
-    with progress(total=len(prompts), desc=desc, unit="req", position=shard) as bar:
-        async with session(concurrency, args.timeout) as client:
-            async def task(p: str, n: int) -> None:
-                async with sem:
-                    results.append(await one(client, args.url, args.model, p, n, args.api_key))
-                    bar.update()
-
-            tasks = []
-            arrivals = np.random.default_rng(seed)
-            for p, n in zip(prompts, lens, strict=True):
-                if args.duration and time.perf_counter() - start > args.duration:
-                    break
-                tasks.append(asyncio.create_task(task(p, n)))
-                if rate:
-                    await asyncio.sleep(arrivals.exponential(1.0 / rate))
-            await asyncio.gather(*tasks)
-    return results
+    `rate` when given; the results and when they started and ended. Client processes
+    (`shard`) show a bar each, one line apiece."""
+    async with session(concurrency, args.timeout) as client:
+        return await clients.drive(
+            lambda i: one(client, args.url, args.model, prompts[i], lens[i], args.api_key),
+            len(prompts), concurrency, rate=rate, seed=seed, duration_s=args.duration,
+            start_at=start_at, desc="requests" if shard is None else f"client {shard}",
+            position=shard)
 
 
-def drive_shard(args, prompts, lens, shard: int, workers: int) -> list[dict]:
+def drive_shard(args, prompts, lens, shard: int, workers: int, start_at: float
+                ) -> tuple[list[dict], float, float]:
     """Worker process: every workers-th request, its share of the concurrency and rate."""
     conc = -(-args.concurrency // workers)
     rate = args.request_rate / workers if args.request_rate else None
     return asyncio.run(drive(args, prompts[shard::workers], lens[shard::workers], conc, rate,
-                             args.seed + shard, shard))
+                             args.seed + shard, shard, start_at))
 
 
 def client_processes(args) -> int:
     """One Python client tops out near a few hundred streams (it parses every SSE event):
     more streams get more processes, so that the client is never what is measured."""
-    if args.workers:
-        return args.workers
-    return max(1, min(os.cpu_count() or 1, -(-args.concurrency // CLIENT_STREAMS)))
+    return args.workers or clients.processes(args.concurrency, CLIENT_STREAMS)
 
 
 async def run(args) -> dict:
@@ -279,19 +262,16 @@ async def run(args) -> dict:
     read = utilization_reader(args)
     sampler = asyncio.create_task(sample_utilization(read, stop)) if read else None
     workers = client_processes(args)
-    start = time.perf_counter()
     if workers == 1:
-        results = await drive(args, prompts, lens, args.concurrency, args.request_rate,
-                              args.seed)
+        results, start, end = await drive(args, prompts, lens, args.concurrency,
+                                          args.request_rate, args.seed)
     else:
         print(f"{workers} client processes", file=sys.stderr)
-        loop = asyncio.get_running_loop()
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            shards = await asyncio.gather(*(loop.run_in_executor(
-                pool, drive_shard, args, prompts, lens, i, workers) for i in range(workers)))
-        results = [r for shard in shards for r in shard]
-    wall = time.perf_counter() - start
+        shards = await clients.in_processes(drive_shard, workers, lambda i, start_at: (
+            args, prompts, lens, i, workers, start_at))
+        results = [r for shard in shards for r in shard[0]]
+        start, end = min(sh[1] for sh in shards), max(sh[2] for sh in shards)
+    wall = end - start  # from the first request sent to the last answer (not the spawns)
     stop.set()
     utilization = await sampler if sampler else None
     engine = None
