@@ -206,6 +206,52 @@ def test_step_inputs_carry_the_gathered_tables(model_dir, prompts):
     assert len(checked) > 40 and all(checked)
 
 
+def test_table_rows_stay_exact_through_preemption_aborts_and_siblings(model_dir):
+    """A small KV cache (preemptions), steps launched one ahead, aborts, sibling requests
+    that share a prompt's blocks, logprob rows: at every step each live sequence's row
+    mirrors its list, no two share a row, and at the end every row is free and zeroed."""
+    import random
+
+    from cluster.engine.cuda_graphs import padded_tables
+
+    eng = make_engine(model_dir, max_model_len=160, num_kv_blocks=14,
+                      max_num_batched_tokens=64)
+    make_inputs, bad = eng.runner.make_inputs, []
+
+    def spy(batch):
+        inp = make_inputs(batch)
+        rows = [s.table_row for s in eng.seqs.values() if s.table_row >= 0]
+        if len(set(rows)) != len(rows):
+            bad.append(("shared row", rows))
+        if any(s.block_table and s.table_row < 0 for s in eng.seqs.values()):
+            bad.append("a table without a row")
+        if inp.table_array is None or \
+                inp.table_array.tolist() != padded_tables(inp.tables).tolist():
+            bad.append("tables differ")
+        return inp
+
+    eng.runner.make_inputs = spy
+    rng = random.Random(1)
+    for i in range(150):
+        if rng.random() < 0.3:
+            prompt = [rng.randrange(3, 50) for _ in range(rng.randrange(5, 60))]
+            p = SamplingParams(max_tokens=rng.randrange(5, 60), temperature=rng.choice([0, 1]),
+                               ignore_eos=True, logprobs=rng.choice([None, None, 2]))
+            eng.add_request(f"r{i}", prompt, p)
+            if rng.random() < 0.3:
+                eng.add_request(f"r{i}b", prompt, p, after=f"r{i}")
+        if eng.seqs and rng.random() < 0.05:
+            eng.abort(rng.choice(list(eng.seqs)))
+        if eng.has_work():
+            eng.step()
+    while eng.has_work():
+        eng.step()
+    assert not bad, bad[:5]
+    assert eng.scheduler.num_preemptions > 0
+    rows = eng.blocks.rows
+    assert len(rows.free_rows) == rows.array.shape[0] and not rows.array.any()
+
+
 def test_scheduler_respects_token_budget_and_seq_limit():
     bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=False)
     sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=10)

@@ -136,14 +136,16 @@ def _decode_profile(engine: LLMEngine, batch: int, steps: int, temperature: floa
     sampler = None
     if host_raw is not None:
         sampler = StackSampler(host_raw, threading.get_ident(), interval_s=0.001).start()
-    with nullcontext() if sampler else profile(activities=[ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-    if sampler is not None:
-        sampler.stop()
+    try:
+        with nullcontext() if sampler else profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+    finally:
+        if sampler is not None:
+            sampler.stop()
     for i in range(batch):
         engine.abort(f"prof-{i}")
     return prof, wall

@@ -9,8 +9,9 @@ o_proj by input columns) and every MLP's intermediate width (dense, shared and e
 expert: gate/up by rows, down by columns), with one all-reduce after attention and one after
 the MLP or MoE block. The low-rank q_a / kv_a projections and the router are replicated, and so
 is the latent cache: each rank stores every token's [latent, k_pe] (it is one vector per token,
-not per head; vLLM's MLA keeps it whole on each rank too). Plain PyTorch on every
-device: the runner gives these models no Triton attention and no decode CUDA graphs yet.
+not per head; vLLM's MLA keeps it whole on each rank too). Plain PyTorch on the CPU; on a
+GPU the runner gives the routed experts and MLA decode their Triton kernels (moe.Experts.fused,
+MLAttention.kernel), and decode steps then replay CUDA graphs.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.v_dim, h, bias=arch.attention_bias)
         self.scale = dims.rope.softmax_scale(dims.qk_head_dim)
         self.kv_cache = torch.empty(0)  # bound by the model runner
+        self.kernel = None  # triton_mla for decode rows on a GPU, set by the model runner
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -117,7 +119,8 @@ class MLAttention(nn.Module):
         q_pe, k_pe = self.rotary(positions, q_pe, k_pe)
         store_latents(torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1), self.kv_cache,
                       meta.slot_mapping)
-        o = mla_attention(q_nope, q_pe, self.kv_cache, self.kv_b_proj.weight, meta, self.scale)
+        o = mla_attention(q_nope, q_pe, self.kv_cache, self.kv_b_proj.weight, meta, self.scale,
+                          self.kernel)
         return self.tp.all_reduce(self.o_proj(o.reshape(len(x), -1)))
 
 

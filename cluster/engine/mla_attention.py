@@ -1,6 +1,6 @@
 """Multi-head latent attention (DeepSeek MLA) over a compressed paged cache, in plain PyTorch
-(the CPU engine, and the reference); on the GPU, after `use_triton()`, the decode rows go to
-the Triton kernel of triton_mla.py instead.
+(the CPU engine, and the reference); on the GPU, given the kernel (triton_mla.py, chosen per
+model by the model runner), the decode rows go to it instead.
 
 Cache layout, one tensor per layer:
     kv_cache: [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]
@@ -29,25 +29,6 @@ import torch.nn.functional as F
 
 from cluster.engine.attention import AttentionMetadata
 
-_triton_mla: ModuleType | None = None  # cluster.engine.triton_mla, once use_triton() ran
-
-
-def use_triton(on: bool = True) -> None:
-    """Decode rows over CUDA caches go to the Triton kernel (triton_mla.py); off: to
-    latent_decode. ImportError without Triton, here rather than mid-step."""
-    global _triton_mla
-    if not on:
-        _triton_mla = None
-        return
-    from cluster.engine import triton_mla
-
-    _triton_mla = triton_mla
-
-
-def triton_kernel() -> ModuleType | None:
-    """triton_mla where use_triton() has run, else None."""
-    return _triton_mla
-
 
 def store_latents(entries: torch.Tensor, kv_cache: torch.Tensor,
                   slot_mapping: torch.Tensor) -> None:
@@ -56,8 +37,8 @@ def store_latents(entries: torch.Tensor, kv_cache: torch.Tensor,
 
 
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
-                  kv_b_weight: torch.Tensor, meta: AttentionMetadata, scale: float
-                  ) -> torch.Tensor:
+                  kv_b_weight: torch.Tensor, meta: AttentionMetadata, scale: float,
+                  kernel: ModuleType | None = None) -> torch.Tensor:
     """q_nope [T, heads, nope], q_pe [T, heads, rope] (rotated); kv_b_weight
     [heads * (nope + v), kv_lora_rank]. Returns [T, heads, v]. The step's decode rows (first,
     one query each) attend in latent space together; prefill chunks one expanded SDPA each."""
@@ -71,7 +52,6 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
     if nd:
         q_latent = torch.einsum("thn,hnr->thr", q_nope[:nd], w_uk)
         q_cat = torch.cat([q_latent, q_pe[:nd]], dim=-1)
-        kernel = _triton_mla
         if kernel is not None and kv_cache.is_cuda and kernel.supports(rank, q_pe.shape[-1]):
             # reads the paged cache in place and no context length from the host
             o_latent = kernel.mla_decode(q_cat, kv_cache, meta.block_tables[:nd],

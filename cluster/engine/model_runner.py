@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cluster.engine import mla_attention
 from cluster.engine.attention import AttentionMetadata
 from cluster.engine.cuda_graphs import (
     DecodeGraph,
@@ -17,7 +16,7 @@ from cluster.engine.cuda_graphs import (
     leading_ones,
     padded_tables,
 )
-from cluster.engine.deepseek import DeepseekForCausalLM
+from cluster.engine.deepseek import DeepseekForCausalLM, MLAttention
 from cluster.engine.deepseek_loader import synthetic_deepseek_weights
 from cluster.engine.gpu_backends import GatherBackend, TritonBackend
 from cluster.engine.host_tensor import from_list
@@ -142,15 +141,11 @@ class ModelRunner:
             except ImportError as err:
                 log.warning("Triton unavailable (%s): gather attention, eager ops", err)
                 self.model.backend = GatherBackend()
-        if self.mla:  # module-wide switches: set either way, a process may build another
-            mla_attention.use_triton(False)
-            Experts.use_triton(False)
-            if device.type == "cuda" and deepseek_kernels:
-                try:
-                    mla_attention.use_triton()
-                    Experts.use_triton()  # no host sync in the routed experts either
-                except ImportError as err:
-                    log.warning("Triton unavailable (%s): DeepSeek in plain PyTorch", err)
+        # DeepSeek on a GPU: the routed experts and MLA decode in Triton, so that a decode
+        # step reads nothing on the host (its CUDA graph can be captured)
+        self.deepseek_on_device = False
+        if self.mla and device.type == "cuda" and deepseek_kernels:
+            self._use_deepseek_kernels()
         self.h_tokens = torch.zeros(2, 0, dtype=torch.int64)  # pinned when first needed
         self.flip = 0
         self.peers = None  # tensor-parallel ranks 1..N-1 (cluster.engine.tp_workers)
@@ -414,7 +409,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_decode_graphs(self, max_num_seqs: int) -> None:
-        if self.mla and not self._mla_on_device():
+        if self.mla and not self.deepseek_on_device:
             # the PyTorch MoE reads its expert counts on the host, latent_decode its
             # context lengths: neither can be captured
             log.info("no decode CUDA graphs for DeepSeek without its kernels: eager decode")
@@ -424,13 +419,23 @@ class ModelRunner:
         self._host_tokens(self.decode_graphs.sizes[-1])  # sized now rather than on first use
         self.graph_pool = self.decode_graphs.capture(self.graph_pool)
 
-    def _mla_on_device(self) -> bool:
-        """A DeepSeek decode step reads nothing on the host: its routed experts and its
-        latent attention both run in the Triton kernels."""
+    def _use_deepseek_kernels(self) -> None:
+        try:
+            from cluster.engine import triton_mla, triton_moe
+        except ImportError as err:
+            log.warning("Triton unavailable (%s): DeepSeek in plain PyTorch", err)
+            return
         d = self.arch.deepseek
-        kernel = mla_attention.triton_kernel()
-        return Experts.fused is not None and kernel is not None and \
-            kernel.supports(d.kv_lora_rank, d.qk_rope_head_dim)
+        if not triton_mla.supports(d.kv_lora_rank, d.qk_rope_head_dim):
+            log.warning("MLA widths %d + %d outside the Triton kernel's: DeepSeek in plain "
+                        "PyTorch", d.kv_lora_rank, d.qk_rope_head_dim)
+            return
+        for m in self.model.modules():
+            if isinstance(m, Experts):
+                m.fused = triton_moe.fused_experts
+            elif isinstance(m, MLAttention):
+                m.kernel = triton_mla
+        self.deepseek_on_device = True
 
     @torch.inference_mode()
     def capture_mixed_graphs(self, max_num_seqs: int, max_tokens: int) -> None:

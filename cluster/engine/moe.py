@@ -4,7 +4,7 @@ routed experts as stacked weights, the shared experts.
 The experts run grouped: the (token, expert) assignments are sorted by expert, each active
 expert runs one matmul pair over its tokens, and the weighted outputs are summed back per token
 with one index_add. The Python loop is over experts, never tokens. The expert counts read here
-sync the host; on the GPU, once `Experts.use_triton()` has run, the fused kernels of
+sync the host; on the GPU, where the model runner set `Experts.fused`, the fused kernels of
 `triton_moe` replace this path (no host sync, so a step can be captured in a CUDA graph).
 """
 
@@ -85,23 +85,14 @@ class Experts(nn.Module):
     gate_up_proj [experts, 2 * intermediate, hidden] (gate rows first), down_proj
     [experts, hidden, intermediate]."""
 
-    # the fused Triton kernels (triton_moe.fused_experts) once use_triton() has run; CUDA
-    # inputs then take them, CPU inputs still take the torch path
-    fused: Callable[..., torch.Tensor] | None = None
-
     def __init__(self, num_experts: int, hidden: int, intermediate: int):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
-
-    @classmethod
-    def use_triton(cls, on: bool = True) -> None:
-        if not on:
-            cls.fused = None
-            return
-        from cluster.engine import triton_moe
-
-        cls.fused = staticmethod(triton_moe.fused_experts)
+        # triton_moe.fused_experts where the model runner chose the kernels (this model's,
+        # not the process's: another engine in the process may run the reference); CUDA
+        # inputs then take it, CPU inputs still take the torch path
+        self.fused: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self.fused is not None:

@@ -150,8 +150,10 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
     if batch == 0:
         return out
     head_blocks = triton.cdiv(heads, block_h)
-    splits = num_splits or _num_splits(q.device, batch, head_blocks,
-                                       block_tables.shape[1] * page)
+    # a power of two: the count is a compile-time constant, and eager steps' table widths
+    # (their longest context) would otherwise compile a variant for every count
+    splits = num_splits or 1 << (_num_splits(q.device, batch, head_blocks,
+                                             block_tables.shape[1] * page) - 1).bit_length()
     mid_o = torch.empty(batch, heads, splits, rank, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     wide = kv_cache.element_size() > 2

@@ -145,16 +145,20 @@ def test_decode_in_cuda_graph_follows_new_inputs():
         assert out[[b for b, c in enumerate(ctxs) if c == 0]].abs().sum() == 0
 
 
+@pytest.mark.parametrize("graph_meta", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_mla_attention_uses_the_kernel_for_decode_rows(monkeypatch, dtype):
-    """A mixed step (decode rows, then a prefill chunk) through mla_attention with the
-    kernel on equals the PyTorch path on every row."""
+def test_mla_attention_uses_the_kernel_for_decode_rows(dtype, graph_meta):
+    """A mixed step (decode rows, then a prefill chunk) through mla_attention given the
+    kernel equals the PyTorch path on every row, the kernel called once for the decode rows;
+    graph_meta: a decode-only step with a CUDA graph's metadata (is_decode, no decode count
+    or context lengths on the host), every row through the kernel."""
     from cluster.engine import mla_attention as mla
+    from cluster.engine import triton_mla
     from cluster.engine.attention import AttentionMetadata
 
     rank, rope, nope = SHAPES["v2-lite"]
     heads, v_dim = 16, 128
-    ctxs, q_lens = [300, 1, 1000, 17, 80], [1, 1, 1, 1, 40]
+    ctxs, q_lens = [300, 1, 1000, 17, 80], [1, 1, 1, 1, 1 if graph_meta else 40]
     _, kv, bt, ctx = make(heads, rank, rope, ctxs, dtype, seed=5)
     g = torch.Generator(device=DEV).manual_seed(6)
     tokens = sum(q_lens)
@@ -165,16 +169,28 @@ def test_mla_attention_uses_the_kernel_for_decode_rows(monkeypatch, dtype):
     cu = [0]
     for n in q_lens:
         cu.append(cu[-1] + n)
-    meta = AttentionMetadata(
-        slot_mapping=torch.empty(0, dtype=torch.int64, device=DEV), block_tables=bt,
-        context_lens=ctx, cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=DEV),
-        context_lens_host=ctxs, cu_seqlens_q_host=cu, num_decodes=4)
+
+    def meta(graph: bool) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=torch.empty(0, dtype=torch.int64, device=DEV), block_tables=bt,
+            context_lens=ctx, cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=DEV),
+            context_lens_host=[] if graph else ctxs, cu_seqlens_q_host=[] if graph else cu,
+            is_decode=graph, num_decodes=0 if graph else (5 if graph_meta else 4))
+
+    calls = []
+
+    class Counting:  # triton_mla, counting its decode calls
+        supports = staticmethod(triton_mla.supports)
+
+        @staticmethod
+        def mla_decode(q, *args, **kw):
+            calls.append(len(q))
+            return triton_mla.mla_decode(q, *args, **kw)
+
     scale = (nope + rope) ** -0.5
-    monkeypatch.setattr(mla, "_triton_mla", None)  # put back after the test
-    want = mla.mla_attention(q_nope, q_pe, kv, w, meta, scale)
-    mla.use_triton()
-    assert mla._triton_mla is not None
-    got = mla.mla_attention(q_nope, q_pe, kv, w, meta, scale)
+    want = mla.mla_attention(q_nope, q_pe, kv, w, meta(False), scale)
+    got = mla.mla_attention(q_nope, q_pe, kv, w, meta(graph_meta), scale, kernel=Counting)
+    assert calls == [5 if graph_meta else 4]
     for b in range(len(ctxs)):
         rows = slice(cu[b], cu[b + 1])
         assert rel_err(got[rows], want[rows].float()) < TOL[dtype] * 2, b
