@@ -45,8 +45,9 @@ class EngineMetrics:
         self.e2e = h("tandem_e2e_request_latency_seconds", "Request latency in the engine",
                      LATENCY_BUCKETS, TAGS)
         self.itl = h("tandem_inter_token_latency_seconds", "Time between output tokens "
-                     "(above 2,000 outputs per core report, two a second, a proportional "
-                     "sample: the count is not the output count)", TOKEN_BUCKETS, TAGS)
+                     f"(above {ITL_OBSERVATIONS_MAX:,} outputs per core report, two a second, "
+                     "a proportional sample: the count is not the output count)",
+                     TOKEN_BUCKETS, TAGS)
         self.queue = h("tandem_request_queue_time_seconds", "Time waiting to be scheduled",
                        LATENCY_BUCKETS, TAGS)
         self.prefill = h("tandem_request_prefill_time_seconds", "First schedule to first token",
