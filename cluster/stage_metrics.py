@@ -12,6 +12,8 @@ import random
 import ray
 from ray.util import metrics
 
+from cluster.engine.step_clock import CUDA_EVERY
+
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
                  1, 2.5]
@@ -57,7 +59,8 @@ class EngineMetrics:
         self.moved = c("tandem_requests_moved", "Queued requests a hot replica handed back "
                        "to be routed to a cooler one", TAGS)
         self.idle_gap = h("tandem_gpu_idle_gap_seconds", "Host time between engine steps with "
-                          "work waiting (the device idles through it)", GAP_BUCKETS, TAGS)
+                          "work waiting (the device idles through it); on a GPU one gap in "
+                          f"{CUDA_EVERY} is measured", GAP_BUCKETS, TAGS)
         self.last = {"prefix_queries": 0, "prefix_hits": 0}
         self.gpu = _nvml_handle()
         if self.gpu is not None:

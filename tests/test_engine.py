@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -532,3 +533,28 @@ def test_step_lists_become_the_tensors_torch_would_make(dtype):
         want = torch.tensor(xs, dtype=dtype)
         got = from_list(xs, dtype)
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+
+
+def test_a_staging_buffer_sends_every_field_in_one_copy_of_its_prefix():
+    """Fields of several dtypes in one buffer: numpy writes on the host twin show on the
+    device views after one send; a send up to a row of the last field leaves the rows past
+    it as they were; the two host twins are independent."""
+    from cluster.engine.staging import StagingBuffer
+
+    buf = StagingBuffer({"ids": ((5,), torch.int64, 0), "temps": ((5,), torch.float32, 1.0),
+                         "flag": ((5,), torch.bool, False),
+                         "tables": ((4, 3), torch.int32, 7)}, "cpu")
+    assert buf.dev["temps"].tolist() == [1.0] * 5 and (buf.dev["tables"] == 7).all()
+    h = buf.host[1]
+    h["ids"][:] = [1, 2, 3, 4, 5]
+    h["temps"][:2] = [0.5, 2.0]
+    h["flag"][1] = True
+    h["tables"][...] = np.arange(12, dtype=np.int32).reshape(4, 3)
+    buf.send(1, buf.end("tables", 2))
+    assert buf.dev["ids"].tolist() == [1, 2, 3, 4, 5]
+    assert buf.dev["temps"].tolist() == [0.5, 2.0, 1.0, 1.0, 1.0]
+    assert buf.dev["flag"].tolist() == [False, True, False, False, False]
+    assert buf.dev["tables"].tolist() == [[0, 1, 2], [3, 4, 5], [7, 7, 7], [7, 7, 7]]
+    assert buf.host[0]["ids"].tolist() == [0] * 5
+    buf.send(0, buf.nbytes)
+    assert buf.dev["ids"].tolist() == [0] * 5 and (buf.dev["tables"] == 7).all()

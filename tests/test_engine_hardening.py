@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import time
 from array import array
 
 import torch
@@ -103,3 +104,23 @@ def test_idle_gaps_are_measured_for_steps_launched_ahead(model_dir):
     assert len(slow) >= 10 and len(fast) >= 10
     assert slow[len(slow) // 2] >= 0.025, slow
     assert fast[len(fast) // 2] < 0.02, fast
+
+
+
+def test_the_step_clock_measures_one_gap_in_every():
+    """Measuring one gap in `every` (a GPU's default: two timing events per step cost host
+    time) keeps that share of the gaps, each the time from a step's end to the next one's
+    begin; reset (no work waiting) drops a pending one."""
+    from cluster.engine.step_clock import StepClock
+
+    clock = StepClock(cuda=False, every=4)
+    for step in range(20):
+        clock.begin()
+        clock.end()
+        if step == 11:
+            clock.reset()
+        clock.collect()
+        time.sleep(0.003 if step % 4 == 3 else 0.0)  # the gaps after steps 3, 7, 11, ...
+    # after steps 3, 7 and 15 (11's was reset; 19's has no next step)
+    assert len(clock.gaps) == 3
+    assert all(0.003 <= g < 0.5 for g in clock.gaps), list(clock.gaps)

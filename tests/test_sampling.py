@@ -173,7 +173,8 @@ def test_grammar_constrained_output_is_schema_valid(model_dir, prompts):
     schema = {"type": "object", "properties": {
         "name": {"type": "string", "maxLength": 8},
         "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
-        "n": {"type": "integer"}}, "required": ["name", "tags", "n"],
+        # bounded: an unbounded integer lets a sampled row write digits past max_tokens
+        "n": {"type": "integer", "minimum": 0, "maximum": 999}}, "required": ["name", "tags", "n"],
         "additionalProperties": False}
     eng = make_engine(model_dir)
     tok = Tokenizer(model_dir)
@@ -204,7 +205,7 @@ def test_a_resumed_stream_counts_its_earlier_tokens_as_output(model_dir, prompts
 
 
 def test_the_device_draw_follows_the_distribution():
-    """The exponential race (argmax of probs / Exp(1) noise) picks token t with probability
+    """The inverse-transform draw picks token t with probability
     probs[t]: 40,000 rows of one distribution, each frequency within 4 sigma of it."""
     from cluster.engine.sampler import sample_on_device
     from cluster.engine.sequence import Sequence
@@ -216,6 +217,27 @@ def test_the_device_draw_follows_the_distribution():
     sigma = (probs * (1 - probs) / len(logits)).sqrt()
     assert ((freq - probs).abs() <= 4 * sigma + 1e-9).all(), (freq, probs)
     assert freq[4] == 0  # e^-32 of the mass: never drawn in 40,000
+
+
+def test_the_graph_draw_follows_the_tempered_distribution_and_keeps_greedy_rows():
+    """draw_plain (what the decode CUDA graph replays): sampled rows follow
+    softmax(logits / T) within 4 sigma; greedy rows (sampled flag off) keep their argmax,
+    failed rows NAN_TOKEN."""
+    from cluster.engine.sampler import NAN_TOKEN, draw_plain, greedy_tokens
+
+    n = 40_000
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0]).repeat(n, 1)
+    logits[-1, 0] = float("nan")
+    temps = torch.full((n,), 0.5)
+    sampled = torch.arange(n) % 4 != 0  # every fourth row greedy
+    out = draw_plain(logits, greedy_tokens(logits), temps, sampled)
+    assert out[-1] == NAN_TOKEN
+    assert (out[:-1][~sampled[:-1]] == 0).all()
+    drawn = out[:-1][sampled[:-1]]
+    freq = torch.bincount(drawn, minlength=5).float() / len(drawn)
+    probs = (logits[0] / 0.5).softmax(-1)
+    sigma = (probs * (1 - probs) / len(drawn)).sqrt()
+    assert ((freq - probs).abs() <= 4 * sigma + 1e-9).all(), (freq, probs)
 
 
 def test_sampled_steps_run_ahead_and_a_seed_gives_the_same_text_either_way(model_dir,

@@ -115,10 +115,11 @@ def run_engine(engine: LLMEngine, prompts, out_lens, temperature: float = 0.0) -
 
 
 def _decode_profile(engine: LLMEngine, batch: int, steps: int, temperature: float = 0.0,
-                    host_raw: Path | None = None):
+                    host_raw: Path | None = None, clock: bool = False):
     """Profiles `steps` pure decode steps at a batch size; returns (profiler, wall seconds).
     host_raw: instead of the CUDA profiler, the host loop's stacks sampled into that file
-    (what the host does while the GPU idles: the sampler slows it, so never both at once)."""
+    (what the host does while the GPU idles: the sampler slows it, so never both at once).
+    clock: no profiler; the engine's step clock holds only the measured steps' gaps."""
     from contextlib import nullcontext
 
     from torch.profiler import ProfilerActivity, profile
@@ -136,8 +137,12 @@ def _decode_profile(engine: LLMEngine, batch: int, steps: int, temperature: floa
     sampler = None
     if host_raw is not None:
         sampler = StackSampler(host_raw, threading.get_ident(), interval_s=0.001).start()
+    if clock:  # not the gap to the synchronize above
+        engine.runner.clock.reset()
+        engine.runner.clock.gaps.clear()
+    plain = sampler or clock
     try:
-        with nullcontext() if sampler else profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with nullcontext() if plain else profile(activities=[ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
             for _ in range(steps):
                 engine.step()
@@ -159,6 +164,23 @@ def gpu_idle_fraction(engine: LLMEngine, batch: int, steps: int = 50,
     prof, wall = _decode_profile(engine, batch, steps, temperature)
     busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
     return max(0.0, 1 - busy / wall)
+
+
+def gap_idle_fraction(engine: LLMEngine, batch: int, steps: int = 200,
+                      temperature: float = 0.0) -> float:
+    """The engine's own measure of the same, with no profiler slowing the host: every gap
+    between decode steps (CUDA events, the metric's clock measuring each step) summed over
+    the wall time."""
+    if engine.device.type != "cuda":
+        return float("nan")
+    clock = engine.runner.clock
+    every, clock.every = clock.every, 1
+    try:
+        _, wall = _decode_profile(engine, batch, steps, temperature, clock=True)
+        clock.collect()
+        return sum(clock.gaps) / wall
+    finally:
+        clock.every = every
 
 
 def host_profile(engine: LLMEngine, batch: int, steps: int = 200,
@@ -468,8 +490,11 @@ def main(argv=None) -> int:
     correct = all(within)
     result["engine"] = run_engine(engine, prompts, out_lens, args.temperature)
     correct = correct and result["engine"]["output_tokens"] == sum(out_lens)  # none failed
-    result["engine"]["gpu_idle_frac"] = gpu_idle_fraction(engine, min(64, args.max_num_seqs),
+    batch = min(64, args.max_num_seqs)
+    result["engine"]["gpu_idle_frac"] = gpu_idle_fraction(engine, batch,
                                                           temperature=args.temperature)
+    result["engine"]["gpu_idle_gaps_frac"] = gap_idle_fraction(engine, batch,
+                                                               temperature=args.temperature)
     if args.profile and args.device == "cuda":
         profile_decode(engine, 1)
         profile_decode(engine, 64)
@@ -494,7 +519,8 @@ def main(argv=None) -> int:
         print(f"  tandem engine   {e['output_tok_s']:10.1f} output tok/s  "
               f"{e['total_tok_s']:10.1f} total tok/s  TTFT p50 {e['ttft_ms_p50']:.1f} ms  "
               f"ITL p50 {e['itl_ms_p50']:.2f} ms p99 {e['itl_ms_p99']:.2f} ms  "
-              f"KV blocks {e['kv_blocks']}  GPU idle {e['gpu_idle_frac']:.3f}")
+              f"KV blocks {e['kv_blocks']}  GPU idle {e['gpu_idle_frac']:.3f} (profiled), "
+              f"{e['gpu_idle_gaps_frac']:.3f} (step gaps)")
         if b:
             print(f"  transformers    {b['output_tok_s']:10.1f} output tok/s  "
                   f"({b['mode']}, {b['num_prompts']} prompts)")

@@ -27,7 +27,8 @@ import torch
 
 from cluster.engine.attention import PREFILL_BLOCK_M, AttentionMetadata, prefill_tile_lists
 from cluster.engine.host_tensor import from_list
-from cluster.engine.sampler import greedy_tokens
+from cluster.engine.sampler import draw_plain, greedy_tokens
+from cluster.engine.staging import Staged, StagingBuffer
 
 log = logging.getLogger(__name__)
 
@@ -55,25 +56,15 @@ def leading_ones(xs: list[int]) -> int:
     return n
 
 
-class Staged:
-    """A static device input of the graphs and two pinned host twins, used in turn: with
-    steps launched one ahead, step N's copy may still be queued while step N+1's inputs
-    are filled."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device, fill: int = 0):
-        self.dev = torch.full(shape, fill, dtype=dtype, device=device)
-        self.host = torch.full((2, *shape), fill, dtype=dtype, pin_memory=True)
-
-    def send(self, flip: int, rows: int) -> None:
-        # not a blocking copy: that would wait for the step still running on the GPU
-        self.dev[:rows].copy_(self.host[flip, :rows], non_blocking=True)
-
-
 @dataclass
 class DecodeGraph:
     graph: torch.cuda.CUDAGraph
     logits: torch.Tensor
     tokens: torch.Tensor  # greedy picks, taken inside the graph (no eager kernels after it)
+    # replayed after `graph` when temperature-sampled rows are in the step: their draw
+    # (sampler.draw_plain), greedy rows keep `tokens`
+    draw: torch.cuda.CUDAGraph | None = None
+    drawn: torch.Tensor | None = None
 
 
 def decode_sizes(max_num_seqs: int) -> list[int]:
@@ -87,29 +78,35 @@ class DecodeGraphs:
         self.sizes = decode_sizes(max_num_seqs)
         self.pad_slot = pad_slot
         bs = self.sizes[-1]
-        self.ids = Staged((bs,), torch.int64, device)
-        self.pos = Staged((bs,), torch.int64, device)
-        self.slots = Staged((bs,), torch.int64, device, pad_slot)
-        self.tables = Staged((bs, max_blocks), torch.int32, device)
-        self.ctx = Staged((bs,), torch.int32, device)
+        # tables last: a step copies the prefix up to its bucket's last table row
+        self.buf = StagingBuffer({
+            "ids": ((bs,), torch.int64, 0), "pos": ((bs,), torch.int64, 0),
+            "slots": ((bs,), torch.int64, pad_slot), "ctx": ((bs,), torch.int32, 0),
+            "temps": ((bs,), torch.float32, 1.0), "sampled": ((bs,), torch.bool, False),
+            "tables": ((bs, max_blocks), torch.int32, 0)}, device)
         self.cu = torch.arange(bs + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, DecodeGraph] = {}
         self.flip = 0
+        self.draws = 0  # replays that drew sampled rows inside the graph
 
     def capture(self, pool=None):
+        dev = self.buf.dev
         for bs in reversed(self.sizes):
             meta = AttentionMetadata(
-                slot_mapping=self.slots.dev[:bs], block_tables=self.tables.dev[:bs],
-                context_lens=self.ctx.dev[:bs], cu_seqlens_q=self.cu[: bs + 1],
+                slot_mapping=dev["slots"][:bs], block_tables=dev["tables"][:bs],
+                context_lens=dev["ctx"][:bs], cu_seqlens_q=self.cu[: bs + 1],
                 context_lens_host=[], cu_seqlens_q_host=[], is_decode=True)
 
             def step(bs=bs, meta=meta):
-                hidden = self.model(self.ids.dev[:bs], self.pos.dev[:bs], meta)
+                hidden = self.model(dev["ids"][:bs], dev["pos"][:bs], meta)
                 logits = self.model.compute_logits(hidden)
                 return logits, greedy_tokens(logits)
 
             graph, (logits, tokens), pool = _capture(step, pool)
-            self.graphs[bs] = DecodeGraph(graph, logits, tokens)
+            draw, drawn, pool = _capture(
+                lambda bs=bs, logits=logits, tokens=tokens: draw_plain(
+                    logits, tokens, dev["temps"][:bs], dev["sampled"][:bs]), pool)
+            self.graphs[bs] = DecodeGraph(graph, logits, tokens, draw, drawn)
         log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
         return pool
 
@@ -118,26 +115,33 @@ class DecodeGraphs:
             return None
         return min(b for b in self.sizes if b >= n)
 
-    def replay(self, inp, fill: Fill | None) -> DecodeGraph:
-        """Replays the step's graph; its outputs are valid until the next replay."""
+    def replay(self, inp, fill: Fill | None,
+               draw: tuple[list[float], list[bool]] | None = None) -> DecodeGraph:
+        """Replays the step's graph, and its draw when `draw` gives each row's temperature
+        and whether it is sampled; the outputs are valid until the next replay."""
         n, bs = len(inp.tables), inp.graph_bs
         self.flip ^= 1
-        f = self.flip
-        # one tensor per field, not one write per element: this runs every decode step
-        self.ids.host[f, :n] = from_list(inp.input_ids)
-        self.pos.host[f, :n] = from_list(inp.positions)
-        self.slots.host[f, :n] = from_list(inp.slots)
-        self.slots.host[f, n:bs] = self.pad_slot
-        self.ctx.host[f, :n] = from_list(inp.ctx, torch.int32)
-        self.ctx.host[f, n:bs] = 0
+        h = self.buf.host[self.flip]
+        # numpy stores into the pinned buffer, then one copy: this runs every decode step
+        h["ids"][:n] = inp.input_ids
+        h["pos"][:n] = inp.positions
+        h["slots"][:n] = inp.slots
+        h["slots"][n:bs] = self.pad_slot
+        h["ctx"][:n] = inp.ctx
+        h["ctx"][n:bs] = 0
+        if draw is not None:
+            h["temps"][:n], h["sampled"][:n] = draw
+            h["sampled"][n:bs] = False
         tables = inp.padded_tables()
-        self.tables.host[f, :n, : tables.shape[1]] = torch.from_numpy(tables)
-        for s in (self.ids, self.pos, self.slots, self.ctx, self.tables):
-            s.send(f, bs)
+        h["tables"][:n, : tables.shape[1]] = tables
+        self.buf.send(self.flip, self.buf.end("tables", bs))
         if fill is not None:
-            fill(self.ids.dev)
+            fill(self.buf.dev["ids"])
         g = self.graphs[bs]
         g.graph.replay()
+        if draw is not None:
+            g.draw.replay()
+            self.draws += 1
         return g
 
 

@@ -148,6 +148,8 @@ class ModelRunner:
             self._use_deepseek_kernels()
         self.h_tokens = torch.zeros(2, 0, dtype=torch.int64)  # pinned when first needed
         self.flip = 0
+        # when each pinned buffer's copy is done
+        self.ready = [torch.cuda.Event() for _ in range(2)] if device.type == "cuda" else []
         self.peers = None  # tensor-parallel ranks 1..N-1 (cluster.engine.tp_workers)
         self.table_rows = None  # the block manager's TableRows, set by the engine
         self.k_caches: list[torch.Tensor] = []
@@ -346,10 +348,11 @@ class ModelRunner:
         rows = [batch.seqs[i] for i in inp.rows]
         greedy = all(s.params.greedy for s in rows)
         if inp.graph_bs is not None:
-            graph = self._replay(inp, fill)
-            picks = _emitting(graph.tokens, inp)
-            tokens = picks if greedy else sample_on_device(_emitting(graph.logits, inp), rows,
-                                                           picks)
+            draw = None if greedy else self._graph_draw(inp, rows)
+            graph = self._replay(inp, fill, draw)
+            picks = _emitting(graph.tokens if draw is None else graph.drawn, inp)
+            tokens = picks if greedy or draw is not None else sample_on_device(
+                _emitting(graph.logits, inp), rows, picks)
         else:
             logits = self.execute(inp, fill)
             tokens = (sample_on_device(logits, rows) if logits is not None else
@@ -359,7 +362,7 @@ class ModelRunner:
             return Launched(inp, batch.seqs, tokens)
         host = self._host_tokens(len(tokens))
         host.copy_(tokens, non_blocking=True)
-        event = torch.cuda.Event()
+        event = self.ready[self.flip]  # reused in turn with its host buffer
         event.record()
         self.clock.end()
         return Launched(inp, batch.seqs, tokens, host, event)
@@ -448,5 +451,19 @@ class ModelRunner:
                                         max_num_seqs, max_tokens)
         self.graph_pool = self.mixed_graphs.capture(self.graph_pool)
 
-    def _replay(self, inp: StepInputs, fill=None) -> DecodeGraph:
-        return self.decode_graphs.replay(inp, self._filler(fill))
+    def _replay(self, inp: StepInputs, fill=None, draw=None) -> DecodeGraph:
+        return self.decode_graphs.replay(inp, self._filler(fill), draw)
+
+    @staticmethod
+    def _graph_draw(inp: StepInputs, rows: list[Sequence]
+                    ) -> tuple[list[float], list[bool]] | None:
+        """Per decode-graph row, (temperature, sampled) for the graph's own draw; None when
+        a row needs top-k, top-p or its seeded generator (drawn eagerly after the graph)."""
+        if not all(s.params.graph_drawn or s.params.greedy for s in rows):
+            return None
+        n = len(inp.tables)
+        temps, sampled = [1.0] * n, [False] * n
+        for i, s in zip(inp.rows, rows, strict=True):
+            if not s.params.greedy:
+                temps[i], sampled[i] = s.params.temperature, True
+        return temps, sampled

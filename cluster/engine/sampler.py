@@ -154,22 +154,43 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence],
 
 
 def _pick(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor) -> torch.Tensor:
-    """top-k / top-p, then one draw per sampled row: the argmax of probs / E with E ~
-    Exp(1) (the exponential race: the winner is distributed as probs), so the draw is a
-    few batched kernels with no host sync, where torch.multinomial waits. Seeded rows draw
-    their noise from their own generators; greedy and failed rows keep `greedy`."""
+    """top-k / top-p, then one draw per sampled row by inverse transform: the first token
+    whose cumulative probability passes a uniform draw. A few batched kernels with no host
+    sync (torch.multinomial waits), and one random number per row: the exponential race
+    (argmax of probs / Exp(1) noise) this replaced drew one per vocabulary entry, 4.3 ms of
+    a 14 ms batch-64 step on this 2-core machine. Seeded rows draw from their own
+    generators; greedy and failed rows keep `greedy`."""
     params = [s.params for s in seqs]
     top_k = [p.top_k for p in params]
     top_p = [p.top_p for p in params]
     if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
         logits = _filter_top_k_top_p(logits, top_k, top_p)
-    probs = logits.softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_()
+    u = torch.rand(len(seqs), device=logits.device)
     for i, s in enumerate(seqs):
         if s.generator is not None and not s.params.greedy:
-            noise[i].exponential_(generator=s.generator)
-    drawn = probs.div_(noise).argmax(-1)
-    sampled = _pinned([not p.greedy for p in params], logits.device, torch.bool)
+            u[i] = torch.rand(1, generator=s.generator, device=logits.device)[0]
+    return _inverse_cdf(logits.softmax(dim=-1), u,
+                        _pinned([not p.greedy for p in params], logits.device, torch.bool),
+                        greedy)
+
+
+def draw_plain(logits: torch.Tensor, greedy: torch.Tensor, temps: torch.Tensor,
+               sampled: torch.Tensor) -> torch.Tensor:
+    """`_pick` for rows with no top-k, top-p or seed, from device tensors of per-row
+    temperatures and sampled flags: fixed-shape kernels with no host input, so a CUDA graph
+    holds them (its replays advance the shared generator's offset: fresh draws each time).
+    Dividing by a temperature of 1 is exact, so this is the eager path's draw."""
+    probs = (logits / temps[:, None]).softmax(dim=-1)
+    return _inverse_cdf(probs, torch.rand(len(probs), device=probs.device), sampled, greedy)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor, sampled: torch.Tensor,
+                 greedy: torch.Tensor) -> torch.Tensor:
+    cdf = probs.cumsum_(dim=-1)
+    # u scaled by the row's total (float sums miss 1 by rounding): the pick is the first
+    # index whose cdf exceeds it, always a token of nonzero probability
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    drawn = drawn.clamp_(max=probs.shape[-1] - 1)
     # rows that failed keep NAN_TOKEN: their probabilities are NaN
     return torch.where(sampled & (greedy != NAN_TOKEN), drawn, greedy)
 

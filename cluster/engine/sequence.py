@@ -52,6 +52,12 @@ class SamplingParams:
                 and self.repetition_penalty == 1.0 and self.logprobs is None
                 and self.prompt_logprobs is None and self.grammar is None)
 
+    @cached_property
+    def graph_drawn(self) -> bool:
+        """Plain and sampled with nothing but a temperature, from the shared generator: the
+        decode CUDA graph's draw serves it (cuda_graphs.py)."""
+        return self.plain and self.top_k <= 0 and self.top_p >= 1.0 and self.seed is None
+
     @property
     def penalized(self) -> bool:
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

@@ -123,3 +123,62 @@ def test_sampled_decode_runs_ahead_through_the_graphs_with_the_same_seeded_text(
     assert ahead >= 16 and none == 0
     assert one_ahead == one_at_a_time
     assert all(len(t) == 24 for t in one_ahead) and len({tuple(t) for t in one_ahead}) > 12
+
+
+def _engine(folder: str, **kw) -> LLMEngine:
+    cfg = EngineConfig(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=32,
+                       num_kv_blocks=256, **kw)
+    return LLMEngine(folder, cfg)
+
+
+def test_temperature_traffic_is_drawn_inside_the_decode_graph():
+    """Unseeded temperature rows (OpenAI's default traffic) are drawn by the decode graph's
+    own draw, launched one ahead; a greedy row beside them keeps its greedy text."""
+    folder = str(build(DEFAULT_MODEL_DIR))
+    prompts = [[3 + i, 40 + i, 7] * (4 + i) for i in range(16)]
+    eng = _engine(folder)
+    greedy = eng.generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=24,
+                                                       ignore_eos=True))[0]
+    eng = _engine(folder)
+    draws0 = eng.runner.decode_graphs.draws
+    params = [SamplingParams(temperature=0.0 if i == 0 else 0.8, max_tokens=24,
+                             ignore_eos=True) for i in range(16)]
+    got, ahead = {}, 0
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        eng.add_request(str(i), p, sp)
+    while eng.has_work():
+        for o in eng.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+        ahead += eng._flight is not None
+    assert eng.runner.decode_graphs.draws - draws0 >= 16 and ahead >= 16
+    assert got["0"] == greedy
+    assert all(len(got[str(i)]) == 24 for i in range(16))
+    assert len({tuple(got[str(i)]) for i in range(1, 16)}) == 15
+
+
+def test_the_decode_graphs_draw_follows_the_distribution_with_fresh_noise_per_replay():
+    """The captured draw, replayed over fixed logits: sampled rows follow softmax(l / T)
+    within 4 sigma (so every replay draws new noise from the generator), greedy rows keep
+    their argmax."""
+    folder = str(build(DEFAULT_MODEL_DIR))
+    eng = _engine(folder)
+    graphs = eng.runner.decode_graphs
+    bs = 32
+    g = graphs.graphs[bs]
+    g.logits.fill_(-30.0)
+    g.logits[:, :4] = torch.tensor([2.0, 1.0, 0.0, -1.0], device=g.logits.device)
+    g.tokens.zero_()
+    graphs.buf.dev["temps"][:bs] = 0.7
+    graphs.buf.dev["sampled"][:bs] = torch.arange(bs, device=g.logits.device) % 8 != 0
+    outs = []
+    for _ in range(1500):
+        g.draw.replay()
+        outs.append(g.drawn.clone())
+    out = torch.stack(outs).cpu()  # [replays, bs]
+    assert (out[:, ::8] == 0).all()
+    drawn = out[:, torch.arange(bs) % 8 != 0].flatten()
+    freq = torch.bincount(drawn, minlength=4)[:4].float() / len(drawn)
+    probs = (torch.tensor([2.0, 1.0, 0.0, -1.0]) / 0.7).softmax(-1)
+    sigma = (probs * (1 - probs) / len(drawn)).sqrt()
+    assert ((freq - probs).abs() <= 4 * sigma + 1e-9).all(), (freq, probs)
+    assert (out[0] != out[1]).any()
