@@ -44,14 +44,14 @@ def workload(n: int, in_len: int, out_len: int, vocab: int, seed: int) -> list[l
 
 
 def offline(cfg, prompts: list[list[int]], out_len: int, concurrency: int,
-            profile: bool = False) -> dict:
+            profile: bool = False, temperature: float = 0.0) -> dict:
     """The engine alone: requests admitted as others finish, at most `concurrency` at once.
     profile: sample the timed loop (stack_sampler, into $TANDEM_PROFILE_DIR)."""
     from cluster.engine.engine import LLMEngine
     from cluster.engine.sequence import SamplingParams
 
     engine = LLMEngine(cfg.model.path, cfg.engine)
-    params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, max_tokens=out_len, ignore_eos=True)
     engine.generate([prompts[0][:16]], SamplingParams(temperature=0.0, max_tokens=4))  # warm
     queue = list(enumerate(prompts))
     first, last, tpot = {}, {}, []
@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     p.add_argument("--torch-threads", type=int, help="the engine's CPU threads (default: the "
                    "config's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="every request's (1: OpenAI's default, sampled)")
     p.add_argument("--skip-offline", action="store_true")
     p.add_argument("--client-processes", type=int, help="default: one per "
                    f"{CLIENT_STREAMS} streams, at most half the cores")
@@ -250,13 +252,16 @@ def main(argv=None) -> int:
     prompts = workload(args.num_prompts, args.input_len, args.output_len,
                        ModelArch.from_hf(cfg.model.path).vocab_size, args.seed)
     res: dict = {"workload": {"concurrency": args.concurrency, "num_prompts": args.num_prompts,
-                              "input_len": args.input_len, "output_len": args.output_len}}
+                              "input_len": args.input_len, "output_len": args.output_len,
+                              "temperature": args.temperature}}
+    # every request's fields past the prompt (served and peer alike)
+    extras = [{"temperature": args.temperature}] * len(prompts)
     if args.profile_dir:
         prof_dir = Path(args.profile_dir).resolve()
         os.environ[stack_sampler.ENV] = str(prof_dir)  # the local cluster's processes inherit it
     if not args.skip_offline:
         res["offline"] = offline(cfg, prompts, args.output_len, args.concurrency,
-                                 bool(args.profile_dir))
+                                 bool(args.profile_dir), args.temperature)
         release_device()  # the served replica's engine sizes its KV cache from free memory
     doc["applications"][0]["args"]["engine"]["max_num_seqs"] = cfg.engine.max_num_seqs
 
@@ -274,7 +279,7 @@ def main(argv=None) -> int:
             profiling = ThreadPoolExecutor(1).submit(
                 pyspy.record, pids, args.py_spy, Path(args.py_spy_dir), args.py_spy_delay)
         out = asyncio.run(served(url, cfg.model.name, prompts, args.output_len,
-                                 args.concurrency, "served",
+                                 args.concurrency, "served", extras,
                                  processes=args.client_processes))
         if profiling is not None:
             files, errors = profiling.result()
@@ -306,7 +311,7 @@ def main(argv=None) -> int:
         model = args.peer_model or httpx.get(f"{args.peer_url}/v1/models",
                                              timeout=30).json()["data"][0]["id"]
         res["peer"] = asyncio.run(served(args.peer_url, model, prompts, args.output_len,
-                                         args.concurrency, "peer",
+                                         args.concurrency, "peer", extras,
                                          processes=args.client_processes))
         res["served_vs_peer"] = res["served"]["output_tok_s"] / res["peer"]["output_tok_s"]
     if args.json:
