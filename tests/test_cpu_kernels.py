@@ -21,7 +21,10 @@ def kernel():
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(8, 4, 32), (14, 2, 64), (4, 4, 128)])
-def test_kernel_equals_reference(kernel, heads, kv_heads, dim):
+@pytest.mark.parametrize("threads", [1, 4])
+def test_kernel_equals_reference(kernel, heads, kv_heads, dim, threads):
+    """Six sequences: on one thread the kernel walks each sequence's heads together, on
+    four (fewer than two sequences a thread) each (sequence, KV head) apart."""
     g = torch.Generator().manual_seed(heads * dim)
     num_blocks, bs = 64, 16
     k_cache = torch.randn(num_blocks, bs, kv_heads, dim, generator=g)
@@ -35,7 +38,12 @@ def test_kernel_equals_reference(kernel, heads, kv_heads, dim):
         tables[i, :n] = perm[used:used + n]
         used += n
     q = torch.randn(len(ctx), heads, dim, generator=g)
-    got = kernel(q, k_cache, v_cache, tables, torch.tensor(ctx, dtype=torch.int32), 0.125)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernel(q, k_cache, v_cache, tables, torch.tensor(ctx, dtype=torch.int32), 0.125)
+    finally:
+        torch.set_num_threads(before)
     want = paged_attention_ref(q, k_cache, v_cache, tables, list(range(len(ctx) + 1)), ctx,
                                0.125)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)

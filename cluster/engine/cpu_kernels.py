@@ -2,9 +2,10 @@
 
 Batched SDPA over gathered blocks (attention.py) copies every sequence's K/V out of the
 paged cache once per layer before attending: at batch 64 the copy and the attention were
-half of a step. This kernel reads K/V in place through the block table, one pass per
-(sequence, KV head) with an online softmax, all query heads of a group together (so each
-K/V row is read once), parallel over sequences x KV heads with ATen's thread pool.
+half of a step. This kernel reads K/V in place through the block table, parallel over sequences (all
+heads of one, walking its blocks in memory order) where the batch keeps every thread busy,
+else over sequences x KV heads (all query heads of a group together, so each K/V row is
+read once), with ATen's thread pool.
 
 Built with torch's cpp_extension (g++ and ninja) into torch's extension cache the first
 time an engine needs it (~30 s), then loaded in well under a second. Where it cannot be
@@ -95,6 +96,73 @@ static void attend(const float* q, const float* kp, const float* vp, const int* 
   }
 }
 
+// One sequence, all heads: its keys walked block by block in memory order (a block of every
+// KV head is one contiguous run of BS x KVH x D floats), the next block prefetched while
+// this one is read. A step's attention streams a cache far larger than the CPU's caches
+// from memory; `attend` per head reads 128-byte pieces 512 bytes apart (default model).
+// Batch 64, contexts 192-320, caches evicted between calls, one thread of this machine:
+// 3.4 -> 2.6 ms a call (streaming reads here: ~10 GB/s, a floor of ~1.6 ms).
+template <int D>
+static void attend_seq(const float* q, const float* kp, const float* vp, const int* table,
+                       int64_t L, int64_t BS, int64_t KVH, int64_t G, float sc,
+                       float* scores, float* acc, float* out) {
+  const int64_t H = KVH * G, row = KVH * D, nb = (L + BS - 1) / BS;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t t0 = b * BS, n = std::min(BS, L - t0);
+    const float* kb = kp + table[b] * BS * row;
+    if (b + 1 < nb) {  // the next K block, and this V block for the second pass
+      const char* nk = reinterpret_cast<const char*>(kp + table[b + 1] * BS * row);
+      const char* nv = reinterpret_cast<const char*>(vp + table[b] * BS * row);
+      for (int64_t o = 0; o < BS * row * 4; o += 64) {
+        __builtin_prefetch(nk + o);
+        __builtin_prefetch(nv + o);
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const float* kj = kb + j * row;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* qh = q + h * D;
+        const float* k = kj + (h / G) * D;
+        float dot = 0.f;
+        #pragma omp simd reduction(+:dot)
+        for (int d = 0; d < D; ++d) dot += qh[d] * k[d];
+        scores[h * L + t0 + j] = dot * sc;
+      }
+    }
+  }
+  float* inv = acc + H * D;  // the caller's buffer holds H more
+  for (int64_t h = 0; h < H; ++h) {
+    float* s = scores + h * L;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < L; ++t) mx = std::max(mx, s[t]);
+    float sum = 0.f;
+    #pragma omp simd reduction(+:sum)
+    for (int64_t t = 0; t < L; ++t) { s[t] = exp_nonpos(s[t] - mx); sum += s[t]; }
+    inv[h] = sum > 0.f ? 1.f / sum : 0.f;
+  }
+  std::fill(acc, acc + H * D, 0.f);
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t t0 = b * BS, n = std::min(BS, L - t0);
+    const float* vb = vp + table[b] * BS * row;
+    if (b + 1 < nb) {
+      const char* nv = reinterpret_cast<const char*>(vp + table[b + 1] * BS * row);
+      for (int64_t o = 0; o < BS * row * 4; o += 64) __builtin_prefetch(nv + o);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const float* vj = vb + j * row;
+      for (int64_t h = 0; h < H; ++h) {
+        const float p = scores[h * L + t0 + j];
+        const float* v = vj + (h / G) * D;
+        float* a = acc + h * D;
+        #pragma omp simd
+        for (int d = 0; d < D; ++d) a[d] += p * v[d];
+      }
+    }
+  }
+  for (int64_t h = 0; h < H; ++h)
+    for (int d = 0; d < D; ++d) out[h * D + d] = acc[h * D + d] * inv[h];
+}
+
 // q: [B, H, D]; caches: [blocks, block_size, KVH, D]; tables: [B, max_blocks] int32;
 // ctx: [B] int32 (keys per sequence, written already). fp32.
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -114,6 +182,27 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   const int* cp = ctx.data_ptr<int>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
+  if (B >= 2 * at::get_num_threads()) {  // sequences enough to keep every thread busy
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores, acc(H * D + H);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t L = cp[b];
+        scores.resize(H * L);
+        const float* qb = qp + b * H * D;
+        float* ob = op + b * H * D;
+        const int* table = tp + b * max_blocks;
+        float* sp = scores.data();
+        float* ap = acc.data();
+        switch (D) {
+          case 32: attend_seq<32>(qb, kp, vp, table, L, BS, KVH, G, sc, sp, ap, ob); break;
+          case 64: attend_seq<64>(qb, kp, vp, table, L, BS, KVH, G, sc, sp, ap, ob); break;
+          case 128: attend_seq<128>(qb, kp, vp, table, L, BS, KVH, G, sc, sp, ap, ob); break;
+          default: attend_seq<256>(qb, kp, vp, table, L, BS, KVH, G, sc, sp, ap, ob);
+        }
+      }
+    });
+    return out;
+  }
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t i = begin; i < end; ++i) {
