@@ -52,6 +52,16 @@ static inline float exp_nonpos(float x) {
   return p * scale;
 }
 
+// Scores to unnormalized probabilities in place; 1 / their sum.
+static inline float softmax(float* s, int64_t L) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < L; ++t) mx = std::max(mx, s[t]);
+  float sum = 0.f;
+  #pragma omp simd reduction(+:sum)
+  for (int64_t t = 0; t < L; ++t) { s[t] = exp_nonpos(s[t] - mx); sum += s[t]; }
+  return sum > 0.f ? 1.f / sum : 0.f;
+}
+
 // One (sequence, KV head): its G query heads against the sequence's keys, walked block by
 // block (a division per key costs more than its dot product). D is a compile-time constant:
 // the accumulators stay in registers and the loops over D vectorize fully.
@@ -75,12 +85,7 @@ static void attend(const float* q, const float* kp, const float* vp, const int* 
   }
   for (int64_t g = 0; g < G; ++g) {
     float* s = scores + g * L;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < L; ++t) mx = std::max(mx, s[t]);
-    float sum = 0.f;
-    #pragma omp simd reduction(+:sum)
-    for (int64_t t = 0; t < L; ++t) { s[t] = exp_nonpos(s[t] - mx); sum += s[t]; }
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const float inv = softmax(s, L);
     float acc[D] = {0.f};
     for (int64_t t0 = 0; t0 < L; t0 += BS) {
       const int64_t base = (table[t0 / BS] * BS * KVH + h) * D;
@@ -131,15 +136,7 @@ static void attend_seq(const float* q, const float* kp, const float* vp, const i
     }
   }
   float* inv = acc + H * D;  // the caller's buffer holds H more
-  for (int64_t h = 0; h < H; ++h) {
-    float* s = scores + h * L;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < L; ++t) mx = std::max(mx, s[t]);
-    float sum = 0.f;
-    #pragma omp simd reduction(+:sum)
-    for (int64_t t = 0; t < L; ++t) { s[t] = exp_nonpos(s[t] - mx); sum += s[t]; }
-    inv[h] = sum > 0.f ? 1.f / sum : 0.f;
-  }
+  for (int64_t h = 0; h < H; ++h) inv[h] = softmax(scores + h * L, L);
   std::fill(acc, acc + H * D, 0.f);
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t t0 = b * BS, n = std::min(BS, L - t0);
