@@ -133,27 +133,30 @@ def _engine(folder: str, **kw) -> LLMEngine:
 
 def test_temperature_traffic_is_drawn_inside_the_decode_graph():
     """Unseeded temperature rows (OpenAI's default traffic) are drawn by the decode graph's
-    own draw, launched one ahead; a greedy row beside them keeps its greedy text."""
+    own draw, launched one ahead; a greedy row beside them keeps the text it has beside
+    greedy rows (the same batch shapes, so the same kernels)."""
     folder = str(build(DEFAULT_MODEL_DIR))
     prompts = [[3 + i, 40 + i, 7] * (4 + i) for i in range(16)]
-    eng = _engine(folder)
-    greedy = eng.generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=24,
-                                                       ignore_eos=True))[0]
-    eng = _engine(folder)
-    draws0 = eng.runner.decode_graphs.draws
-    params = [SamplingParams(temperature=0.0 if i == 0 else 0.8, max_tokens=24,
-                             ignore_eos=True) for i in range(16)]
-    got, ahead = {}, 0
-    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
-        eng.add_request(str(i), p, sp)
-    while eng.has_work():
-        for o in eng.step():
-            got.setdefault(o.request_id, []).extend(o.new_token_ids)
-        ahead += eng._flight is not None
-    assert eng.runner.decode_graphs.draws - draws0 >= 16 and ahead >= 16
-    assert got["0"] == greedy
-    assert all(len(got[str(i)]) == 24 for i in range(16))
-    assert len({tuple(got[str(i)]) for i in range(1, 16)}) == 15
+
+    def run(temperature: float):
+        eng = _engine(folder)
+        draws0 = eng.runner.decode_graphs.draws
+        got, ahead = {}, 0
+        for i, p in enumerate(prompts):
+            eng.add_request(str(i), p, SamplingParams(
+                temperature=0.0 if i == 0 else temperature, max_tokens=24, ignore_eos=True))
+        while eng.has_work():
+            for o in eng.step():
+                got.setdefault(o.request_id, []).extend(o.new_token_ids)
+            ahead += eng._flight is not None
+        return [got[str(i)] for i in range(16)], eng.runner.decode_graphs.draws - draws0, ahead
+
+    greedy, no_draws, _ = run(0.0)
+    sampled, draws, ahead = run(0.8)
+    assert no_draws == 0 and draws >= 16 and ahead >= 16
+    assert sampled[0] == greedy[0]
+    assert all(len(t) == 24 for t in sampled)
+    assert len({tuple(t) for t in sampled[1:]}) == 15 and sampled[1:] != greedy[1:]
 
 
 def test_the_decode_graphs_draw_follows_the_distribution_with_fresh_noise_per_replay():
