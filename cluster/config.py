@@ -96,9 +96,10 @@ class EngineConfig(Strict):
     slow_step_delay_s: float = Field(0.0, ge=0, description="the sleep of "
                                      "`slow_replica_ranks` after every step")
     cpu_attention_kernel: bool = Field(True, description="the CPU engine's decode "
-                                       "attention in a C++ kernel built on first use (g++, "
-                                       "ninja); false, or where it cannot be built: batched "
-                                       "PyTorch SDPA")
+                                       "attention, and its rotary, add + RMS norm and SiLU "
+                                       "x up ops, in C++ kernels built on first use (g++, "
+                                       "ninja); false, or where they cannot be built: "
+                                       "batched PyTorch SDPA and PyTorch ops")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads of the CPU "
                                       "engine; null: torch's default")
     seed: int = Field(0, description="torch's seed in each replica (requests with a "

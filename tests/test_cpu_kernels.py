@@ -60,3 +60,30 @@ def test_engine_tokens_equal_with_and_without_the_kernel(kernel, model_dir):
     without = make_engine(model_dir, cpu_attention_kernel=False)
     assert without.runner.model.backend.decode_kernel is None
     assert with_kernel.generate(prompts, params) == without.generate(prompts, params)
+
+
+def test_fused_small_ops_equal_pytorchs(kernel):
+    """add + RMS norm, SiLU x up and rotary (on strided views of a qkv projection, as the
+    model passes them) against the eager PyTorch ops, to fp32 rounding."""
+    from cluster.engine import model
+
+    mod = cpu_kernels.load()
+    g = torch.Generator().manual_seed(1)
+    x, res = torch.randn(37, 256, generator=g), torch.randn(37, 256, generator=g)
+    w = torch.randn(256, generator=g)
+    got, want = mod.add_rms_norm(x, res, w, 1e-6), model._add_rms_norm(x, res, w, 1e-6)
+    assert torch.equal(got[1], want[1])
+    assert torch.allclose(got[0], want[0], atol=1e-5, rtol=1e-5)
+    gu = torch.randn(37, 2 * 96, generator=g) * 6  # both tails of the sigmoid
+    assert torch.allclose(mod.silu_and_mul(gu), model._silu_and_mul(gu), atol=1e-5,
+                          rtol=1e-5)
+    qkv = torch.randn(37, 8 * 32 + 2 * 4 * 32, generator=g)
+    q = qkv[:, :256].view(37, 8, 32)
+    k = qkv[:, 256:384].view(37, 4, 32)
+    inv = 1.0 / (10000 ** (torch.arange(0, 32, 2) / 32))
+    freqs = torch.outer(torch.arange(1024, dtype=torch.float32), inv)
+    cos, sin = freqs.cos(), freqs.sin()
+    pos = torch.randint(0, 1024, (37,), generator=g)
+    (gq, gk), (wq, wk) = mod.rope(q, k, cos, sin, pos), model._rope(q, k, cos, sin, pos)
+    assert gq.is_contiguous() and torch.allclose(gq, wq, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(gk, wk, atol=1e-5, rtol=1e-5)

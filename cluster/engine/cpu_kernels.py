@@ -219,9 +219,102 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   });
   return out;
 }
+
+// The small ops around the projections, one pass each: eager they are several PyTorch ops
+// of a few us apiece (rotary 78 us, add + RMS norm 28, SiLU x up 17 at 16 rows of the
+// default model), ~0.6 ms of a 9 ms batch-16 step on one thread. fp32, rows contiguous.
+
+// x + residual, and that sum's RMS norm times w: [T, N] each; returns {normed, sum}.
+std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor residual,
+                                        torch::Tensor w, double eps) {
+  x = x.contiguous();
+  residual = residual.contiguous();
+  auto sum = torch::empty_like(x), out = torch::empty_like(x);
+  const int64_t T = x.size(0), N = x.size(1);
+  const float *xp = x.data_ptr<float>(), *rp = residual.data_ptr<float>(),
+              *wp = w.data_ptr<float>();
+  float *sp = sum.data_ptr<float>(), *op = out.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float *a = xp + t * N, *b = rp + t * N;
+      float* s = sp + t * N;
+      float ss = 0.f;
+      #pragma omp simd reduction(+:ss)
+      for (int64_t i = 0; i < N; ++i) { s[i] = a[i] + b[i]; ss += s[i] * s[i]; }
+      const float inv = 1.f / std::sqrt(ss / N + e);
+      float* o = op + t * N;
+      #pragma omp simd
+      for (int64_t i = 0; i < N; ++i) o[i] = s[i] * inv * wp[i];
+    }
+  });
+  return {out, sum};
+}
+
+// silu(gate) * up for x = [gate | up]: [T, 2F] -> [T, F]. sigmoid through exp of -|x|.
+torch::Tensor silu_and_mul(torch::Tensor x) {
+  x = x.contiguous();
+  const int64_t T = x.size(0), F = x.size(1) / 2;
+  auto out = torch::empty({T, F}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float *g = xp + t * 2 * F, *u = g + F;
+      float* o = op + t * F;
+      #pragma omp simd
+      for (int64_t i = 0; i < F; ++i) {
+        const float e = exp_nonpos(-std::fabs(g[i]));
+        const float sig = (g[i] >= 0.f ? 1.f : e) / (1.f + e);
+        o[i] = g[i] * sig * u[i];
+      }
+    }
+  });
+  return out;
+}
+
+// Rotary embedding, halves rotated (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), of q
+// [T, H, D] and k [T, KVH, D] (views of the qkv projection: rows strided, the last dim
+// contiguous) at positions [T]; cos/sin: [max_positions, D/2]. Returns new contiguous q, k.
+static void rotate_rows(const torch::Tensor& x, torch::Tensor& y, const float* cp,
+                        const float* snp, const int64_t* pos) {
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  const int64_t st = x.stride(0), sh = x.stride(1);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float *c = cp + pos[t] * half, *sn = snp + pos[t] * half;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* a = xp + t * st + h * sh;
+        float* o = yp + (t * H + h) * D;
+        #pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = a[i], x2 = a[i + half];
+          o[i] = x1 * c[i] - x2 * sn[i];
+          o[i + half] = x2 * c[i] + x1 * sn[i];
+        }
+      }
+    }
+  });
+}
+
+std::vector<torch::Tensor> rope(torch::Tensor q, torch::Tensor k, torch::Tensor cos,
+                                torch::Tensor sin, torch::Tensor positions) {
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1, "rope: the last dim must be contiguous");
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  positions = positions.to(torch::kLong).contiguous();
+  auto qo = torch::empty(q.sizes(), q.options()), ko = torch::empty(k.sizes(), k.options());
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  rotate_rows(q, qo, cos.data_ptr<float>(), sin.data_ptr<float>(), pos);
+  rotate_rows(k, ko, cos.data_ptr<float>(), sin.data_ptr<float>(), pos);
+  return {qo, ko};
+}
 """
 
 HEAD_DIMS = (32, 64, 128, 256)  # the kernel's compiled head sizes
+FUNCTIONS = ["paged_decode", "add_rms_norm", "silu_and_mul", "rope"]
 
 _lock = threading.Lock()
 _module = None
@@ -239,7 +332,7 @@ def load():
                 arch = "-mcpu=native" if platform.machine() in ("aarch64", "arm64") \
                     else "-march=native"
                 _module = load_inline(
-                    "tandem_cpu_kernels", cpp_sources=SOURCE, functions=["paged_decode"],
+                    "tandem_cpu_kernels", cpp_sources=SOURCE, functions=FUNCTIONS,
                     extra_cflags=["-O3", arch, "-fopenmp", "-fno-math-errno"], verbose=False)
             except Exception as err:  # noqa: BLE001 - no compiler, no ninja: the torch path
                 _failed = f"{type(err).__name__}: {err}"
@@ -250,6 +343,40 @@ def load():
 
 def failure() -> str | None:
     return _failed
+
+
+def _fp32_cpu(*ts: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+
+
+def use_fused_ops() -> None:
+    """The CPU model's small ops (model.Ops) through this module's kernels where the
+    tensors are fp32 on the CPU (the PyTorch ops otherwise). Call after `load` succeeded."""
+    from cluster.engine import model
+
+    eager = {"add_rms_norm": model._add_rms_norm, "silu_and_mul": model._silu_and_mul,
+             "rope": model._rope}
+
+    def add_rms_norm(x, residual, weight, eps):
+        if _fp32_cpu(x, residual, weight) and x.dim() == 2:
+            out, total = _module.add_rms_norm(x, residual, weight, eps)
+            return out, total
+        return eager["add_rms_norm"](x, residual, weight, eps)
+
+    def silu_and_mul(x):
+        if _fp32_cpu(x) and x.dim() == 2:
+            return _module.silu_and_mul(x)
+        return eager["silu_and_mul"](x)
+
+    def rope(q, k, cos_table, sin_table, positions):
+        if _fp32_cpu(q, k, cos_table) and q.dim() == 3 and q.stride(2) == 1 and \
+                k.stride(2) == 1:
+            qo, ko = _module.rope(q, k, cos_table, sin_table, positions)
+            return qo, ko
+        return eager["rope"](q, k, cos_table, sin_table, positions)
+
+    for fn in (add_rms_norm, silu_and_mul, rope):
+        setattr(model.Ops, fn.__name__, staticmethod(fn))
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

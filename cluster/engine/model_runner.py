@@ -134,6 +134,7 @@ class ModelRunner:
 
             if arch.head_dim in cpu_kernels.HEAD_DIMS and cpu_kernels.load() is not None:
                 self.model.backend = AttentionBackend(cpu_kernels.paged_decode)
+                cpu_kernels.use_fused_ops()
         if device.type == "cuda" and not self.mla:
             try:
                 self.model.backend = TritonBackend()
