@@ -168,15 +168,16 @@ def test_the_decode_graphs_draw_follows_the_distribution_with_fresh_noise_per_re
     graphs = eng.runner.decode_graphs
     bs = 32
     g = graphs.graphs[bs]
-    g.logits.fill_(-30.0)
-    g.logits[:, :4] = torch.tensor([2.0, 1.0, 0.0, -1.0], device=g.logits.device)
-    g.tokens.zero_()
-    graphs.buf.dev["temps"][:bs] = 0.7
-    graphs.buf.dev["sampled"][:bs] = torch.arange(bs, device=g.logits.device) % 8 != 0
-    outs = []
-    for _ in range(1500):
-        g.draw.replay()
-        outs.append(g.drawn.clone())
+    with torch.inference_mode():  # the graphs' buffers are inference tensors
+        g.logits.fill_(-30.0)
+        g.logits[:, :4] = torch.tensor([2.0, 1.0, 0.0, -1.0], device=g.logits.device)
+        g.tokens.zero_()
+        graphs.buf.dev["temps"][:bs] = 0.7
+        graphs.buf.dev["sampled"][:bs] = torch.arange(bs, device=g.logits.device) % 8 != 0
+        outs = []
+        for _ in range(1500):
+            g.draw.replay()
+            outs.append(g.drawn.clone())
     out = torch.stack(outs).cpu()  # [replays, bs]
     assert (out[:, ::8] == 0).all()
     drawn = out[:, torch.arange(bs) % 8 != 0].flatten()
