@@ -345,8 +345,10 @@ def failure() -> str | None:
     return _failed
 
 
-def _fp32_cpu(*ts: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+def _fp32_cpu(x: torch.Tensor) -> bool:
+    # a model's tensors share one dtype and device: the first input stands for them all
+    # (a generator over every input was 0.14 ms of a 8 ms step: 56 calls a step)
+    return x.dtype is torch.float32 and x.is_cpu
 
 
 def use_fused_ops() -> None:
@@ -358,7 +360,7 @@ def use_fused_ops() -> None:
              "rope": model._rope}
 
     def add_rms_norm(x, residual, weight, eps):
-        if _fp32_cpu(x, residual, weight) and x.dim() == 2:
+        if _fp32_cpu(x) and x.dim() == 2:
             out, total = _module.add_rms_norm(x, residual, weight, eps)
             return out, total
         return eager["add_rms_norm"](x, residual, weight, eps)
@@ -369,7 +371,7 @@ def use_fused_ops() -> None:
         return eager["silu_and_mul"](x)
 
     def rope(q, k, cos_table, sin_table, positions):
-        if _fp32_cpu(q, k, cos_table) and q.dim() == 3 and q.stride(2) == 1 and \
+        if _fp32_cpu(q) and q.dim() == 3 and q.stride(2) == 1 and \
                 k.stride(2) == 1:
             qo, ko = _module.rope(q, k, cos_table, sin_table, positions)
             return qo, ko
