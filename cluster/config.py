@@ -102,6 +102,12 @@ class EngineConfig(Strict):
                                        "batched PyTorch SDPA and PyTorch ops")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads of the CPU "
                                       "engine; null: torch's default")
+    cpu_attention_threads: int | None = Field(None, ge=1, description="threads of the C++ "
+                                              "decode attention for steps of 16 or more "
+                                              "decode rows: it streams the KV cache from "
+                                              "memory, which more cores read faster, while "
+                                              "the projections keep `torch_threads`; null: "
+                                              "every core this process may run on")
     seed: int = Field(0, description="torch's seed in each replica (requests with a "
                       "`seed` of their own use that)")
     quantization: Literal["int8", "fp8"] | None = Field(

@@ -87,3 +87,55 @@ def test_fused_small_ops_equal_pytorchs(kernel):
     (gq, gk), (wq, wk) = mod.rope(q, k, cos, sin, pos), model._rope(q, k, cos, sin, pos)
     assert gq.is_contiguous() and torch.allclose(gq, wq, atol=1e-5, rtol=1e-5)
     assert torch.allclose(gk, wk, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_runs_on_its_own_threads_and_gives_the_others_back(kernel):
+    """From ATTENTION_PARALLEL_MIN_ROWS decode rows the kernel runs on `attention_threads`
+    (here two while the engine has one): the same output, and the engine's thread count
+    is back after the call."""
+    g = torch.Generator().manual_seed(5)
+    rows, bs = cpu_kernels.ATTENTION_PARALLEL_MIN_ROWS, 16
+    k_cache = torch.randn(rows * 4, bs, 4, 32, generator=g)
+    v_cache = torch.randn(rows * 4, bs, 4, 32, generator=g)
+    ctx = [10 + 3 * i for i in range(rows)]  # at most 4 blocks each
+    tables = torch.arange(rows * 4, dtype=torch.int32).view(rows, 4)
+    q = torch.randn(rows, 8, 32, generator=g)
+    want = paged_attention_ref(q, k_cache, v_cache, tables, list(range(rows + 1)), ctx, 0.2)
+    before, threads = torch.get_num_threads(), cpu_kernels.attention_threads
+    torch.set_num_threads(1)
+    cpu_kernels.set_attention_threads(2)
+    seen = []
+    real = cpu_kernels._module.paged_decode
+    try:
+        cpu_kernels._module = _Spy(cpu_kernels._module, seen)
+        got = cpu_kernels.paged_decode(q, k_cache, v_cache, tables,
+                                       torch.tensor(ctx, dtype=torch.int32), 0.2)
+        few = cpu_kernels.paged_decode(q[:2], k_cache, v_cache, tables[:2],
+                                       torch.tensor(ctx[:2], dtype=torch.int32), 0.2)
+        assert torch.get_num_threads() == 1
+    finally:
+        cpu_kernels._module = _Spy.unwrap(cpu_kernels._module)
+        cpu_kernels.attention_threads = threads
+        torch.set_num_threads(before)
+    assert cpu_kernels._module.paged_decode is real
+    assert seen == [2, 1]  # torch's thread count inside each call
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(few, want[:2], atol=1e-5, rtol=1e-5)
+
+
+class _Spy:
+    """The built module with paged_decode recording torch's thread count at each call."""
+
+    def __init__(self, mod, seen: list):
+        self.mod, self.seen = mod, seen
+
+    def __getattr__(self, name):
+        return getattr(self.mod, name)
+
+    def paged_decode(self, *args):
+        self.seen.append(torch.get_num_threads())
+        return self.mod.paged_decode(*args)
+
+    @staticmethod
+    def unwrap(x):
+        return x.mod if isinstance(x, _Spy) else x

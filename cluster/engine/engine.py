@@ -105,7 +105,7 @@ def build_runner(model_dir: str, cfg: EngineConfig, weights, init_group=None) ->
                          resolve_max_model_len(arch, cfg), cfg.block_size, weights, tp,
                          cfg.cpu_attention_kernel,
                          torch.float8_e4m3fn if cfg.kv_cache_dtype == "fp8" else None,
-                         cfg.deepseek_kernels)
+                         cfg.deepseek_kernels, cfg.cpu_attention_threads)
     if cfg.quantization:
         quant.quantize_model(runner.model, cfg, fp8_native)
     runner.pack_linears()

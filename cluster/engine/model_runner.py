@@ -97,7 +97,7 @@ class ModelRunner:
     def __init__(self, model_dir: str, arch: ModelArch, device: torch.device, dtype: torch.dtype,
                  max_model_len: int, block_size: int, weights=None, tp: TP | None = None,
                  cpu_kernel: bool = True, kv_dtype: torch.dtype | None = None,
-                 deepseek_kernels: bool = True):
+                 deepseek_kernels: bool = True, cpu_attention_threads: int | None = None):
         self.arch, self.device, self.dtype = arch, device, dtype
         self.threads = torch.get_num_threads() if device.type == "cpu" else 1  # the engine's
         self.kv_dtype = kv_dtype or dtype  # fp8 (e4m3): attention converts after reading
@@ -135,6 +135,7 @@ class ModelRunner:
             if arch.head_dim in cpu_kernels.HEAD_DIMS and cpu_kernels.load() is not None:
                 self.model.backend = AttentionBackend(cpu_kernels.paged_decode)
                 cpu_kernels.use_fused_ops()
+                cpu_kernels.set_attention_threads(cpu_attention_threads)
         if device.type == "cuda" and not self.mla:
             try:
                 self.model.backend = TritonBackend()
