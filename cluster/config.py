@@ -104,10 +104,11 @@ class EngineConfig(Strict):
                                       "engine; null: torch's default")
     cpu_attention_threads: int | None = Field(None, ge=1, description="threads of the C++ "
                                               "decode attention for steps of 16 or more "
-                                              "decode rows: it streams the KV cache from "
-                                              "memory, which more cores read faster, while "
-                                              "the projections keep `torch_threads`; null: "
-                                              "every core this process may run on")
+                                              "decode rows, where the projections keep "
+                                              "`torch_threads`: it streams the KV cache from "
+                                              "memory, which more cores read faster (on a "
+                                              "host whose other cores are free); null: the "
+                                              "engine's own threads")
     seed: int = Field(0, description="torch's seed in each replica (requests with a "
                       "`seed` of their own use that)")
     quantization: Literal["int8", "fp8"] | None = Field(
