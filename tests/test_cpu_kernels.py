@@ -90,9 +90,9 @@ def test_fused_small_ops_equal_pytorchs(kernel):
 
 
 def test_attention_runs_on_its_own_threads_and_gives_the_others_back(kernel):
-    """From ATTENTION_PARALLEL_MIN_ROWS decode rows the kernel runs on `attention_threads`
+    """From ATTENTION_PARALLEL_MIN_ROWS decode rows the kernel runs on its own thread count
     (here two while the engine has one): the same output, and the engine's thread count
-    is back after the call."""
+    is back after the call; fewer rows stay on the engine's thread."""
     g = torch.Generator().manual_seed(5)
     rows, bs = cpu_kernels.ATTENTION_PARALLEL_MIN_ROWS, 16
     k_cache = torch.randn(rows * 4, bs, 4, 32, generator=g)
@@ -101,21 +101,20 @@ def test_attention_runs_on_its_own_threads_and_gives_the_others_back(kernel):
     tables = torch.arange(rows * 4, dtype=torch.int32).view(rows, 4)
     q = torch.randn(rows, 8, 32, generator=g)
     want = paged_attention_ref(q, k_cache, v_cache, tables, list(range(rows + 1)), ctx, 0.2)
-    before, threads = torch.get_num_threads(), cpu_kernels.attention_threads
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    cpu_kernels.set_attention_threads(2)
     seen = []
     real = cpu_kernels._module.paged_decode
     try:
         cpu_kernels._module = _Spy(cpu_kernels._module, seen)
         got = cpu_kernels.paged_decode(q, k_cache, v_cache, tables,
-                                       torch.tensor(ctx, dtype=torch.int32), 0.2)
+                                       torch.tensor(ctx, dtype=torch.int32), 0.2, threads=2)
         few = cpu_kernels.paged_decode(q[:2], k_cache, v_cache, tables[:2],
-                                       torch.tensor(ctx[:2], dtype=torch.int32), 0.2)
+                                       torch.tensor(ctx[:2], dtype=torch.int32), 0.2,
+                                       threads=2)
         assert torch.get_num_threads() == 1
     finally:
         cpu_kernels._module = _Spy.unwrap(cpu_kernels._module)
-        cpu_kernels.attention_threads = threads
         torch.set_num_threads(before)
     assert cpu_kernels._module.paged_decode is real
     assert seen == [2, 1]  # torch's thread count inside each call
@@ -139,3 +138,18 @@ class _Spy:
     @staticmethod
     def unwrap(x):
         return x.mod if isinstance(x, _Spy) else x
+
+
+def test_an_engine_with_its_own_attention_threads_gives_the_same_tokens(kernel, model_dir):
+    """engine.cpu_attention_threads reaches this model's kernel (not the process's), and
+    24 greedy tokens of 16 prompts (the attention on two threads) equal the default's."""
+    from cluster.tokenizer import Tokenizer
+
+    tok = Tokenizer(model_dir)
+    prompts = [tok.encode(PROMPTS[i % len(PROMPTS)]) + [5 + i] for i in range(16)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    own = make_engine(model_dir, cpu_attention_threads=2)
+    default = make_engine(model_dir)
+    assert own.runner.model.backend.decode_kernel.keywords == {"threads": 2}
+    assert default.runner.model.backend.decode_kernel.keywords == {"threads": None}
+    assert own.generate(prompts, params) == default.generate(prompts, params)

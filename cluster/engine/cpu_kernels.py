@@ -353,57 +353,47 @@ def _fp32_cpu(x: torch.Tensor) -> bool:
 
 def use_fused_ops() -> None:
     """The CPU model's small ops (model.Ops) through this module's kernels where the
-    tensors are fp32 on the CPU (the PyTorch ops otherwise). Call after `load` succeeded."""
+    tensors are fp32 on the CPU (the PyTorch ops otherwise). Call after `load` succeeded.
+    Process-wide, as `Ops.use_triton` is on a GPU: they equal the PyTorch ops to fp32
+    rounding, and an engine core process runs one model."""
     from cluster.engine import model
-
-    eager = {"add_rms_norm": model._add_rms_norm, "silu_and_mul": model._silu_and_mul,
-             "rope": model._rope}
 
     def add_rms_norm(x, residual, weight, eps):
         if _fp32_cpu(x) and x.dim() == 2:
-            out, total = _module.add_rms_norm(x, residual, weight, eps)
-            return out, total
-        return eager["add_rms_norm"](x, residual, weight, eps)
+            return tuple(_module.add_rms_norm(x, residual, weight, eps))
+        return model._add_rms_norm(x, residual, weight, eps)
 
     def silu_and_mul(x):
         if _fp32_cpu(x) and x.dim() == 2:
             return _module.silu_and_mul(x)
-        return eager["silu_and_mul"](x)
+        return model._silu_and_mul(x)
 
     def rope(q, k, cos_table, sin_table, positions):
-        if _fp32_cpu(q) and q.dim() == 3 and q.stride(2) == 1 and \
-                k.stride(2) == 1:
-            qo, ko = _module.rope(q, k, cos_table, sin_table, positions)
-            return qo, ko
-        return eager["rope"](q, k, cos_table, sin_table, positions)
+        if _fp32_cpu(q) and q.dim() == 3 and q.stride(2) == 1 and k.stride(2) == 1:
+            return tuple(_module.rope(q, k, cos_table, sin_table, positions))
+        return model._rope(q, k, cos_table, sin_table, positions)
 
     for fn in (add_rms_norm, silu_and_mul, rope):
         setattr(model.Ops, fn.__name__, staticmethod(fn))
 
 
-# Decode rows from which the attention runs on `attention_threads`: below, waking passive
+# Decode rows from which the attention runs on its own thread count: below, waking passive
 # OpenMP threads costs more than the kernel saves.
 ATTENTION_PARALLEL_MIN_ROWS = 16
-attention_threads = 0  # set from the engine's config (set_attention_threads); 0: the engine's
-
-
-def set_attention_threads(n: int | None) -> None:
-    """The attention's threads (None: the engine's own). The kernel is bound by memory
-    bandwidth, which grows with the cores reading: batch 64, contexts 192-320, caches
-    evicted between calls, 2.64 ms a call on one thread, 1.38 on two; the engine alone at
-    c=64 (projections on one thread) 3,028-3,105 -> 3,621-3,676 tok/s with two. Served on
-    this 2-core machine, where the HTTP side needs the second core, it lost 7-13%."""
-    global attention_threads
-    attention_threads = n or 0
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor,
-                 scale: float) -> torch.Tensor:
-    n, before = attention_threads, torch.get_num_threads()
-    if not n or n == before or q.shape[0] < ATTENTION_PARALLEL_MIN_ROWS:
+                 scale: float, threads: int | None = None) -> torch.Tensor:
+    """threads (engine.cpu_attention_threads; None: the engine's own): the kernel is bound
+    by memory bandwidth, which grows with the cores reading. Batch 64, contexts 192-320,
+    caches evicted between calls: 2.64 ms a call on one thread, 1.38 on two; the engine
+    alone at c=64 (projections on one thread) 3,028-3,105 -> 3,621-3,676 tok/s with two.
+    Served on this 2-core machine, where the HTTP side needs the second core, it lost 7-13%."""
+    before = torch.get_num_threads() if threads else 0
+    if not threads or threads == before or q.shape[0] < ATTENTION_PARALLEL_MIN_ROWS:
         return _module.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
-    torch.set_num_threads(n)
+    torch.set_num_threads(threads)
     try:
         return _module.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -133,9 +134,9 @@ class ModelRunner:
             from cluster.engine import cpu_kernels
 
             if arch.head_dim in cpu_kernels.HEAD_DIMS and cpu_kernels.load() is not None:
-                self.model.backend = AttentionBackend(cpu_kernels.paged_decode)
+                self.model.backend = AttentionBackend(
+                    functools.partial(cpu_kernels.paged_decode, threads=cpu_attention_threads))
                 cpu_kernels.use_fused_ops()
-                cpu_kernels.set_attention_threads(cpu_attention_threads)
         if device.type == "cuda" and not self.mla:
             try:
                 self.model.backend = TritonBackend()
