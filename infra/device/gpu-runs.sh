@@ -5,7 +5,7 @@
 #
 #   bash infra/device/gpu-runs.sh suite steady engine     # the GPU suite, the engine alone
 #   bash infra/device/gpu-runs.sh streams path profile    # the served path (profile: py-spy)
-#   bash infra/device/gpu-runs.sh idle surface            # GPU idle at batch 64; mixed load
+#   bash infra/device/gpu-runs.sh idle idle8b surface     # GPU idle at batch 64; mixed load
 #   bash infra/device/gpu-runs.sh deepseek                # its kernels' tests; v2-lite speed
 #
 # Every stage writes its log and --json under $OUT (default ./out) and a line to
@@ -67,6 +67,10 @@ for what in "$@"; do
       stage idle-05b-t1 $PY -m cluster.bench.engine --num-prompts 256 --temperature 1 \
         --baseline-prompts 0 --check-prompts 0 --host-profile --json
       stage idle-05b-greedy $PY -m cluster.bench.engine --num-prompts 256 --temperature 0 \
+        --baseline-prompts 0 --check-prompts 0 --host-profile --json ;;
+    idle8b)  # the same at temperature 1 on the 8B shape (a short timed run before it)
+      stage idle-8b-t1 $PY -m cluster.bench.engine --preset llama3.1-8b --num-prompts 128 \
+        --input-len 100 512 --output-len 64 128 --temperature 1 \
         --baseline-prompts 0 --check-prompts 0 --host-profile --json ;;
     surface)  # structured outputs, logprobs and penalties in one request of four vs plain
       stage up serve_up
