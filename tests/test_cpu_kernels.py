@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from cluster.engine import cpu_kernels
 from cluster.engine.attention import paged_attention_ref
@@ -153,3 +154,37 @@ def test_an_engine_with_its_own_attention_threads_gives_the_same_tokens(kernel, 
     assert own.runner.model.backend.decode_kernel.keywords == {"threads": 2}
     assert default.runner.model.backend.decode_kernel.keywords == {"threads": None}
     assert own.generate(prompts, params) == default.generate(prompts, params)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_unpacked(bias):
+    """A packed projection (weight kept transposed, multiplied through sgemm) gives
+    nn.Linear's output at decode and prefill row counts, bias added; its plain weight is
+    dropped and dense_weight gives it back exactly."""
+    from cluster.engine.model import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(96, 160, bias=bias).requires_grad_(False)
+    ref = nn.Linear(96, 160, bias=bias).requires_grad_(False)
+    ref.load_state_dict(lin.state_dict())
+    lin.pack()
+    assert lin.weight.numel() == 0 and lin.wt.is_contiguous() and lin.wt.shape == (96, 160)
+    assert torch.equal(lin.dense_weight(), ref.weight)
+    for rows in (1, 13, 64, 300):
+        x = torch.randn(rows, 96)
+        torch.testing.assert_close(lin(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_projections_bench_times_every_path():
+    from cluster.bench import projections
+
+    shapes = projections.step_shapes({"hidden_size": 64, "intermediate_size": 96,
+                                      "num_attention_heads": 4, "num_key_value_heads": 2,
+                                      "num_hidden_layers": 2, "vocab_size": 128})
+    assert shapes == [(64, 128), (64, 64), (64, 192), (96, 64)] * 2 + [(64, 128)]
+    got = projections.paths(shapes, 8)
+    assert {"F.linear", "mm_transposed"} <= set(got)
+    outs = {name: fn() for name, fn in got.items()}
+    for name, out in outs.items():  # every path multiplies the same weights
+        for a, b in zip(out, outs["F.linear"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)

@@ -68,49 +68,37 @@ class Ops:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, once `pack`ed (the CPU engine in fp32), multiplies through oneDNN
-    with its weight reordered once into oneDNN's blocked layout: a small model's CPU decode
-    step is mostly GEMMs, and sgemm on the plain [out, in] weight (which it packs again on
-    every call) took 1.3-2x as long at 16-64 rows. Packed after loading and quantization;
-    the plain weight is dropped then (one copy in memory, not two), `dense_weight` gives it
-    back."""
+    """nn.Linear that, once `pack`ed (the CPU engine in fp32), keeps its weight transposed,
+    [in, out] and contiguous, and multiplies through torch.mm (MKL's sgemm with B not
+    transposed). A small model's CPU decode step is mostly GEMMs. On one core of this
+    project's CI-class host (Xeon, AVX-512), the default model's 17 projections of a step:
+    oneDNN's blocked weight (`_linear_pointwise`, the packing used before) 1,513 / 2,294 /
+    3,874 us at 16 / 32 / 64 rows, this 1,222 / 1,844 / 3,263; F.linear on the plain
+    [out, in] weight 1,727 / 2,461 / 3,874; prefill rows (128-1,024) equal within 3%. sgemm
+    also keeps no state per row count (oneDNN's grew ~100 MB per 150 mixed requests, so
+    rows had to be padded to a few counts). The plain weight is dropped (one copy in
+    memory, not two); `dense_weight` gives it back."""
 
-    packed: torch.Tensor | None = None
+    wt: torch.Tensor | None = None
 
     def pack(self) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
+        self.wt = self.weight.detach().t().contiguous()
         # a tied lm_head's weight stays with the embedding, which holds it too
         self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
 
     def dense_weight(self) -> torch.Tensor:
-        return self.weight if self.packed is None else self.packed.to_dense()
+        return self.weight if self.wt is None else self.wt.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
+        if self.wt is None:
             return super().forward(x)
-        m = x.shape[0]
-        rows = packed_rows(m)
-        if rows != m:  # oneDNN keeps state per row count: a few counts bound its memory
-            x = torch.cat([x, x.new_zeros(rows - m, x.shape[1])])
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [],
-                                                  "")[:m]
-
-
-def packed_rows(m: int) -> int:
-    """The row count a packed Linear multiplies: oneDNN keeps memory for every row count it
-    sees (it grew by ~100 MB per 150 requests of mixed lengths), so rows are padded up to 8,
-    to a multiple of 8 up to 64, then to a multiple of 256."""
-    if m <= 8:
-        return 8
-    if m <= 64:
-        return -(-m // 8) * 8
-    return -(-m // 256) * 256
+        if self.bias is None:
+            return torch.mm(x, self.wt)
+        return torch.addmm(self.bias, x, self.wt)
 
 
 def can_pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype == torch.float32 and \
-        torch.backends.mkldnn.is_available() and \
-        hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    return device.type == "cpu" and dtype == torch.float32
 
 
 class RMSNorm(nn.Module):

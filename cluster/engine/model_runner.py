@@ -160,7 +160,7 @@ class ModelRunner:
         self.kv_tensors: list[torch.Tensor] = []
 
     def pack_linears(self) -> None:
-        """fp32 on the CPU: projections multiply through oneDNN with prepacked weights
+        """fp32 on the CPU: projections multiply by weights stored transposed, through sgemm
         (model.Linear). After quantization, which replaces the layers it quantizes."""
         if not self.mla and can_pack_linears(self.device, self.dtype):
             for m in self.model.modules():
