@@ -125,8 +125,15 @@ class EngineConfig(Strict):
                                 "false: the engine refuses to start there")
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto", description="the KV cache's element type: `auto`, the model's `dtype`; `fp8`, "
-        "e4m3 holding K and V unscaled (saturating at +-448), half bf16's bytes per token: "
-        "twice the tokens in the same memory (not for DeepSeek's latent cache)")
+        "e4m3 holding K and V over per-layer, per-KV-head scales (`kv_cache_scales`), half "
+        "bf16's bytes per token: twice the tokens in the same memory (not for DeepSeek's "
+        "latent cache)")
+    kv_cache_scales: Literal["auto", "calibrate", "none"] = Field(
+        "auto", description="an fp8 KV cache's scales (powers of two, one for K and one for "
+        "V per layer and KV head): `auto` the checkpoint's (`self_attn.k_scale` / `v_scale`, "
+        "as llm-compressor writes them) where it has them, else `calibrate`d at load from "
+        "one forward pass (the largest |K| and |V| of each head, with 4x headroom); `none` "
+        "1.0, K and V stored as they are (e4m3 saturates at +-448)")
     kv_host_tier_bytes: int = Field(0, ge=0, description="host memory (bytes) of the KV "
                                     "cache's tier 1: blocks the prefix cache evicts are "
                                     "kept there (LRU, at most this much) and copied back on "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import ray
+import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -54,6 +55,35 @@ def test_tp2_equals_tp1_token_for_token(ray_cluster, model_dir, prompts):
     out, labels = run_tp(model_dir, prompts, 2)
     assert out == expected
     assert len(labels) == 2 and all(lab.get("node-role") == "model" for lab in labels)
+
+
+def _kv_scales_of_ranks(engine):
+    peers = engine.runner.peers.actors if engine.runner.peers else []
+    return [engine.runner.kv_scales] + ray.get(
+        [p.__ray_call__.remote(lambda self: self.runner.kv_scales) for p in peers])
+
+
+def test_tp2_fp8_kv_cache_calibrates_each_ranks_heads_as_tp1(ray_cluster, model_dir, prompts):
+    """Every rank runs the calibration forward (its all-reduces meet the other's) and keeps
+    its own KV heads' scales: together TP=1's, and the same greedy tokens."""
+    one = LLMEngine(str(model_dir), EngineConfig(**CFG, kv_cache_dtype="fp8"))
+    expected = one.generate(prompts, GREEDY)
+    pg = placement_group([{"CPU": 1}] * 2, strategy="STRICT_PACK",
+                         bundle_label_selector=[{"node-role": "model"}] * 2)
+    ray.get(pg.ready(), timeout=120)
+    try:
+        host = ray.remote(EngineHost).options(
+            num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
+        ).remote(str(model_dir), EngineConfig(**CFG, kv_cache_dtype="fp8",
+                                              tensor_parallel_size=2).model_dump())
+        ranks = ray.get(host.run.remote(_kv_scales_of_ranks))
+        assert ray.get(host.generate.remote(prompts, GREEDY), timeout=300) == expected
+        ray.kill(host)
+    finally:
+        remove_placement_group(pg)
+    for layer, want in enumerate(one.runner.kv_scales):  # 4 KV heads: 2 per rank
+        assert torch.equal(torch.cat([r[layer] for r in ranks], dim=1), want)
 
 
 def test_tp_needs_a_placement_group(model_dir):

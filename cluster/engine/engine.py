@@ -11,7 +11,7 @@ import torch
 
 from cluster.arch import context_length
 from cluster.config import EngineConfig
-from cluster.engine import kv_tier, quant
+from cluster.engine import kv_scales, kv_tier, quant
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.deepseek import DEEPSEEK_TP_REFUSED
 from cluster.engine.model import ModelArch
@@ -95,7 +95,8 @@ def build_runner(model_dir: str, cfg: EngineConfig, weights, init_group=None) ->
         torch.set_num_threads(cfg.torch_threads)
     tp = init_group(device) if init_group else None
     fp8_native = quant.check_supported(cfg, device, arch)  # before loading any weight
-    fp8_weights = quant.fp8_checkpoint(model_dir) if weights is None else None
+    from_files = weights is None  # the checkpoint in model_dir (not synthetic or given)
+    fp8_weights = quant.fp8_checkpoint(model_dir) if from_files else None
     if fp8_weights:  # read dequantized: the loader knows no scales
         weights = quant.dequantized_checkpoint(model_dir, fp8_weights)
     torch.manual_seed(cfg.seed)
@@ -109,7 +110,27 @@ def build_runner(model_dir: str, cfg: EngineConfig, weights, init_group=None) ->
     if cfg.quantization:
         quant.quantize_model(runner.model, cfg, fp8_native)
     runner.pack_linears()
+    if cfg.kv_cache_dtype == "fp8" and cfg.kv_cache_scales != "none":
+        set_kv_scales(runner, model_dir, cfg.kv_cache_scales, from_files)
     return runner
+
+
+def set_kv_scales(runner: ModelRunner, model_dir: str, how: str, from_files: bool) -> None:
+    """An fp8 cache's per-head scales (kv_scales.py): the checkpoint's under `auto` where it
+    has them, else calibrated; every rank of a TP group runs the same calibration."""
+    model, arch = runner.model, runner.arch
+    lay = model.layout
+    scales = None
+    if how == "auto" and from_files:
+        scales = kv_scales.from_checkpoint(model_dir, arch.num_layers, lay.kv_heads,
+                                           lay.kv_head_start, arch.num_kv_heads)
+    if scales is None:
+        scales = kv_scales.calibrate(model, arch.vocab_size, runner.device,
+                                     min(kv_scales.CALIBRATION_TOKENS, runner.max_model_len))
+    for layer, s in zip(model.layers, scales, strict=True):
+        layer.self_attn.kv_scale = s.to(runner.device, runner.dtype)
+    runner.kv_scales = scales
+    log.info(kv_scales.describe(scales))
 
 
 def resolve_max_model_len(arch: ModelArch, cfg: EngineConfig) -> int:

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cluster.engine import kv_scales
 from cluster.prefix_hash import block_hash, salt_digest, short_digest
 
 if TYPE_CHECKING:
@@ -67,13 +68,16 @@ FETCH_TTL_S = 60.0  # a fetch whose request never got admitted (aborted) is drop
 THROUGH_KEEP = 1 << 16  # write-through bookkeeping: reuse counts and blocks sent, newest
 
 
-def model_key(model_dir: str, weights, dtype: torch.dtype, block_size: int) -> bytes:
+def model_key(model_dir: str, weights, dtype: torch.dtype, block_size: int,
+              scales: bytes = b"") -> bytes:
     """What makes two engines' blocks interchangeable in the shared pool: the checkpoint (its
     folder name, config.json and weight file sizes; or the synthetic weights' name), the
-    cache's dtype and block size. Engines of different models never read each other's blocks."""
+    cache's dtype, block size and an fp8 cache's scales (kv_scales.digest). Engines of
+    different models never read each other's blocks."""
     d = Path(model_dir)
     named = weights if isinstance(weights, str) else ""
     h = hashlib.sha256(f"{d.name}|{dtype}|{block_size}|{named}".encode())
+    h.update(scales)
     cfg = d / "config.json"
     if cfg.exists():
         h.update(cfg.read_bytes())
@@ -461,7 +465,8 @@ def build(runner, cfg, model_dir: str, weights=None, pool: PoolClient | None = N
         raise ValueError("KV tiers do not support tensor_parallel_size > 1 yet (each rank "
                          "holds a shard of every block)")
     # the cache's own element type (an fp8 KV cache's blocks are not a bf16 one's)
-    key = model_key(model_dir, weights, runner.kv_tensors[0].dtype, runner.block_size)
+    key = model_key(model_dir, weights, runner.kv_tensors[0].dtype, runner.block_size,
+                    kv_scales.digest(runner.kv_scales))
     tier = KVTier(runner, cfg.kv_host_tier_bytes, pool, key, max_fetch_wait_s)
     log.info("KV tiers: host %d blocks (%.1f MiB)%s", tier.host.capacity,
              tier.host.capacity * tier.block_bytes / 2**20,

@@ -173,6 +173,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.rotary = rotary
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner
+        # an fp8 cache's [K, V] scales per KV head, powers of two in the model's dtype
+        # (kv_scales.py); None: the cache holds K and V as they are
+        self.kv_scale: torch.Tensor | None = None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
@@ -183,8 +186,18 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        o = backend.forward(q, k, v, positions, self.rotary, self.k_cache, self.v_cache, meta,
-                            self.scale)
+        if self.kv_scale is None:
+            o = backend.forward(q, k, v, positions, self.rotary, self.k_cache, self.v_cache,
+                                meta, self.scale)
+            return self.tp.all_reduce(self.o_proj(o.reshape(-1, self.q_size)))
+        # the cache holds k / k_scale and v / v_scale; the scales come out of the attention
+        # as q * k_scale before it and out * v_scale after it (exact: powers of two)
+        ks, vs = self.kv_scale
+        group = (-1, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        q = (q.view(group) * ks[:, None, None]).view(q.shape)
+        o = backend.forward(q, k / ks[:, None], v / vs[:, None], positions, self.rotary,
+                            self.k_cache, self.v_cache, meta, self.scale)
+        o = o.reshape(group) * vs[:, None, None]
         return self.tp.all_reduce(self.o_proj(o.reshape(-1, self.q_size)))
 
 

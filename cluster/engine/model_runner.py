@@ -102,6 +102,7 @@ class ModelRunner:
         self.arch, self.device, self.dtype = arch, device, dtype
         self.threads = torch.get_num_threads() if device.type == "cpu" else 1  # the engine's
         self.kv_dtype = kv_dtype or dtype  # fp8 (e4m3): attention converts after reading
+        self.kv_scales: list[torch.Tensor] | None = None  # an fp8 cache's (kv_scales.py)
         self.tp = tp or TP()
         self.block_size = block_size
         self.max_model_len = max_model_len

@@ -164,6 +164,7 @@ def test_fp8_kv_cache_through_the_triton_kernels_and_graphs():
     kw = QWEN_KW
     eng = _engine(folder, weights, kv_cache_dtype="fp8", **kw)
     assert eng.runner.k_caches[0].dtype == torch.float8_e4m3fn and eng.runner.graphs
+    assert eng.runner.kv_scales is not None  # calibrated at load (random weights)
     got = eng.generate(prompts, GREEDY)
     assert all(len(c) == 32 for c in got)
     for t, b, w in zip(texts, bf16, want, strict=True):
