@@ -25,7 +25,8 @@ def prompts(model_dir):
     return [tok.encode(t) for t in ("hello world", "tensor parallel " * 12, "a")]
 
 
-def run_tp(model_dir, prompts, size: int, **cfg):
+def run_tp(model_dir, prompts, size: int, probe=None, **cfg):
+    """(greedy outputs, probe(engine) run on the host: by default the ranks' node labels)"""
     pg = placement_group([{"CPU": 1}] * size, strategy="STRICT_PACK",
                          bundle_label_selector=[{"node-role": "model"}] * size)
     ray.get(pg.ready(), timeout=120)
@@ -35,7 +36,7 @@ def run_tp(model_dir, prompts, size: int, **cfg):
                 pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
         ).remote(str(model_dir), EngineConfig(**(CFG | cfg), tensor_parallel_size=size)
                  .model_dump())
-        nodes = ray.get(host.run.remote(_node_labels_of_ranks))
+        nodes = ray.get(host.run.remote(probe or _node_labels_of_ranks))
         out = ray.get(host.generate.remote(prompts, GREEDY), timeout=300)
         ray.kill(host)
         return out, nodes
@@ -67,21 +68,8 @@ def test_tp2_fp8_kv_cache_calibrates_each_ranks_heads_as_tp1(ray_cluster, model_
     """Every rank runs the calibration forward (its all-reduces meet the other's) and keeps
     its own KV heads' scales: together TP=1's, and the same greedy tokens."""
     one = LLMEngine(str(model_dir), EngineConfig(**CFG, kv_cache_dtype="fp8"))
-    expected = one.generate(prompts, GREEDY)
-    pg = placement_group([{"CPU": 1}] * 2, strategy="STRICT_PACK",
-                         bundle_label_selector=[{"node-role": "model"}] * 2)
-    ray.get(pg.ready(), timeout=120)
-    try:
-        host = ray.remote(EngineHost).options(
-            num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True),
-        ).remote(str(model_dir), EngineConfig(**CFG, kv_cache_dtype="fp8",
-                                              tensor_parallel_size=2).model_dump())
-        ranks = ray.get(host.run.remote(_kv_scales_of_ranks))
-        assert ray.get(host.generate.remote(prompts, GREEDY), timeout=300) == expected
-        ray.kill(host)
-    finally:
-        remove_placement_group(pg)
+    out, ranks = run_tp(model_dir, prompts, 2, probe=_kv_scales_of_ranks, kv_cache_dtype="fp8")
+    assert out == one.generate(prompts, GREEDY)
     for layer, want in enumerate(one.runner.kv_scales):  # 4 KV heads: 2 per rank
         assert torch.equal(torch.cat([r[layer] for r in ranks], dim=1), want)
 
