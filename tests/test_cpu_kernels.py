@@ -157,19 +157,25 @@ def test_an_engine_with_its_own_attention_threads_gives_the_same_tokens(kernel, 
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_unpacked(bias):
-    """A packed projection (weight kept transposed, multiplied through sgemm) gives
-    nn.Linear's output at decode and prefill row counts, bias added; its plain weight is
-    dropped and dense_weight gives it back exactly."""
+@pytest.mark.parametrize("layout", ["sgemm", "onednn"])
+def test_packed_linear_equals_unpacked(bias, layout):
+    """A packed projection in either layout gives nn.Linear's output at decode and prefill
+    row counts, bias added (oneDNN's rows padded and cut back); its plain weight is dropped,
+    dense_weight gives it back, and it repacks into the other layout."""
+    from cluster.engine import cpu_linear
     from cluster.engine.model import Linear
 
+    if not cpu_linear.onednn_available():
+        skip_or_fail("this torch has no oneDNN linear")
+    other = {"sgemm": "onednn", "onednn": "sgemm"}[layout]
     torch.manual_seed(0)
     lin = Linear(96, 160, bias=bias).requires_grad_(False)
     ref = nn.Linear(96, 160, bias=bias).requires_grad_(False)
     ref.load_state_dict(lin.state_dict())
-    lin.pack()
-    assert lin.weight.numel() == 0 and lin.wt.is_contiguous() and lin.wt.shape == (96, 160)
-    assert torch.equal(lin.dense_weight(), ref.weight)
+    lin.pack(other)
+    lin.pack(layout)
+    assert lin.weight.numel() == 0 and lin.layout == layout
+    torch.testing.assert_close(lin.dense_weight(), ref.weight, rtol=0, atol=0)
     for rows in (1, 13, 64, 300):
         x = torch.randn(rows, 96)
         torch.testing.assert_close(lin(x), ref(x), rtol=1e-5, atol=1e-5)
@@ -183,8 +189,40 @@ def test_projections_bench_times_every_path():
                                       "num_hidden_layers": 2, "vocab_size": 128})
     assert shapes == [(64, 128), (64, 64), (64, 192), (96, 64)] * 2 + [(64, 128)]
     got = projections.paths(shapes, 8)
-    assert {"F.linear", "mm_transposed"} <= set(got)
+    assert {"F.linear", "sgemm"} <= set(got)
     outs = {name: fn() for name, fn in got.items()}
     for name, out in outs.items():  # every path multiplies the same weights
         for a, b in zip(out, outs["F.linear"], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_layout_decision_takes_onednn_only_when_clearly_faster_and_once_per_shape():
+    from cluster.engine import cpu_linear
+
+    if not cpu_linear.onednn_available():
+        skip_or_fail("this torch has no oneDNN linear")
+    calls = []
+
+    def timer(times):
+        return lambda name: calls.append(name) or times[name]
+
+    assert cpu_linear.decide(("t", 1), timer({"sgemm": 1.0, "onednn": 0.95})) == "sgemm"
+    assert cpu_linear.decide(("t", 2), timer({"sgemm": 1.0, "onednn": 0.8})) == "onednn"
+    n = len(calls)
+    assert cpu_linear.decide(("t", 2), timer({"sgemm": 0.1, "onednn": 9.0})) == "onednn"
+    assert len(calls) == n  # decided once per process: engines of one shape round alike
+
+
+def test_engine_packs_every_projection_in_its_models_layout(model_dir):
+    """The runner times the model both ways at load and packs every projection alike; a
+    second engine of the same shape in this process gets the same layout untimed."""
+    from cluster.engine import cpu_linear
+    from cluster.engine.model import Linear
+
+    eng = make_engine(model_dir)
+    layouts = {m.layout for m in eng.runner.model.modules() if isinstance(m, Linear)}
+    assert len(layouts) == 1 and layouts <= set(cpu_linear.LAYOUTS)
+    assert layouts.pop() in cpu_linear.chosen().values()
+    again = make_engine(model_dir)
+    assert {m.layout for m in again.runner.model.modules() if isinstance(m, Linear)} == \
+        {m.layout for m in eng.runner.model.modules() if isinstance(m, Linear)}

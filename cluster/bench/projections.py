@@ -5,9 +5,10 @@ stream from cache as a step does.
 
     python -m cluster.bench.projections [--model DIR] [--rows 16 32 64] [--threads 1] [--json]
 
-Paths: `F.linear` on the plain [out, in] weight; oneDNN with the weight reordered once into
-its blocked layout (`mkldnn._linear_pointwise`); `torch.mm` on the weight stored transposed,
-[in, out] contiguous (what `model.Linear` does once packed).
+Paths: `F.linear` on the plain [out, in] weight, and the two layouts `model.Linear` chooses
+between per shape (cluster/engine/cpu_linear.py): `sgemm`, torch.mm on the weight stored
+transposed ([in, out] contiguous); `onednn`, the weight reordered once into oneDNN's
+blocked layout (`mkldnn._linear_pointwise`, rows padded as the engine pads them).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from cluster.engine import cpu_linear
 
 
 def step_shapes(config: dict) -> list[tuple[int, int]]:
@@ -44,14 +47,12 @@ def paths(shapes: list[tuple[int, int]], rows: int) -> dict:
     ws = [torch.randn(n, k, generator=g) for k, n in shapes]
     xs = [torch.randn(rows, k, generator=g) for k, _ in shapes]
     out = {"F.linear": lambda: [F.linear(x, w) for x, w in zip(xs, ws, strict=True)]}
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
-                                                        "_reorder_linear_weight"):
-        blocked = [torch.ops.mkldnn._reorder_linear_weight(w) for w in ws]
-        out["onednn_blocked"] = lambda: [
-            torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
-            for x, p in zip(xs, blocked, strict=True)]
-    transposed = [w.t().contiguous() for w in ws]
-    out["mm_transposed"] = lambda: [torch.mm(x, wt) for x, wt in zip(xs, transposed, strict=True)]
+    for layout in cpu_linear.LAYOUTS:
+        if layout == "onednn" and not cpu_linear.onednn_available():
+            continue
+        packed = [cpu_linear.to_layout(w, layout) for w in ws]
+        out[layout] = lambda packed=packed, layout=layout: [
+            cpu_linear.matmul(x, p, layout, None) for x, p in zip(xs, packed, strict=True)]
     return out
 
 

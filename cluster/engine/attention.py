@@ -78,6 +78,22 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(-1, kv_heads, dim).index_copy_(0, slot_mapping, v)
 
 
+class UncachedBackend:
+    """Attention over the pass's own tokens, one causal sequence, no KV cache: for passes at
+    load (kv_scales' calibration, cpu_linear's timing) before the cache exists."""
+
+    def forward(self, q, k, v, positions, rotary, k_cache, v_cache, meta, scale: float):
+        q, k = rotary(positions, q, k)
+        self.seen(k, v)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
+            scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return o.transpose(0, 1)
+
+    def seen(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Each layer's rotated K and V, in layer order."""
+
+
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, cu_seqlens_q: list[int],
                         context_lens: list[int], scale: float) -> torch.Tensor:

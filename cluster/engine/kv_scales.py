@@ -33,7 +33,8 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from cluster.engine.attention import UncachedBackend
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 HEADROOM = 4.0
@@ -50,21 +51,15 @@ def pow2_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.ceil(torch.log2(amax * HEADROOM / FP8_MAX)))
 
 
-class AmaxBackend:
-    """Attention for calibration: rotates q and k, records each KV head's |K| and |V| maxima
-    (per layer, in call order), attends causally over the one sequence with SDPA."""
+class AmaxBackend(UncachedBackend):
+    """Records each KV head's |K| and |V| maxima (after rotary), per layer in call order."""
 
     def __init__(self):
         self.amax: list[torch.Tensor] = []
 
-    def forward(self, q, k, v, positions, rotary, k_cache, v_cache, meta, scale: float):
-        q, k = rotary(positions, q, k)
+    def seen(self, k, v) -> None:
         self.amax.append(torch.stack([k.abs().amax(dim=(0, 2)), v.abs().amax(dim=(0, 2))])
                          .float())
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
-            scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-        return o.transpose(0, 1)
 
 
 @torch.inference_mode()

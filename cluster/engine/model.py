@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.arch import SUPPORTED_ARCHITECTURES, ModelArch  # noqa: F401 - re-exported
+from cluster.engine import cpu_linear
 from cluster.engine.attention import AttentionMetadata, paged_attention_cpu, store_kv
 from cluster.engine.parallel import TP, Layout
 
@@ -68,33 +69,31 @@ class Ops:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, once `pack`ed (the CPU engine in fp32), keeps its weight transposed,
-    [in, out] and contiguous, and multiplies through torch.mm (MKL's sgemm with B not
-    transposed). A small model's CPU decode step is mostly GEMMs. On one core of this
-    project's CI-class host (Xeon, AVX-512), the default model's 17 projections of a step:
-    oneDNN's blocked weight (`_linear_pointwise`, the packing used before) 1,513 / 2,294 /
-    3,874 us at 16 / 32 / 64 rows, this 1,222 / 1,844 / 3,263; F.linear on the plain
-    [out, in] weight 1,727 / 2,461 / 3,874; prefill rows (128-1,024) equal within 3%. sgemm
-    also keeps no state per row count (oneDNN's grew ~100 MB per 150 mixed requests, so
-    rows had to be padded to a few counts). The plain weight is dropped (one copy in
-    memory, not two); `dense_weight` gives it back."""
+    """nn.Linear that, once `pack`ed (the CPU engine in fp32), multiplies by its weight in
+    one of two layouts (cpu_linear.py: sgemm on the transposed weight, or oneDNN's blocked
+    layout; the model runner times its model both ways at load). The plain weight is
+    dropped then (one copy in memory, not two); `dense_weight` gives it back."""
 
-    wt: torch.Tensor | None = None
+    layout: str | None = None
+    packed: torch.Tensor | None = None
 
-    def pack(self) -> None:
-        self.wt = self.weight.detach().t().contiguous()
+    def pack(self, layout: str) -> None:
+        """Into `layout`, from the plain weight or the other layout."""
+        if layout == self.layout:
+            return
+        self.packed, self.layout = cpu_linear.to_layout(self.dense_weight().detach(),
+                                                        layout), layout
         # a tied lm_head's weight stays with the embedding, which holds it too
         self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
 
     def dense_weight(self) -> torch.Tensor:
-        return self.weight if self.wt is None else self.wt.t()
+        return self.weight if self.packed is None else cpu_linear.dense(self.packed,
+                                                                        self.layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.wt is None:
+        if self.packed is None:
             return super().forward(x)
-        if self.bias is None:
-            return torch.mm(x, self.wt)
-        return torch.addmm(self.bias, x, self.wt)
+        return cpu_linear.matmul(x, self.packed, self.layout, self.bias)
 
 
 def can_pack_linears(device: torch.device, dtype: torch.dtype) -> bool:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from cluster.engine.attention import AttentionMetadata
+from cluster.engine import cpu_linear
+from cluster.engine.attention import AttentionMetadata, UncachedBackend
 from cluster.engine.cuda_graphs import (
     DecodeGraph,
     DecodeGraphs,
@@ -161,12 +163,51 @@ class ModelRunner:
         self.kv_tensors: list[torch.Tensor] = []
 
     def pack_linears(self) -> None:
-        """fp32 on the CPU: projections multiply by weights stored transposed, through sgemm
-        (model.Linear). After quantization, which replaces the layers it quantizes."""
-        if not self.mla and can_pack_linears(self.device, self.dtype):
-            for m in self.model.modules():
-                if isinstance(m, Linear):
-                    m.pack()
+        """fp32 on the CPU: projections multiply by their weights in one of two layouts
+        (model.Linear, cpu_linear.py), whichever makes this model's forward pass at decode
+        row counts faster, timed here on one thread (as decode steps of fewer than
+        PARALLEL_MIN_TOKENS rows run). A TP rank takes sgemm untimed: its peers must run the
+        same passes (their all-reduces meet), and a process may have decided already. After
+        quantization, which replaces the layers it quantizes."""
+        if self.mla or not can_pack_linears(self.device, self.dtype):
+            return
+        linears = [m for m in self.model.modules() if isinstance(m, Linear)]
+        if self.tp.size > 1 or not linears:
+            for m in linears:
+                m.pack("sgemm")
+            return
+        key = (self.arch.vocab_size, *((m.in_features, m.out_features) for m in linears))
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            layout = cpu_linear.decide(key, lambda name: self._pass_seconds(linears, name))
+        finally:
+            torch.set_num_threads(before)
+        for m in linears:
+            m.pack(layout)
+        log.info("CPU projections: %s layout", layout)
+
+    @torch.inference_mode()
+    def _pass_seconds(self, linears: list[Linear], layout: str) -> float:
+        """Seconds of this model's forward pass and logits at cpu_linear.TUNE_ROWS rows (no
+        KV cache: attention over the pass's own tokens), its projections in `layout`."""
+        for m in linears:
+            m.pack(layout)
+        g = torch.Generator().manual_seed(0)
+        backend, self.model.backend = self.model.backend, UncachedBackend()
+        total = 0.0
+        try:
+            for rows in cpu_linear.TUNE_ROWS:
+                ids = torch.randint(0, self.arch.vocab_size, (rows,), generator=g)
+                positions = torch.arange(rows)
+                self.model.compute_logits(self.model(ids, positions, None))  # warm
+                start = time.perf_counter()
+                for _ in range(2):
+                    self.model.compute_logits(self.model(ids, positions, None))
+                total += (time.perf_counter() - start) / 2
+        finally:
+            self.model.backend = backend
+        return total
 
     def kv_bytes_per_block(self) -> int:
         a = self.arch
