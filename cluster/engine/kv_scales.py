@@ -18,13 +18,13 @@ Where they come from (`engine.kv_cache_scales`): `auto` takes the checkpoint's
 (compressed-tensors / llm-compressor `self_attn.k_scale` and `v_scale`, or the older
 `k_proj.output_scale` / `v_proj.output_scale`: a scalar per layer, or one per KV head) and
 otherwise calibrates; `calibrate` always does; `none` keeps 1.0.
-Calibration runs the model once at load over CALIBRATION_TOKENS seeded token ids (or
-max_model_len) (no cache:
-a backend that records each head's K / V amax after rotary and attends with causal SDPA)
-and sets scale = 2^ceil(log2(amax * HEADROOM / 448)): values up to HEADROOM times what
-calibration saw fit before saturating, e4m3's 2^-6..448 range (14.8 binary orders) keeps
-12 of them below that. On a tensor-parallel group every rank runs the same forward (its
-all-reduces meet) and keeps its own heads' scales.
+Calibration runs the model once at load over CALIBRATION_TOKENS seeded token ids (at most
+max_model_len), with no cache: a backend records each head's K / V amax after rotary and
+attends with causal SDPA. It sets scale = 2^ceil(log2(amax * HEADROOM / 448)): values up to
+HEADROOM times what calibration saw fit before saturating, and of e4m3's normal range
+(2^-6..448, 14.8 binary orders) about 12.8 stay below the calibrated amax. On a
+tensor-parallel group every rank runs the same forward (its all-reduces meet) and keeps its
+own heads' scales.
 """
 
 from __future__ import annotations
