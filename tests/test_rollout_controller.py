@@ -270,8 +270,11 @@ class FallbackProbe:
 
 def test_an_abort_under_streaming_load_fails_no_stream(rollout_app):
     url, doc, port = rollout_app
-    slow = new_doc()  # the canary's steps sleep: its streams are in flight as it goes
-    rc.tandem_app(slow)["args"]["engine"].update(slow_replica_ranks=[0], slow_step_delay_s=0.1)
+    # the canary's steps sleep: its streams are in flight as it goes. 20 s a stream (0.2 s a
+    # step): one that began as the canary took traffic outlasts the abort (>= 6 s later) and
+    # the 5 s its apps wait before they go, by margin on a loaded 2-core machine
+    slow = new_doc()
+    rc.tandem_app(slow)["args"]["engine"].update(slow_replica_ranks=[0], slow_step_delay_s=0.2)
     plan = RolloutPlan.model_validate({"steps": [{"share": 0.5, "hold_s": 120},
                                                  {"share": 1.0, "hold_s": 120}],
                                        "judge": JUDGE})
@@ -294,8 +297,8 @@ def test_an_abort_under_streaming_load_fails_no_stream(rollout_app):
     assert after in replica_ids() and live_canary not in replica_ids()
     assert probe.canary.fallbacks == 1 and waited < 12, waited
     assert not load.failures(), load.failures()[:3]
-    # canary streams (10 s each at 0.1 s a step) were still running when its apps began to
-    # go, and finished whole: the replicas drained them
+    # canary streams were still running when its apps began to go, and finished whole: the
+    # replicas drained them
     going = aborted_at + 2 * rc.FRONTENDS_SEE_S
     assert any(d[1] == CANARY and d[3] > going + 1 for d in load.done), load.done
     assert set(load.versions[n:]) == {STABLE}
