@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# what of an engine core's load report (cluster/engine/core.py) a replica passes to routers
+REPORT_KEYS = ("running", "waiting", "waiting_tokens", "kv_used", "kv_total", "max_num_seqs",
+               "step_s", "step_a_s", "step_b_s")
 PREFIX_SUMMARY_BLOCKS = 4096  # newest cached block digests a replica reports to routers
 
 # replica id -> streams this process (a frontend) has open there, which the router adds to
@@ -39,6 +42,12 @@ class ReplicaLoad:
     # digests of the blocks the cluster KV pool holds for this replica's model (its model
     # key: cluster/kv_index.py), which it would fetch rather than compute
     pool: frozenset = field(default_factory=frozenset)
+    # its decode step time at batch n ~ pace_a + pace_b n (0, 0: not known yet), fitted to
+    # its recent decode steps (cluster/engine/step_pace.py): routers compare replicas by the
+    # step a new request would join, not by step_s (prefill steps in it, and the batch it
+    # last ran, which an idle replica would keep reporting)
+    pace_a: float = 0.0
+    pace_b: float = 0.0
 
     @classmethod
     def of(cls, stats: dict, in_flight: float = 0.0, prefix: frozenset = frozenset(),
@@ -52,18 +61,24 @@ class ReplicaLoad:
                    stats.get("kv_used", 0.0) / max(1.0, stats.get("kv_total", 1.0)),
                    max(1.0, stats.get("max_num_seqs", 1.0)), in_flight, prefix,
                    age_s, stats.get("step_s", 0.0), stats.get("gpu_util_perc", 0.0) / 100,
-                   pool)
+                   pool, stats.get("step_a_s", 0.0), stats.get("step_b_s", 0.0))
 
     def score(self) -> float:
         """Roughly 'how many batches of work are ahead of a new request' here."""
         queued = max(self.running + self.waiting, self.in_flight)
         return queued / self.max_num_seqs + self.waiting_tokens / 8192 + 2.0 * self.kv_usage ** 2
 
+    @property
+    def pace_s(self) -> float:
+        """Its decode step time with one more request in its batch (0: not known yet)."""
+        batch = min(self.max_num_seqs, max(self.running, self.in_flight) + 1)
+        return self.pace_a + self.pace_b * batch
+
     def wait_s(self) -> float:
         """Seconds until a new request's first token here, roughly: the batches ahead of it
-        and its own, at this replica's step time. A replica half as fast waits twice as long
+        and its own, at this replica's decode pace. A replica half as fast waits twice as long
         for the same queue, which queue length alone does not see."""
-        return (self.score() + 1.0) * self.step_s
+        return (self.score() + 1.0) * self.pace_s
 
     def is_hot(self, kv_hot: float, score_hot: float) -> bool:
         return self.kv_usage >= kv_hot or self.score() >= score_hot

@@ -64,7 +64,7 @@ class PowerOfTwo(Policy):
 
 
 class LeastLoad(Policy):
-    """The shortest expected wait where every replica reports its step time (uneven
+    """The shortest expected wait where every replica reports its decode pace (uneven
     replicas: the faster one takes more), else the lowest load score."""
 
     name = "least_load"
@@ -80,11 +80,11 @@ class LeastLoad(Policy):
     @staticmethod
     def costs(loads: list[ReplicaLoad]) -> list[float]:
         """Each replica's load in batches of work ahead of a new request, at the fastest
-        replica's pace where every one reports its step time (a replica at half speed
-        counts its queue twice), else its load score."""
-        if not loads or not all(ld.step_s > 0 for ld in loads):
+        replica's pace where every one reports its decode step time (a replica at half
+        speed counts its queue twice), else its load score."""
+        if not loads or not all(ld.pace_s > 0 for ld in loads):
             return [ld.score() for ld in loads]
-        pace = min(ld.step_s for ld in loads)
+        pace = min(ld.pace_s for ld in loads)
         return [ld.wait_s() / pace for ld in loads]
 
 

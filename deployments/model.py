@@ -22,6 +22,7 @@ from contextlib import nullcontext
 import ray
 from ray import serve
 
+from cluster import load
 from cluster.config import CPU, GPU, AppConfig, cpu_engine
 from cluster.cpu_cores import CoreShare
 from cluster.engine.core_process import CoreProcess
@@ -67,6 +68,7 @@ class ModelReplica:
         with self.cores.applied() if self.cores else nullcontext():
             self.core = CoreProcess(cfg, ray.util.get_node_ip_address(), delay)
         self.fault_injection = cfg.engine.fault_injection
+        self.reports = 0  # routing reports made (see record_routing_stats)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         replica = serve.get_replica_context().replica_tag
         self.metrics = EngineMetrics(base_tags(cfg.model.name, replica))
@@ -117,13 +119,17 @@ class ModelReplica:
 
     def _load_report(self) -> dict:
         s = self.core.stats
-        keys = ("running", "waiting", "waiting_tokens", "kv_used", "kv_total", "max_num_seqs",
-                "step_s")
-        return {k: s[k] for k in keys if k in s}
+        return {k: s[k] for k in load.REPORT_KEYS if k in s}
 
     def record_routing_stats(self) -> dict:
+        # Serve passes a report on to the routers only when it differs from the last one
+        # (it compares the replica's info, stats included), and a router takes a replica
+        # whose report it has not seen change for router.stale_after_s for gone: an idle
+        # replica, whose figures stay the same, would then get no work and stay idle. The
+        # count makes every report new.
+        self.reports += 1
         s = self.core.stats
-        return {**self._load_report(), "prefix": s.get("prefix", []),
+        return {**self._load_report(), "report": self.reports, "prefix": s.get("prefix", []),
                 "kv_key": s.get("kv_key", ""),  # the model key of its pool blocks, if any
                 "requests": s.get("requests", 0), "moved": s.get("moved", 0),
                 "rank": self.rank, "core_rss_mb": rss_mb(self.core.pid),

@@ -105,6 +105,22 @@ def test_stop_token_ids_and_max_tokens(model_dir, prompts, hf_greedy):
                                                          ignore_eos=True)) == [hf_greedy[0][:3]]
 
 
+def test_decode_pace_counts_decode_steps_only(model_dir, prompts):
+    """Requests of one token run prefill steps alone: the all-step time moves, the decode
+    pace (what routers compare) stays unknown; decode steps then set it, below the time of a
+    step that prefilled a long prompt."""
+    engine = make_engine(model_dir, max_num_batched_tokens=512)  # the prompt in one step
+    long = prompts[1] + prompts[3] + prompts[1]
+    engine.generate([long], SamplingParams(temperature=0.0, max_tokens=1))
+    s = engine.stats()
+    assert s.step_s > 0 and (s.step_a_s, s.step_b_s) == (0, 0)
+    prefill_s = s.step_s
+    engine.generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=16,
+                                                  ignore_eos=True))
+    s = engine.stats()
+    assert 0 < s.step_a_s + s.step_b_s < prefill_s
+
+
 def test_abort_frees_blocks(model_dir, prompts):
     engine = make_engine(model_dir)
     engine.add_request("r1", prompts[1], GREEDY)

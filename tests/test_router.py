@@ -6,6 +6,8 @@ import itertools
 import time
 from collections import Counter
 
+import httpx
+
 from cluster.prefix_hash import prompt_digests
 from cluster.router import (
     LeastLoad,
@@ -35,13 +37,51 @@ def test_least_load_prefers_short_queue_and_free_kv():
 
 
 def test_least_load_weighs_queues_by_replica_speed():
-    slow = ReplicaLoad(running=4, max_num_seqs=32, step_s=0.04)
-    fast = ReplicaLoad(running=12, max_num_seqs=32, step_s=0.02)
+    slow = ReplicaLoad(running=4, max_num_seqs=32, pace_a=0.04)
+    fast = ReplicaLoad(running=12, max_num_seqs=32, pace_a=0.02)
     assert LeastLoad().rank([slow, fast], [])[0] == 1  # longer queue, shorter wait
-    swamped = ReplicaLoad(running=32, waiting=64, max_num_seqs=32, step_s=0.02)
+    swamped = ReplicaLoad(running=32, waiting=64, max_num_seqs=32, pace_a=0.02)
     assert LeastLoad().rank([slow, swamped], [])[0] == 0
     unknown = ReplicaLoad(running=12, max_num_seqs=32)  # no step time yet: queues only
     assert LeastLoad().rank([slow, unknown], [])[0] == 0
+
+
+def test_a_replica_idle_after_long_prefills_is_judged_by_its_decode_pace():
+    """Its last steps prefilled long prompts (an all-step average 10x the busy replica's),
+    then nothing came: no step of its own corrects the figure, so a router that compared
+    all-step times would send it nothing for as long as the other's queue stays short.
+    At the same decode pace (the same line: step = a + b x batch) the idle replica takes
+    the next request; by one average decode step (its last batch was larger) it would not."""
+    line = dict(pace_a=0.002, pace_b=0.0002)
+    idle = ReplicaLoad(max_num_seqs=32, step_s=0.030, **line)
+    working = ReplicaLoad(running=4, max_num_seqs=32, step_s=0.003, **line)
+    assert idle.pace_s < working.pace_s  # a batch of 1 against one of 5
+    assert LeastLoad().rank([working, idle], [])[0] == 1
+    assert LeastLoad.costs([working, idle])[1] < LeastLoad.costs([working, idle])[0]
+    hashes = prompt_digests(list(range(64)), 16)  # a prompt neither holds: least load
+    assert PrefixAware(margin=1.0).rank([working, idle], hashes)[0] == 1
+    # and the pace still tells a slower replica: a step three times as long, not taken
+    slow = ReplicaLoad(max_num_seqs=32, step_s=0.030, pace_a=0.008, pace_b=0.0006)
+    assert LeastLoad().rank([working, slow], [])[0] == 0
+
+
+def test_step_pace_fits_a_line_through_decode_steps():
+    from cluster.engine.step_pace import StepPace
+
+    pace = StepPace()
+    assert pace.line() == (0.0, 0.0)
+    for n in [1, 4, 16, 8, 2, 32] * 10:
+        pace.observe(n, 0.002 + 0.0003 * n)
+    a, b = pace.line()
+    assert abs(a - 0.002) < 1e-9 and abs(b - 0.0003) < 1e-9
+    one = StepPace()
+    for _ in range(5):
+        one.observe(16, 0.006)
+    assert one.line()[1] == 0.0 and abs(one.line()[0] - 0.006) < 1e-12  # the mean
+    noisy = StepPace()
+    for n in (1, 2) * 20:
+        noisy.observe(n, 0.005 if n == 1 else 0.001)  # a falling line is noise: no slope
+    assert noisy.line()[1] == 0.0 and noisy.line()[0] > 0
 
 
 def test_power_of_two_ranks_the_shorter_queue_of_a_random_pair_first():
@@ -160,6 +200,36 @@ def test_prefix_aware_routes_shared_prefixes_to_the_caching_replica(client):
     assert all(c >= 64 for c in cached), cached
 
 
+def test_an_idle_replica_stays_fresh_and_takes_work_from_a_busy_one(app_url, client):
+    """Both replicas idle for longer than router.stale_after_s (5 s): Serve passes a report
+    on only when it differs from the last, so an idle replica's reports must still change,
+    or the router takes it for gone. Then one replica streams a long answer and short
+    requests go to the idle one."""
+    from tests.helpers import model_replica_stats
+
+    def served() -> dict[int, int]:
+        return {s["rank"]: s["requests"] for s in model_replica_stats("tandem")}
+
+    time.sleep(7.0)
+    before = served()
+    body = {"model": "tandem-tiny", "prompt": "a long answer", "max_tokens": 400,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{app_url}/v1/completions", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))  # it runs
+        deadline = time.monotonic() + 5  # engine cores report twice a second
+        while not (busy := [rank for rank, n in served().items() if n > before[rank]]):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        busy = busy[0]
+        for i in range(6):
+            client.completions.create(model="tandem-tiny", prompt=f"short {i}", max_tokens=2)
+    time.sleep(1.2)
+    after = served()
+    short = {rank: after[rank] - before[rank] - (rank == busy) for rank in after}
+    assert short[busy] <= 1 and sum(short.values()) == 6, (busy, short)
+
+
 def test_decisions_spread_without_prefixes():
     picks = Counter(LeastLoad().rank([IDLE] * 4, [])[0] for _ in range(400))
     assert len(picks) == 4 and min(picks.values()) > 50  # ties broken at random
@@ -241,10 +311,10 @@ def test_prefix_aware_weighs_a_slow_holders_queue_by_its_speed():
     within the margin, one three times slower loses it to the idle replica (its queue takes
     three times as long to clear)."""
     hashes = prompt_digests(list(range(64)), 16)
-    idle = ReplicaLoad(max_num_seqs=32, step_s=0.01)
+    idle = ReplicaLoad(max_num_seqs=32, pace_a=0.01)
     holder = dict(running=8, max_num_seqs=32, prefix=frozenset(hashes[:3]))
     policy = PrefixAware(margin=1.0)
-    assert policy.rank([idle, ReplicaLoad(**holder, step_s=0.01)], hashes)[0] == 1
-    assert policy.rank([idle, ReplicaLoad(**holder, step_s=0.03)], hashes)[0] == 0
+    assert policy.rank([idle, ReplicaLoad(**holder, pace_a=0.01)], hashes)[0] == 1
+    assert policy.rank([idle, ReplicaLoad(**holder, pace_a=0.03)], hashes)[0] == 0
     # without step times (no reports yet) the queues alone decide: the holder keeps it
     assert policy.rank([IDLE, ReplicaLoad(**holder)], hashes)[0] == 1

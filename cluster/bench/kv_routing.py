@@ -26,6 +26,8 @@ import msgpack
 import zmq
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID
 
+from cluster import load
+
 DEP = DeploymentID(name="ModelReplica", app_name="kv-routing")
 STATS_PERIOD_S = 0.5  # how often the router gets new reports (Serve's routing stats period)
 
@@ -87,11 +89,9 @@ class Replicas:
     def report(self) -> None:
         """Each replica's routing stats as its record_routing_stats gives them (a new dict:
         the router sees a new report)."""
-        keys = ("running", "waiting", "waiting_tokens", "kv_used", "kv_total",
-                "max_num_seqs", "step_s")
         for core, view in zip(self.cores, self.views, strict=True):
             s = core.stats
-            view.routing_stats = {**{k: s[k] for k in keys if k in s},
+            view.routing_stats = {**{k: s[k] for k in load.REPORT_KEYS if k in s},
                                   "prefix": s.get("prefix", []), "kv_key": s.get("kv_key", "")}
         self.reported_at = time.monotonic()
 
@@ -104,7 +104,6 @@ class Replicas:
 
 def routed(args, model_dir: str, system, users, host_bytes: int, weight: float,
            reference=None) -> dict:
-    from cluster import load
     from cluster.bench.kv_tier import Chat
     from cluster.router import LoadAwareRouter
 

@@ -19,6 +19,7 @@ from cluster.engine.model_runner import DTYPES, Launched, ModelRunner
 from cluster.engine.sampler import NAN_TOKEN
 from cluster.engine.scheduler import ScheduledBatch, Scheduler
 from cluster.engine.sequence import PENDING, SamplingParams, Sequence
+from cluster.engine.step_pace import StepPace
 from cluster.load import PREFIX_SUMMARY_BLOCKS
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,10 @@ class EngineStats:
     generated_tokens: int
     steps: int
     step_s: float  # recent wall time of one step (moving average)
+    # a decode step's time at batch n ~ step_a_s + step_b_s n (cluster/engine/step_pace.py;
+    # 0, 0: no decode step yet): what routers compare replicas' paces by
+    step_a_s: float = 0.0
+    step_b_s: float = 0.0
     at: float = 0.0  # time.monotonic() of this reading
 
     @property
@@ -194,6 +199,7 @@ class LLMEngine:
         self.idle_gaps: deque[float] = self.runner.clock.gaps
         self.step_delay_s = 0.0  # set only to emulate a slower replica in benchmarks
         self.step_s = 0.0
+        self.pace = StepPace()
         self._next: ScheduledBatch | None = None  # scheduled during the last call
         self._flight: Flight | None = None  # _next, when it was launched too
         # what other threads read (replica stats, routing reports, metrics): published by
@@ -362,6 +368,8 @@ class LLMEngine:
         self.steps += 1
         dt = time.perf_counter() - t0
         self.step_s = dt if not self.step_s else 0.9 * self.step_s + 0.1 * dt
+        if batch.is_decode:
+            self.pace.observe(len(batch.seqs), dt)
         outputs = self._emit(batch, tokens, lps, at, written)
         if not self.has_work():
             self.runner.clock.reset()  # an empty queue is not a gap between steps
@@ -474,12 +482,14 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """A reading now; only on the engine's own thread (other threads read `snapshot`)."""
         s = self.scheduler
+        a, b = self.pace.line()
         return EngineStats(
             running=len(s.running), waiting=len(s.waiting), waiting_tokens=s.num_waiting_tokens,
             kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
             prefix_queries=self.blocks.prefix_queries, prefix_hits=self.blocks.prefix_hits,
             preemptions=s.num_preemptions, generated_tokens=self.generated_tokens,
-            steps=self.steps, step_s=self.step_s, at=time.monotonic())
+            steps=self.steps, step_s=self.step_s, step_a_s=a, step_b_s=b,
+            at=time.monotonic())
 
     PREFIX_DIGESTS_EVERY_S = 0.5  # routers read them once a second
 
