@@ -147,6 +147,9 @@ class CompletionRequest(SamplingFields):
                                    "scored, nothing generated")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's extension: each choice carries its prompt's token ids and the generated ones,
+    # so a client can extend a conversation token-exact (no retokenized text)
+    return_token_ids: bool = False
 
     @field_validator("prompt")
     @classmethod

@@ -34,6 +34,7 @@ class ChoiceSpec:
     tool_stream: Callable[[], object] | None = None  # a tool-call parser per choice
     reasoning_stream: Callable[[], object] | None = None
     forced_tools: bool = False  # tool_choice required / named: the output is calls
+    token_ids: bool = False  # return_token_ids: prompt_token_ids and token_ids per choice
 
 
 class Choice:
@@ -51,6 +52,8 @@ class Choice:
         self.reasoning = spec.reasoning_stream() if spec.reasoning_stream else None
         self.deltas: list[dict] = []  # chat: what the parsers made of the text
         self.called = False
+        self.prompt_ids: list[int] | None = None
+        self.ids: list[int] = []  # token_ids: the generated tokens' ids
 
     # ---- pieces in
 
@@ -72,6 +75,10 @@ class Choice:
                 self.offset += len(echo)
         if spec.logprobs is not None and d.logprobs:
             self._add_logprobs(d.token_ids[-len(d.logprobs):], d.logprobs)
+        if spec.token_ids:
+            self.ids += d.token_ids
+            if d.prompt_ids is not None:
+                self.prompt_ids = list(d.prompt_ids)
         text = echo + d.text
         self.text += text
         if d.finish_reason:
@@ -82,6 +89,9 @@ class Choice:
                   "logprobs": None}
         if spec.logprobs is not None:
             choice["logprobs"] = {k: v[lp_before[0]:] for k, v in self.lp_completion.items()}
+        if spec.token_ids:  # the prompt's ids with a choice's first chunk only
+            choice["prompt_token_ids"] = d.prompt_ids
+            choice["token_ids"] = list(d.token_ids)
         return choice
 
     def _add_logprobs(self, ids: list[int], entries: list) -> None:
@@ -152,9 +162,11 @@ class Choice:
 
     def final(self) -> dict:
         if self.spec.kind == "completion":
-            return {"index": self.index, "text": self.text, "finish_reason": self.finish_reason,
-                    "logprobs": self.lp_completion if self.spec.logprobs is not None
-                    else None}
+            out = {"index": self.index, "text": self.text, "finish_reason": self.finish_reason,
+                   "logprobs": self.lp_completion if self.spec.logprobs is not None else None}
+            if self.spec.token_ids:
+                out |= {"prompt_token_ids": self.prompt_ids, "token_ids": self.ids}
+            return out
         msg: dict = {"role": "assistant", "content": None}
         content = "".join(x.get("content", "") for x in self.deltas)
         reasoning = "".join(x.get("reasoning_content", "") for x in self.deltas)

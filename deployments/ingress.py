@@ -592,6 +592,7 @@ class Ingress:
         spec = ChoiceSpec(
             kind, m.generations.token_text, k, echo, n=req.n,
             discard_output=echo and req.max_tokens == 0, forced_tools=forced,
+            token_ids=getattr(req, "return_token_ids", False),
             tool_stream=(lambda: tool_calls.ToolCallStream(mc.tool_parser)) if tools else None,
             reasoning_stream=(lambda: reasoning.ReasoningStream(mc.reasoning_starts_open))
             if chat and mc.reasoning_parser else None)

@@ -5,6 +5,7 @@ structured outputs, tool calls, the extra endpoints."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import jsonschema
@@ -113,6 +114,36 @@ def test_prompt_arrays_give_one_choice_per_prompt(client, tok):
     r2 = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0.0,
                                    extra_body={"ignore_eos": True})
     assert [c.text for c in r2.choices] == singles
+
+
+def test_return_token_ids_gives_prompt_and_output_ids_token_exact(client, app_url, tok, hf):
+    """vLLM's extension: the prompt's ids (a text prompt's as tokenized) and the generated
+    ids, equal to transformers' greedy tokens, whole and streamed; a conversation extended
+    with them reuses the first turn's cached blocks. Chat refuses it (not served there)."""
+    prompt = "The cluster serves tokens to many clients at once"
+    ids = tok.encode(prompt)
+    args = dict(model=MODEL, prompt=prompt, max_tokens=24, temperature=0.0,
+                extra_body={"ignore_eos": True, "return_token_ids": True})
+    c = client.completions.create(**args).choices[0].model_dump()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24,
+                          min_new_tokens=24, attention_mask=torch.ones(1, len(ids)))
+    assert c["prompt_token_ids"] == ids and c["token_ids"] == ref[0, len(ids):].tolist()
+    chunks = [x.choices[0].model_dump() for x in client.completions.create(stream=True, **args)]
+    assert chunks[0]["prompt_token_ids"] == ids
+    assert all(x["prompt_token_ids"] is None for x in chunks[1:])
+    assert [t for x in chunks for t in x["token_ids"]] == c["token_ids"]
+    assert "".join(x["text"] for x in chunks) == c["text"]
+    # the next turn, token-exact: the first turn's full blocks come from the prefix cache,
+    # one at least that output tokens filled (24 outputs, the last one's KV never made)
+    time.sleep(2.0)  # a stats period or more: the holder's report reaches the router
+    turn = ids + c["token_ids"] + tok.encode(" and more", add_special_tokens=False)
+    r = client.completions.create(model=MODEL, prompt=turn, max_tokens=1, temperature=0.0)
+    assert r.usage.prompt_tokens_details.cached_tokens == (len(ids) + 23) // 16 * 16
+    bad = httpx.post(f"{app_url}/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+        "return_token_ids": True})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "return_token_ids"
 
 
 def test_logit_bias_forces_a_token(client, tok):
