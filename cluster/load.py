@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 
 # what of an engine core's load report (cluster/engine/core.py) a replica passes to routers
 REPORT_KEYS = ("running", "waiting", "waiting_tokens", "kv_used", "kv_total", "max_num_seqs",
-               "step_s", "step_a_s", "step_b_s")
+               "step_s", "step_a_s", "step_b_s", "pace_age_s")
+# an idle replica whose pace line saw no step for this long is taken at the fleet's best
+# pace (see LeastLoad.costs in cluster/router.py)
+PACE_PROBE_AFTER_S = 2.0
 PREFIX_SUMMARY_BLOCKS = 4096  # newest cached block digests a replica reports to routers
 
 # replica id -> streams this process (a frontend) has open there, which the router adds to
@@ -48,6 +51,7 @@ class ReplicaLoad:
     # last ran, which an idle replica would keep reporting)
     pace_a: float = 0.0
     pace_b: float = 0.0
+    pace_age_s: float = 0.0  # since its line saw a decode step (its host's clock)
 
     @classmethod
     def of(cls, stats: dict, in_flight: float = 0.0, prefix: frozenset = frozenset(),
@@ -61,7 +65,8 @@ class ReplicaLoad:
                    stats.get("kv_used", 0.0) / max(1.0, stats.get("kv_total", 1.0)),
                    max(1.0, stats.get("max_num_seqs", 1.0)), in_flight, prefix,
                    age_s, stats.get("step_s", 0.0), stats.get("gpu_util_perc", 0.0) / 100,
-                   pool, stats.get("step_a_s", 0.0), stats.get("step_b_s", 0.0))
+                   pool, stats.get("step_a_s", 0.0), stats.get("step_b_s", 0.0),
+                   stats.get("pace_age_s", 0.0) + age_s)
 
     def score(self) -> float:
         """Roughly 'how many batches of work are ahead of a new request' here."""
@@ -73,6 +78,12 @@ class ReplicaLoad:
         """Its decode step time with one more request in its batch (0: not known yet)."""
         batch = min(self.max_num_seqs, max(self.running, self.in_flight) + 1)
         return self.pace_a + self.pace_b * batch
+
+    def pace_unproven(self) -> bool:
+        """Idle, with a pace line older than PACE_PROBE_AFTER_S: a guess from its past that
+        only a request sent to it can correct."""
+        idle = not (self.running or self.waiting or self.in_flight)
+        return idle and self.pace_age_s >= PACE_PROBE_AFTER_S
 
     def wait_s(self) -> float:
         """Seconds until a new request's first token here, roughly: the batches ahead of it

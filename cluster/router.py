@@ -81,11 +81,21 @@ class LeastLoad(Policy):
     def costs(loads: list[ReplicaLoad]) -> list[float]:
         """Each replica's load in batches of work ahead of a new request, at the fastest
         replica's pace where every one reports its decode step time (a replica at half
-        speed counts its queue twice), else its load score."""
+        speed counts its queue twice), else its load score.
+
+        An idle replica whose pace line is old (`ReplicaLoad.pace_unproven`) counts at the
+        best pace of the others: its line is a guess from its last batches, and a guess
+        that made it look slower would never be corrected, since no request would go there
+        to run a step (one such guess sent 149 of 150 requests to one of two equal
+        replicas). A replica that is slow in fact gets one request, and its line again."""
         if not loads or not all(ld.pace_s > 0 for ld in loads):
             return [ld.score() for ld in loads]
-        pace = min(ld.pace_s for ld in loads)
-        return [ld.wait_s() / pace for ld in loads]
+        paces = [ld.pace_s for ld in loads]
+        proven = [p for ld, p in zip(loads, paces, strict=True) if not ld.pace_unproven()]
+        best = min(proven or paces)
+        paces = [min(p, best) if ld.pace_unproven() else p
+                 for ld, p in zip(loads, paces, strict=True)]
+        return [(ld.score() + 1.0) * p / best for ld, p in zip(loads, paces, strict=True)]
 
 
 class PrefixAware(Policy):

@@ -65,6 +65,25 @@ def test_a_replica_idle_after_long_prefills_is_judged_by_its_decode_pace():
     assert LeastLoad().rank([working, slow], [])[0] == 0
 
 
+def test_an_idle_replicas_old_pace_counts_at_the_fleets_best():
+    """Its line from a larger batch makes it look 1.5x slower than the busy one: while the
+    line is fresh, load and pace decide (the busy one keeps the request); once it is
+    PACE_PROBE_AFTER_S old and the replica is still idle, it counts at the best pace and
+    takes the request (a guess nobody tests is never corrected). Not while it runs work."""
+    from cluster.load import PACE_PROBE_AFTER_S
+
+    busy = ReplicaLoad(running=2, max_num_seqs=32, pace_a=0.002)
+    fresh = ReplicaLoad(max_num_seqs=32, pace_a=0.003, pace_age_s=0.5)
+    old = ReplicaLoad(max_num_seqs=32, pace_a=0.003, pace_age_s=PACE_PROBE_AFTER_S)
+    assert LeastLoad().rank([busy, fresh], [])[0] == 0
+    assert LeastLoad().rank([busy, old], [])[0] == 1
+    working = ReplicaLoad(running=1, max_num_seqs=32, pace_a=0.003, pace_age_s=9.0)
+    assert not working.pace_unproven()
+    assert LeastLoad().rank([busy, working], [])[0] == 0
+    # the report's age at the router adds to the age its replica reported
+    assert ReplicaLoad.of({"step_a_s": 0.003, "pace_age_s": 1.5}, age_s=1.0).pace_unproven()
+
+
 def test_step_pace_fits_a_line_through_decode_steps():
     from cluster.engine.step_pace import StepPace
 

@@ -279,7 +279,7 @@ class EngineCore:
         return {"running": s.running, "waiting": s.waiting, "waiting_tokens": s.waiting_tokens,
                 "kv_used": s.kv_blocks_used, "kv_total": s.kv_blocks_total,
                 "max_num_seqs": self.engine.cfg.max_num_seqs, "step_s": s.step_s,
-                "step_a_s": s.step_a_s, "step_b_s": s.step_b_s}
+                "step_a_s": s.step_a_s, "step_b_s": s.step_b_s, "pace_age_s": s.pace_age_s}
 
     def stats_report(self, now: float) -> dict:
         eng = self.engine

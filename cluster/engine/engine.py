@@ -73,6 +73,7 @@ class EngineStats:
     # 0, 0: no decode step yet): what routers compare replicas' paces by
     step_a_s: float = 0.0
     step_b_s: float = 0.0
+    pace_age_s: float = 0.0  # since the line last saw a decode step
     at: float = 0.0  # time.monotonic() of this reading
 
     @property
@@ -483,13 +484,14 @@ class LLMEngine:
         """A reading now; only on the engine's own thread (other threads read `snapshot`)."""
         s = self.scheduler
         a, b = self.pace.line()
+        now = time.monotonic()
         return EngineStats(
             running=len(s.running), waiting=len(s.waiting), waiting_tokens=s.num_waiting_tokens,
             kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
             prefix_queries=self.blocks.prefix_queries, prefix_hits=self.blocks.prefix_hits,
             preemptions=s.num_preemptions, generated_tokens=self.generated_tokens,
             steps=self.steps, step_s=self.step_s, step_a_s=a, step_b_s=b,
-            at=time.monotonic())
+            pace_age_s=self.pace.age_s(now), at=now)
 
     PREFIX_DIGESTS_EVERY_S = 0.5  # routers read them once a second
 

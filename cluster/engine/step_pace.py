@@ -13,17 +13,24 @@ few dozen steps.
 
 from __future__ import annotations
 
+import time
+
 DECAY = 0.97  # ~33 steps of memory
 
 
 class StepPace:
     def __init__(self):
         self.w = self.n = self.t = self.nn = self.nt = 0.0  # weighted sums
+        self.at = 0.0  # time.monotonic() of the last decode step seen
 
     def observe(self, batch: int, dt: float) -> None:
-        d = DECAY
+        d, self.at = DECAY, time.monotonic()
         self.w, self.n, self.t = d * self.w + 1, d * self.n + batch, d * self.t + dt
         self.nn, self.nt = d * self.nn + batch * batch, d * self.nt + batch * dt
+
+    def age_s(self, now: float) -> float:
+        """Seconds since the last decode step (0 before any)."""
+        return now - self.at if self.at else 0.0
 
     def line(self) -> tuple[float, float]:
         """(a, b): seconds per step at batch n ~ a + b n; (0, 0) before any decode step.
