@@ -27,6 +27,9 @@ checkpoint's shape) computes a block faster than a Ray round trip: there the rul
 
 `--replicas 2`: engine core processes sharing the pool behind the load-aware router, with
 and without the cluster index (cluster/bench/kv_routing.py) instead of the three runs.
+
+`--served`: the three runs through the served path, over HTTP to a tandem app on a local
+multi-node cluster, the pool's store on its Kunpeng node (cluster/bench/kv_tier_served.py).
 """
 
 from __future__ import annotations
@@ -242,6 +245,8 @@ def main(argv=None) -> int:
     p.add_argument("--pool-block-weight", type=float, default=0.5, help="with --replicas")
     p.add_argument("--write-through-hits", type=int, default=None, metavar="N",
                    help="kv_pool.write_through_hits of the pool runs (default: write-back)")
+    p.add_argument("--served", action="store_true", help="through the served path: HTTP to "
+                   "an app on a local multi-node cluster (cluster/bench/kv_tier_served.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -271,6 +276,15 @@ def main(argv=None) -> int:
     block_bytes = 2 * a["num_hidden_layers"] * bs * a["num_key_value_heads"] * head_dim \
         * dtype_bytes
     host_bytes = int(args.host_share * ws_blocks) * block_bytes
+    pool_bytes = max(1 << 20, 2 * ws_blocks * (block_bytes + 64))  # the whole working set
+    if args.served:
+        if args.device != "cpu" or args.replicas > 1:
+            p.error("--served runs one CPU model replica")
+        from cluster.bench import kv_tier_served
+
+        runs = kv_tier_served.main(args, model_dir, system, users, host_bytes, pool_bytes)
+        return report(args, runs, ws_blocks, host_bytes, block_bytes, 1 if "host_and_pool"
+                      in runs else 0, None)
 
     # a Ray of its own ("local"), never another cluster running on this machine
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -278,8 +292,8 @@ def main(argv=None) -> int:
     if args.replicas > 1:
         return routed_main(args, model_dir, system, users, host_bytes, ws_blocks,
                            block_bytes)
-    actors = [] if args.no_pool else start_pool(
-        2 * ws_blocks * (block_bytes + 64), {}, prefix="kv-tier-bench-", detached=False)
+    actors = [] if args.no_pool else start_pool(pool_bytes, {}, prefix="kv-tier-bench-",
+                                                detached=False)
     ray.get([a.stats.remote() for a in actors])  # started before the clock runs
     runs, pool_stats = {}, []
     try:
@@ -298,13 +312,19 @@ def main(argv=None) -> int:
         ray.shutdown()
     for r in runs.values():
         r.pop("_outputs")
-    setup = {"shape": args.shape, "device": args.device, "conversations": args.conversations,
-             "turns": args.turns,
-             "concurrency": args.concurrency, "in_flight": args.in_flight, "block_size": bs,
+    return report(args, runs, ws_blocks, host_bytes, block_bytes, len(actors),
+                  sum(s["blocks"] for s in pool_stats))
+
+
+def report(args, runs: dict, ws_blocks: int, host_bytes: int, block_bytes: int, stores: int,
+           pool_blocks: int | None) -> int:
+    setup = {"shape": args.shape, "device": args.device, "served": args.served,
+             "conversations": args.conversations, "turns": args.turns,
+             "concurrency": args.concurrency, "in_flight": args.in_flight,
+             "block_size": args.block_size,
              "working_set_blocks": ws_blocks, "engine_kv_blocks": args.kv_blocks,
              "host_tier_blocks": host_bytes // block_bytes, "block_bytes": block_bytes,
-             "pool_stores": len(actors), "pool_blocks_held": sum(s["blocks"] for s in
-                                                                 pool_stats),
+             "pool_stores": stores, "pool_blocks_held": pool_blocks,
              "write_through_hits": args.write_through_hits}
     off, pooled = runs["tiers_off"], runs.get("host_and_pool", runs["host_tier"])
     summary = {
@@ -312,9 +332,9 @@ def main(argv=None) -> int:
                                         max(1, off["prefill_tokens_computed"]), 3),
         "ttft_p50_change": round(pooled["ttft_ms_p50"] / max(1e-9, off["ttft_ms_p50"]) - 1,
                                  3)}
-    report = {"setup": setup, "runs": runs, "summary": summary}
+    out = {"setup": setup, "runs": runs, "summary": summary}
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(out, indent=2))
     else:
         print(f"setup: {setup}")
         keys = ("prefix_hit_rate", "reusable_served", "prefill_tokens_computed", "ttft_ms_p50",
@@ -322,7 +342,7 @@ def main(argv=None) -> int:
                 "pool_hit_blocks")
         print(f"{'run':16}" + "".join(f"{k:>24}" for k in keys))
         for name, r in runs.items():
-            print(f"{name:16}" + "".join(f"{r[k]!s:>24}" for k in keys))
+            print(f"{name:16}" + "".join(f"{r.get(k, '-')!s:>24}" for k in keys))
         print(f"summary: {summary}")
     return 0
 

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from cluster.bench.progress import note, progress
+from cluster.bench.progress import note, progress, stdout_to_stderr
 from cluster.bench.serve import one, session
 
 POLICIES = ["prefix_aware", "least_load", "power_of_two", "round_robin", "serve_default"]
@@ -42,7 +42,7 @@ def workloads(n: int, seed: int) -> dict[str, list[str]]:
 
     systems = [f"System {i}: " + text(SYSTEM_WORDS) for i in range(SYSTEMS)]
     return {"shared_prefix": [rng.choice(systems) + " User: " + text(8) for _ in range(n)],
-            "no_prefix": [text(SYSTEM_WORDS + 8) for _ in range(n)]}
+            "no_prefix": [text(SYSTEM_WORDS + 8) for _ in range(n)], "systems": systems}
 
 
 async def drive(url: str, prompts: list[str], rate: float, max_tokens: int, bar,
@@ -75,12 +75,18 @@ async def drive(url: str, prompts: list[str], rate: float, max_tokens: int, bar,
             "requests_failed": len(results) - len(ok)}
 
 
-async def warm(url: str) -> None:
+async def warm(url: str, prefixes: list[str] = ()) -> None:
     """Unmeasured requests, several per replica at once, before a policy's runs: a freshly
-    deployed replica's first steps are slower, which would land in one policy's p99."""
+    deployed replica's first steps are slower, which would land in one policy's p99. Then
+    `prefixes` (--warm-prefixes: each system prompt once, in turn, routed by the policy
+    under test), so that the measured run starts from the caches of a fleet that has been
+    serving them rather than from empty ones."""
     async with session(4 * REPLICAS, 120) as client:
         await asyncio.gather(*(one(client, url, "tandem-tiny", f"warm up {i} " * 20, 8, None,
                                    {"temperature": 0.0}) for i in range(4 * REPLICAS)))
+        for p in prefixes:
+            await one(client, url, "tandem-tiny", p + " User: hello", 1, None,
+                      {"temperature": 0.0})
 
 
 def replica_requests() -> dict[int, int]:
@@ -136,6 +142,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of every policy (each with its own prompts and arrivals); "
                          "the summary gives the median and range")
+    ap.add_argument("--warm-prefixes", action="store_true",
+                    help="before each policy's runs, send every system prompt once through "
+                         "it (measure from warm caches, not from empty ones)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.decision_time:
@@ -150,6 +159,22 @@ def main(argv=None) -> int:
     if args.quick:
         args.rates, args.requests = [8.0], 45
 
+    with stdout_to_stderr():  # Ray's processes print to stdout: keep it for --json
+        results = run_all(args)
+    out = summarize_repeats(results)
+    for policy, r in out.items():
+        vs = r.get("ttft_p99_vs_serve_default")
+        note(f"{policy:14s} TTFT p99 median {r['ttft_ms_p99']:7.1f} ms (range "
+             f"{r['ttft_ms_p99_range'][0]:.1f}-{r['ttft_ms_p99_range'][1]:.1f})"
+             + (f"; against serve_default, paired per repeat: median {vs['median']:+.0%}, "
+                f"range {vs['range'][0]:+.0%} to {vs['range'][1]:+.0%}" if vs else ""))
+    if args.json:
+        print(json.dumps(out, indent=2))
+    return 0
+
+
+def run_all(args) -> dict[str, list]:
+    """Every policy's runs on a local cluster of their own: policy -> one result per repeat."""
     import ray
     from ray import serve
 
@@ -179,16 +204,7 @@ def main(argv=None) -> int:
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
-    out = summarize_repeats(results)
-    for policy, r in out.items():
-        vs = r.get("ttft_p99_vs_serve_default")
-        note(f"{policy:14s} TTFT p99 median {r['ttft_ms_p99']:7.1f} ms (range "
-             f"{r['ttft_ms_p99_range'][0]:.1f}-{r['ttft_ms_p99_range'][1]:.1f})"
-             + (f"; against serve_default, paired per repeat: median {vs['median']:+.0%}, "
-                f"range {vs['range'][0]:+.0%} to {vs['range'][1]:+.0%}" if vs else ""))
-    if args.json:
-        print(json.dumps(out, indent=2))
-    return 0
+    return results
 
 
 def run_policy(policy: str, runs: dict, args, url: str, bar, seed: int) -> dict:
@@ -204,9 +220,10 @@ def run_policy(policy: str, runs: dict, args, url: str, bar, seed: int) -> dict:
         "model_pool": {"num_replicas": REPLICAS, "num_cpus": 1},
         "router": {"policy": policy, "stats_period_s": 0.5}})
     serve.run(build(cfg), name="bench", route_prefix="/bench")
-    asyncio.run(warm(url))
+    systems = runs["systems"]
+    asyncio.run(warm(url, systems if args.warm_prefixes else ()))
     res = {}
-    for wl, prompts in runs.items():
+    for wl, prompts in ((k, v) for k, v in runs.items() if k != "systems"):
         for rate in args.rates:
             bar.set_description(f"{policy} {wl} @{rate:g}")
             before = replica_requests()

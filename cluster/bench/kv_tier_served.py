@@ -1,0 +1,154 @@
+"""The KV tiers benchmark through the served path (`python -m cluster.bench.kv_tier --served`).
+
+The same multi-turn chat workload as the engine-level runs (cluster/bench/kv_tier.py: `Chat`),
+sent over HTTP to a tandem app on a local multi-node cluster (head, Kunpeng node, model
+node), as a client would: each turn a streamed `/v1/completions` request whose prompt is the
+conversation's token ids, with `return_token_ids` so that the next turn extends the history
+token-exact (retokenized text would break the cached prefix at the answer). One model
+replica (a CPU engine: the benchmark's synthetic-weight checkpoint, written to disk and
+loaded as any checkpoint is), redeployed for each run: tiers off, host tier, host tier +
+the cluster pool (its store on the Kunpeng node, in the Kunpeng node's memory, reached over
+Ray's object transfer). TTFT is the client's: from sending the request to the first token's
+chunk, HTTP, the frontend's tokenizing and routing and the queue in the engine included.
+Cached prompt tokens come from each answer's `usage.prompt_tokens_details.cached_tokens`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+
+from cluster.bench.progress import stdout_to_stderr
+
+APP, PREFIX, MODEL = "kv-tier-bench", "/kv-tier-bench", "kv-tier-bench"
+
+
+def served_model(model_dir: str) -> str:
+    """The benchmark's checkpoint made servable: seeded weights on disk and the default
+    model's tokenizer (the same vocabulary size), for the frontend's detokenizing."""
+    from cluster.bench.kv_routing import write_checkpoint
+    from cluster.config import DEFAULT_MODEL_DIR
+
+    write_checkpoint(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        src = Path(DEFAULT_MODEL_DIR) / name
+        if src.exists():
+            shutil.copy(src, Path(model_dir) / name)
+    return model_dir
+
+
+def app_config(args, model_dir: str, host_bytes: int, pool_bytes: int | None) -> dict:
+    engine = {"max_model_len": args.max_len, "max_num_seqs": args.concurrency,
+              "max_num_batched_tokens": args.batched_tokens, "num_kv_blocks": args.kv_blocks,
+              "block_size": args.block_size, "torch_threads": args.threads,
+              "dtype": "float32", "kv_host_tier_bytes": host_bytes}
+    cfg = {"model": {"path": model_dir, "name": MODEL}, "engine": engine,
+           "model_pool": {"num_replicas": 1, "num_cpus": 1},
+           "router": {"stats_period_s": 0.5}}
+    if pool_bytes is not None:
+        cfg["kv_pool"] = {"capacity_bytes": pool_bytes,
+                          "write_through_hits": args.write_through_hits}
+    return cfg
+
+
+async def one(client: httpx.AsyncClient, url: str, chat, rid: str, prompt: list[int],
+              output_len: int) -> None:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True}}
+    cached, error = 0, True
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            if r.status_code == 200:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    event = json.loads(line[6:])
+                    for c in event.get("choices", []):
+                        chat.tokens(rid, c.get("token_ids") or [], time.perf_counter())
+                    if event.get("usage"):
+                        cached = event["usage"]["prompt_tokens_details"]["cached_tokens"]
+                        error = False
+    except httpx.HTTPError:
+        error = True
+    chat.finish(rid, cached, error)
+
+
+async def drive(url: str, chat, in_flight: int, output_len: int) -> float:
+    """Every turn of every conversation, `in_flight` requests at a time; the wall time."""
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(
+            max_connections=in_flight + 4)) as client:
+        tasks: set[asyncio.Task] = set()
+        while chat.ready or tasks:
+            while chat.ready and len(tasks) < in_flight:
+                rid, prompt = chat.send()
+                tasks.add(asyncio.create_task(one(client, url, chat, rid, prompt,
+                                                  output_len)))
+            _, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    return time.perf_counter() - t0
+
+
+def run(args, url: str, model_dir: str, system, users, host_bytes: int,
+        pool_bytes: int | None, reference=None) -> dict:
+    from ray import serve
+
+    from cluster.bench.kv_routing import kill_stores
+    from cluster.bench.kv_tier import Chat
+    from cluster.config import parse_app_config
+    from deployments.app import build
+
+    serve.run(build(parse_app_config(app_config(args, model_dir, host_bytes, pool_bytes))),
+              name=APP, route_prefix=PREFIX)
+    try:
+        # one unmeasured request: the replica's first steps are slower; its prompt shares
+        # no block with the workload's (token ids the workload never draws)
+        warm = Chat([0, 1, 2] * 8, [[[0] * 8]], args.block_size, 0)
+        asyncio.run(drive(url, warm, 1, 4))
+        chat = Chat(system, users, args.block_size, args.seed, reference)
+        wall = asyncio.run(drive(url, chat, args.in_flight, args.output_len))
+    finally:
+        serve.delete(APP)
+        kill_stores()  # the pool's stores are detached actors: the next run starts empty
+    result = chat.result(wall)
+    result["_outputs"] = chat.outputs
+    return result
+
+
+def main(args, model_dir: str, system, users, host_bytes: int, pool_bytes: int) -> dict:
+    with stdout_to_stderr():  # Ray's processes print to stdout: keep it for --json
+        return _runs(args, model_dir, system, users, host_bytes, pool_bytes)
+
+
+def _runs(args, model_dir: str, system, users, host_bytes: int, pool_bytes: int) -> dict:
+    import ray
+    from ray import serve
+
+    from cluster import local_cluster
+
+    served_model(model_dir)
+    cluster = local_cluster.start(local_cluster.LocalClusterSpec(model_cpus=2))
+    ray.init(address=cluster.address, log_to_driver=False)  # stdout carries the JSON
+    port = local_cluster.free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}{PREFIX}"
+    runs = {}
+    try:
+        runs["tiers_off"] = run(args, url, model_dir, system, users, 0, None)
+        ref = runs["tiers_off"]["_outputs"]
+        runs["host_tier"] = run(args, url, model_dir, system, users, host_bytes, None, ref)
+        if not args.no_pool:
+            runs["host_and_pool"] = run(args, url, model_dir, system, users, host_bytes,
+                                        pool_bytes, ref)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+    for r in runs.values():
+        r.pop("_outputs")
+    return runs
