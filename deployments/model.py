@@ -151,7 +151,8 @@ class ModelReplica:
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "node_labels": self.node_labels, "pool": self.pool,
                 "torch_threads": self.cfg.engine.torch_threads,
-                "cpus": self.cores.cpus if self.cores and self.cores.pinned else None}
+                "cpus": self.cores.cpus if self.cores and self.cores.pinned else None,
+                "kv_tier": self.core.stats.get("kv_tier")}  # its counters (None: tiers off)
 
     async def __del__(self):
         """Serve's shutdown (awaited): drain, then stop the core. Until the core reports

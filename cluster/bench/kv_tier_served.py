@@ -112,10 +112,19 @@ def run(args, url: str, model_dir: str, system, users, host_bytes: int,
         asyncio.run(drive(url, warm, 1, 4))
         chat = Chat(system, users, args.block_size, args.seed, reference)
         wall = asyncio.run(drive(url, chat, args.in_flight, args.output_len))
+        time.sleep(1.0)  # the engine core's counters reach its replica twice a second
+        tier = serve.get_deployment_handle("ModelReplica", APP).stats.remote().result()[
+            "kv_tier"] or {}
     finally:
         serve.delete(APP)
         kill_stores()  # the pool's stores are detached actors: the next run starts empty
     result = chat.result(wall)
+    if tier:  # the engine's own counts: blocks restored per tier, the fetch rule's inputs
+        result |= {k: tier[k] for k in ("host_hits", "pool_hits", "fetch_decisions",
+                                         "recompute_decisions", "torn", "pool_errors")}
+        result["fetch_bw_mb_s"] = round(tier["fetch_bw_bytes_s"] / 1e6, 1)
+        result["fetch_latency_ms"] = round(tier["fetch_latency_s"] * 1000, 2)
+        result["prefill_tok_s"] = round(tier["prefill_tok_s"], 1)
     result["_outputs"] = chat.outputs
     return result
 
