@@ -85,11 +85,11 @@ class ReplicaLoad:
         idle = not (self.running or self.waiting or self.in_flight)
         return idle and self.pace_age_s >= PACE_PROBE_AFTER_S
 
-    def wait_s(self) -> float:
+    def wait_s(self, pace_s: float | None = None) -> float:
         """Seconds until a new request's first token here, roughly: the batches ahead of it
-        and its own, at this replica's decode pace. A replica half as fast waits twice as long
-        for the same queue, which queue length alone does not see."""
-        return (self.score() + 1.0) * self.pace_s
+        and its own, at this replica's decode pace (or the pace given). A replica half as
+        fast waits twice as long for the same queue, which queue length alone does not see."""
+        return (self.score() + 1.0) * (self.pace_s if pace_s is None else pace_s)
 
     def is_hot(self, kv_hot: float, score_hot: float) -> bool:
         return self.kv_usage >= kv_hot or self.score() >= score_hot

@@ -248,6 +248,31 @@ def _not_healthy(app) -> dict[str, str]:
 
 
 @contextmanager
+def serve_cluster(spec: LocalClusterSpec | None = None):
+    """For a benchmark that deploys apps of its own, one after another: the default model
+    built, a local cluster with Serve's HTTP proxy on a free port (yields its base URL),
+    and everything stopped afterwards whatever happened."""
+    import ray
+    from ray import serve
+
+    from cluster.config import DEFAULT_MODEL_DIR
+    from cluster.model_init import build
+
+    build(DEFAULT_MODEL_DIR)
+    cluster = start(spec)
+    ray.init(address=cluster.address, log_to_driver=False)  # stdout may carry JSON
+    try:
+        port = free_port()
+        serve.start(proxy_location="HeadOnly",
+                    http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@contextmanager
 def serving(serve_doc: dict, cfg, spec: LocalClusterSpec | None = None):
     """A benchmark's whole run: the default model, a local cluster with the app deployed on
     it (yields its URL), and everything stopped afterwards whatever happened."""

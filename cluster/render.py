@@ -78,7 +78,7 @@ class Choice:
         if spec.token_ids:
             self.ids += d.token_ids
             if d.prompt_ids is not None:
-                self.prompt_ids = list(d.prompt_ids)
+                self.prompt_ids = d.prompt_ids
         text = echo + d.text
         self.text += text
         if d.finish_reason:
@@ -91,7 +91,7 @@ class Choice:
             choice["logprobs"] = {k: v[lp_before[0]:] for k, v in self.lp_completion.items()}
         if spec.token_ids:  # the prompt's ids with a choice's first chunk only
             choice["prompt_token_ids"] = d.prompt_ids
-            choice["token_ids"] = list(d.token_ids)
+            choice["token_ids"] = d.token_ids
         return choice
 
     def _add_logprobs(self, ids: list[int], entries: list) -> None:

@@ -95,7 +95,7 @@ class LeastLoad(Policy):
         best = min(proven or paces)
         paces = [min(p, best) if ld.pace_unproven() else p
                  for ld, p in zip(loads, paces, strict=True)]
-        return [(ld.score() + 1.0) * p / best for ld, p in zip(loads, paces, strict=True)]
+        return [ld.wait_s(p) / best for ld, p in zip(loads, paces, strict=True)]
 
 
 class PrefixAware(Policy):

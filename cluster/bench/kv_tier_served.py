@@ -135,29 +135,18 @@ def main(args, model_dir: str, system, users, host_bytes: int, pool_bytes: int) 
 
 
 def _runs(args, model_dir: str, system, users, host_bytes: int, pool_bytes: int) -> dict:
-    import ray
-    from ray import serve
-
     from cluster import local_cluster
 
     served_model(model_dir)
-    cluster = local_cluster.start(local_cluster.LocalClusterSpec(model_cpus=2))
-    ray.init(address=cluster.address, log_to_driver=False)  # stdout carries the JSON
-    port = local_cluster.free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}{PREFIX}"
     runs = {}
-    try:
+    with local_cluster.serve_cluster(local_cluster.LocalClusterSpec(model_cpus=2)) as base:
+        url = f"{base}{PREFIX}"
         runs["tiers_off"] = run(args, url, model_dir, system, users, 0, None)
         ref = runs["tiers_off"]["_outputs"]
         runs["host_tier"] = run(args, url, model_dir, system, users, host_bytes, None, ref)
         if not args.no_pool:
             runs["host_and_pool"] = run(args, url, model_dir, system, users, host_bytes,
                                         pool_bytes, ref)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
     for r in runs.values():
         r.pop("_outputs")
     return runs

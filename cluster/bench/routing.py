@@ -175,37 +175,24 @@ def main(argv=None) -> int:
 
 def run_all(args) -> dict[str, list]:
     """Every policy's runs on a local cluster of their own: policy -> one result per repeat."""
-    import ray
-    from ray import serve
-
     from cluster import local_cluster
-    from cluster.config import DEFAULT_MODEL_DIR
-    from cluster.model_init import build as build_model
 
-    build_model(DEFAULT_MODEL_DIR)
-    cluster = local_cluster.start(local_cluster.LocalClusterSpec(model_cpus=4))
-    ray.init(address=cluster.address, log_to_driver=False)  # stdout carries the JSON
-    port = local_cluster.free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}/bench"
     # policy -> one result per repeat; each repeat draws its own prompts and arrivals, and
     # runs the policies in a rotated order, so that drift on a shared machine spreads evenly
     results: dict[str, list] = {p: [] for p in args.policies}
     bar = progress(total=args.repeat * len(args.policies) * 2 * len(args.rates)
                    * args.requests, unit="req")
-    try:
-        for rep in range(args.repeat):
-            runs = workloads(args.requests, rep)
-            k = rep % len(args.policies)
-            for policy in args.policies[k:] + args.policies[:k]:
-                results[policy].append(run_policy(policy, runs, args, url, bar, rep))
-    finally:
-        bar.close()
-        serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
+    with local_cluster.serve_cluster(local_cluster.LocalClusterSpec(model_cpus=4)) as base:
+        url = f"{base}/bench"
+        try:
+            for rep in range(args.repeat):
+                runs = workloads(args.requests, rep)
+                k = rep % len(args.policies)
+                for policy in args.policies[k:] + args.policies[:k]:
+                    results[policy].append(run_policy(policy, runs, args, url, bar, rep))
+        finally:
+            bar.close()
     return results
-
 
 def run_policy(policy: str, runs: dict, args, url: str, bar, seed: int) -> dict:
     from ray import serve
