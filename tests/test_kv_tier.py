@@ -82,7 +82,7 @@ def push_out(engine: LLMEngine, salt: str = "") -> None:
 
 def settle(client: PoolClient) -> None:
     """Waits for the spills sent so far to be stored."""
-    ray.get([ref for refs in client.puts for ref in refs])
+    assert client.sent()
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +225,38 @@ def test_a_fetch_torn_midway_restores_what_came_and_computes_the_rest(model_dir,
     assert run(reader, [A]) == [ref["A"]]
     tier = reader.blocks.tier
     assert tier.torn == 1 and 1 <= tier.hits["pool"] < A_BLOCKS
+
+
+def test_a_fetch_due_within_a_step_is_waited_for_and_a_later_one_lets_the_others_step(
+        model_dir, ref, pool):
+    """A busy engine admits a request whose fetch should land before the others' next step
+    would end, in this step, waiting for it (skipping the step would cost the request that
+    whole step); one whose fetch is due later waits in the queue while the others step."""
+    filled_pool(model_dir, pool)
+    busy = [tokens(50, 40), tokens(51, 40)]  # new prompts (none pooled), one step's prefill
+    busy_ref = run(make(model_dir, enable_prefix_caching=False), busy)
+    reader = make(model_dir, PoolClient(pool), kv_host_tier_bytes=64 * BLOCK_BYTES)
+    tier = reader.blocks.tier
+    reader.add_request("busy", busy[0], G)
+    first = reader.step()
+    tier.step_s = 60.0  # steps far longer than any fetch: due within one
+    reader.add_request("a", A, G)
+    first += reader.step()
+    assert [s.request_id for s in reader.scheduler.running] == ["busy", "a"]
+    assert tier.hits["pool"] == A_BLOCKS
+    assert drain(reader, ["busy", "a"], first) == [busy_ref[0], ref["A"]]
+
+    later = make(model_dir, PoolClient(pool), kv_host_tier_bytes=64 * BLOCK_BYTES)
+    tier = later.blocks.tier
+    later.add_request("busy", busy[1], G)
+    first = later.step()
+    tier.step_s = 1e-6  # every fetch is due after the next step
+    ray.get([a.inject_delay.remote(0.5) for a in pool])
+    later.add_request("a", A, G)
+    first += later.step()
+    assert [s.request_id for s in later.scheduler.running] == ["busy"]  # "a" waits
+    assert drain(later, ["busy", "a"], first) == [busy_ref[1], ref["A"]]
+    assert tier.hits["pool"] == A_BLOCKS  # waited for, within the rule's bound
 
 
 def test_a_pool_store_killed_mid_run_loses_no_request(model_dir, ref, pool):

@@ -17,9 +17,10 @@ A prefix-cache miss on a block whose hash a tier holds takes a fresh device bloc
 the contents back instead of computing them. Every block put in tier 1 is also spilled to
 the pool (batched once a step, never waited for); a request whose prompt continues past what
 this engine holds asks the pool for the rest when it arrives, so the transfer overlaps its
-time in the queue. When it could be admitted and its blocks are still on their way, the
-scheduler admits it a step later instead of blocking the engine's loop (the others' steps
-go on); an idle engine, with nothing else to run, waits for them.
+time in the queue. When it could be admitted and its blocks are still on their way, it is
+admitted now and waited for if the fetch rule expects them within a step of now (the
+others' step would cost it more than the wait costs them); otherwise a step later, the
+others' steps going on meanwhile. An idle engine, with nothing else to run, waits for them.
 
 Write-through (`kv_pool.write_through_hits`; SGLang HiCache's `write_through_selective`):
 a block the device cache still holds is also copied down as above once N later prompts
@@ -135,6 +136,7 @@ class SeqFetch:
     hashes: list[bytes]
     parts: list[tuple[list[bytes], Fetch]]
     wait_s: float  # from admission on, wait at most this (what computing them would take)
+    expected_at: float  # when the fetch rule expects the last part to have arrived
     blobs: dict[bytes, bytes] | None = None  # once collected: the unbroken prefix that came
     deadline: float | None = None  # set when the request could first have been admitted
 
@@ -172,6 +174,7 @@ class KVTier:
         self.saved = self.torn = self.fetched_bytes = 0
         self.samples: deque[tuple[int, float]] = deque(maxlen=32)  # (bytes, seconds) fetches
         self.prefill_tok_s: float | None = None
+        self.step_s: float | None = None  # the engine's recent step time (a moving mean)
         self._last_at: float | None = None
         self._last_tokens = 0
 
@@ -321,13 +324,16 @@ class KVTier:
             return
         self.decisions["fetch"] += 1
         wait = min(compute_s, self.max_fetch_wait_s)
+        expected = fetch.issued + fetch_s
         f = self.fetches.get(seq.request_id)
         if f is None:
-            self.fetches[seq.request_id] = SeqFetch(list(hashes), [(hashes, fetch)], wait)
+            self.fetches[seq.request_id] = SeqFetch(list(hashes), [(hashes, fetch)], wait,
+                                                    expected)
         else:
             f.hashes[:0] = hashes
             f.parts.append((hashes, fetch))
             f.wait_s = max(f.wait_s, wait)
+            f.expected_at = max(f.expected_at, expected)
 
     def fetch_pending(self, seq: Sequence, blocks: BlockManager, idle: bool) -> bool:
         """True while seq's fetch is in flight and within its wait: the scheduler admits it
@@ -346,7 +352,18 @@ class KVTier:
             f.deadline = time.monotonic() + f.wait_s
         if f.blobs is not None or idle or all(self.pool.poll(p) for _, p in f.parts):
             return False
-        return time.monotonic() < f.deadline
+        now = time.monotonic()
+        if now >= f.deadline:
+            return False
+        # due within a step of now (before the others' next step would end, or late by
+        # less than one): waiting for it here costs them less than that step costs this
+        # request (on a 2-core host a decode step is ~4.5 ms and a fetch of ten blocks
+        # answers in ~3.5: skipping a step put ~8 ms on its first token). One late by more
+        # than a step is not expected soon: the others step meanwhile
+        if self.step_s is not None and abs(f.expected_at - now) < self.step_s:
+            f.deadline = min(f.deadline, max(now, f.expected_at) + self.step_s / 2)
+            return False
+        return True
 
     def predict(self, n_blocks: int) -> tuple[float, float]:
         """(fetch seconds, compute seconds) of n blocks; 0 and inf while unmeasured."""
@@ -399,6 +416,9 @@ class KVTier:
         """Once a step (from the scheduler): measures the engine's prefill speed, stamps
         fetches that arrived, sends the spills."""
         now = time.perf_counter()
+        if self._last_at is not None and now - self._last_at < 1.0:  # not an idle gap
+            dt = now - self._last_at
+            self.step_s = dt if self.step_s is None else 0.8 * self.step_s + 0.2 * dt
         if self._last_at is not None and self._last_tokens >= 2 * self.block_size:
             dt = now - self._last_at
             # a gap much longer than such a step is the engine idling between requests
