@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
 import httpx
 
+from cluster.bench.path import cpu_seconds
 from cluster.bench.progress import stdout_to_stderr
 
 APP, PREFIX, MODEL = "kv-tier-bench", "/kv-tier-bench", "kv-tier-bench"
@@ -94,6 +96,45 @@ async def drive(url: str, chat, in_flight: int, output_len: int) -> float:
     return time.perf_counter() - t0
 
 
+def machine_cpu_s() -> tuple[float, int]:
+    """(CPU seconds all cores spent busy since boot, the number of cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK"), os.cpu_count() or 1
+
+
+def cpu_roles() -> dict[str, list[int]]:
+    """The engine core's and the pool stores' processes (the rest is Serve, Ray, client)."""
+    import ray
+    from ray.util.state import list_actors
+
+    from cluster.local_cluster import model_replica_stats
+
+    stores = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,
+                         filters=[("class_name", "=", "KVPoolStore"), ("state", "=", "ALIVE")])
+    return {"engine_core": [s["core_pid"] for s in model_replica_stats(APP)],
+            "pool_stores": [a.pid for a in stores]}
+
+
+def cpu_report(before: dict, after: dict, wall: float) -> dict:
+    """Where the machine's CPU went during a run: a 2-core host running every process of
+    the cluster is CPU-bound, and the pool's transfers cost CPU the engine then lacks."""
+    (m0, cores), (m1, _) = before["machine"], after["machine"]
+    out = {"cpu_busy": round((m1 - m0) / (wall * cores), 3)}
+    for role, pids in after["roles"].items():
+        out[f"{role}_cpu_s"] = round(sum(cpu_seconds(p) - before["pids"].get(p, 0.0)
+                                         for p in pids), 2)
+    out["other_cpu_s"] = round(m1 - m0 - sum(v for k, v in out.items()
+                                              if k.endswith("_cpu_s")), 2)
+    return out
+
+
+def cpu_snapshot(roles: dict[str, list[int]]) -> dict:
+    return {"machine": machine_cpu_s(), "roles": roles,
+            "pids": {p: cpu_seconds(p) for pids in roles.values() for p in pids}}
+
+
 def run(args, url: str, model_dir: str, system, users, host_bytes: int,
         pool_bytes: int | None, reference=None) -> dict:
     from ray import serve
@@ -111,14 +152,17 @@ def run(args, url: str, model_dir: str, system, users, host_bytes: int,
         warm = Chat([0, 1, 2] * 8, [[[0] * 8]], args.block_size, 0)
         asyncio.run(drive(url, warm, 1, 4))
         chat = Chat(system, users, args.block_size, args.seed, reference)
+        roles = cpu_roles()  # the stores are up: the core started them at its start
+        before = cpu_snapshot(roles)
         wall = asyncio.run(drive(url, chat, args.in_flight, args.output_len))
+        cpu = cpu_report(before, cpu_snapshot(roles), wall)
         time.sleep(1.0)  # the engine core's counters reach its replica twice a second
         tier = serve.get_deployment_handle("ModelReplica", APP).stats.remote().result()[
             "kv_tier"] or {}
     finally:
         serve.delete(APP)
         kill_stores()  # the pool's stores are detached actors: the next run starts empty
-    result = chat.result(wall)
+    result = chat.result(wall) | cpu
     if tier:  # the engine's own counts: blocks restored per tier, the fetch rule's inputs
         result |= {k: tier[k] for k in ("host_hits", "pool_hits", "fetch_decisions",
                                          "recompute_decisions", "torn", "pool_errors")}
