@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -197,13 +197,13 @@ def start_pool(capacity_bytes: int, label_selector: dict[str, str], prefix: str 
 class Fetch:
     """A get in flight: one call per store actor, each for the keys that live there. Each
     answer is read (deserialized) by Ray's own thread as it arrives, which stamps its time:
-    the bandwidth the fetch rule uses is not rounded up to the engine's step."""
+    the bandwidth the fetch rule uses is not rounded up to the engine's step, and a fetch
+    the engine stopped waiting for still measures the link once it lands."""
 
     keys: list[bytes]
     calls: list[tuple[int, list[int], Future]]  # (actor, positions in keys, its answer)
     issued: float = field(default_factory=time.monotonic)
     answered: list[float] = field(default_factory=list)  # when each call's answer came
-    late: bool = False  # some call had not answered (or failed) when it was collected
 
     @property
     def ready_at(self) -> float | None:
@@ -230,6 +230,9 @@ class PoolClient:
         self.down_until = [0.0] * len(self.actors)
         self.puts: list[list] = [[] for _ in self.actors]
         self.errors = 0
+        # (bytes, seconds) of the latest whole fetches, from issue to the last answer: the
+        # fetch rule's measurements (appended by Ray's thread, read by the engine's)
+        self.samples: deque[tuple[int, float]] = deque(maxlen=32)
         self._dropped = [0, 0]  # (not handed over: outbox full, not sent: actor busy or down)
         self._lock = threading.Lock()  # errors and down_until: both threads fail actors
         self._outbox: list[list[tuple[bytes, bytes]]] = []
@@ -337,9 +340,22 @@ class PoolClient:
         fetch = Fetch(keys, [])
         for i, js in pos.items():
             fut = self.actors[i].get.remote([keys[j] for j in js]).future()
-            fut.add_done_callback(lambda _, f=fetch: f.answered.append(time.monotonic()))
             fetch.calls.append((i, js, fut))
+        for _, _, fut in fetch.calls:  # once every call is in the list the callbacks read
+            fut.add_done_callback(lambda _, f=fetch: self._answered(f))
         return fetch
+
+    def _answered(self, fetch: Fetch) -> None:
+        """A call of the fetch answered (Ray's thread); the last one times the whole."""
+        fetch.answered.append(time.monotonic())
+        if fetch.ready_at is None:
+            return
+        size = 0
+        for _, _, fut in fetch.calls:
+            if fut.exception() is not None:
+                return  # a failed call measures no transfer
+            size += sum(len(b) for b in fut.result() or () if b is not None)
+        self.samples.append((size, max(1e-6, fetch.ready_at - fetch.issued)))
 
     def poll(self, fetch: Fetch) -> bool:
         """True once every call of the fetch has answered."""
@@ -354,11 +370,9 @@ class PoolClient:
             try:
                 blobs = fut.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
-                fetch.late = True
                 continue  # late: recomputing is faster than waiting (the rule in kv_tier)
             except Exception as err:  # noqa: BLE001 - a lost store: misses, never an error
                 self._failed(i, err)
-                fetch.late = True  # its time measures no transfer either
                 continue
             if not isinstance(blobs, list) or len(blobs) != len(js):
                 continue  # not an answer of ours: misses

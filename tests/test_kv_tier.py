@@ -18,6 +18,7 @@ import torch
 
 from cluster.config import AppConfig, EngineConfig, KVPoolConfig, ModelConfig
 from cluster.engine.engine import LLMEngine
+from cluster.engine.kv_tier import fit_link
 from cluster.engine.sequence import SamplingParams
 from cluster.kv_pool import NAME_PREFIX, POOL_NAMESPACE, PoolActor, PoolClient, start_pool
 from cluster.prefix_hash import block_hash, prompt_digests, salt_digest
@@ -246,17 +247,59 @@ def test_a_fetch_due_within_a_step_is_waited_for_and_a_later_one_lets_the_others
     assert tier.hits["pool"] == A_BLOCKS
     assert drain(reader, ["busy", "a"], first) == [busy_ref[0], ref["A"]]
 
-    later = make(model_dir, PoolClient(pool), kv_host_tier_bytes=64 * BLOCK_BYTES)
+    client = PoolClient(pool)
+    later = make(model_dir, client, kv_host_tier_bytes=64 * BLOCK_BYTES)
     tier = later.blocks.tier
     later.add_request("busy", busy[1], G)
     first = later.step()
-    tier.step_s = 1e-6  # every fetch is due after the next step
-    ray.get([a.inject_delay.remote(0.5) for a in pool])
+    client.samples.clear()
+    client.samples.append((0, 0.6))  # the link measured slow: a fetch is due in 0.6 s
+    ray.get([a.inject_delay.remote(0.5) for a in pool])  # and lands in 0.5
     later.add_request("a", A, G)
     first += later.step()
     assert [s.request_id for s in later.scheduler.running] == ["busy"]  # "a" waits
     assert drain(later, ["busy", "a"], first) == [busy_ref[1], ref["A"]]
     assert tier.hits["pool"] == A_BLOCKS  # waited for, within the rule's bound
+
+
+def test_the_link_fit_ignores_a_stalled_fetch_and_reads_empty_answers_as_latency():
+    """The fetch rule's model of the link: 2 ms + 1 ms per MB, from fetches with noise."""
+    rng = random.Random(0)
+    fetches = [(b, 0.002 + b / 1e9 + rng.uniform(0, 2e-4))
+               for b in (0, 0, 300_000, 700_000, 1_000_000, 1_500_000, 2_000_000) * 3]
+    lat, bw = fit_link(fetches)
+    assert 0.0018 < lat < 0.0024 and 0.85e9 < bw < 1.15e9
+    # one fetch stuck 0.3 s behind a store's puts: a line through it would make a 10-block
+    # fetch look slower than computing the blocks; it is left out
+    lat, bw = fit_link(fetches + [(1_500_000, 0.3)])
+    assert 0.0018 < lat < 0.0024 and 0.85e9 < bw < 1.15e9
+    # only empty answers (every block missed) so far: latency, bandwidth not measured yet
+    assert fit_link([(0, 0.002), (0, 0.003)]) == (0.0025, None)
+    # one size seen besides empty answers: latency from those, the rest is bandwidth
+    assert fit_link([(0, 0.002), (1_000_000, 0.003), (1_000_000, 0.003)]) == pytest.approx(
+        (0.002, 1e9))
+    # no rise with size (jitter): the bytes cost nothing seen, not a link of a few MB/s
+    lat, bw = fit_link([(0, 0.004), (1_000_000, 0.003), (0, 0.002)])
+    assert lat == pytest.approx(0.003) and bw >= 1e9
+    assert fit_link([]) == (0.0, None)
+
+
+def test_a_fetch_collected_late_still_measures_the_link(model_dir, pool):
+    """The fetch rule learns the link from fetches as they land, also from one the engine
+    stopped waiting for: timed only when collected in time, a link slower than the wait
+    allowed would never be measured again, and every later fetch would be given up."""
+    writer_pool = filled_pool(model_dir, pool)
+    key = make(model_dir, writer_pool, kv_host_tier_bytes=64 * BLOCK_BYTES).blocks.tier.key
+    client = PoolClient(pool)
+    ray.get([a.inject_delay.remote(0.3) for a in pool])
+    fetch = client.get([key + h for h in chain(A)])
+    assert client.collect(fetch, 0.0) == [None] * A_BLOCKS  # not waited for: all misses
+    deadline = time.monotonic() + 10
+    while not client.samples:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    size, seconds = client.samples[-1]
+    assert size == A_BLOCKS * (48 + BLOCK_BYTES) and seconds >= 0.3
 
 
 def test_a_pool_store_killed_mid_run_loses_no_request(model_dir, ref, pool):

@@ -32,7 +32,8 @@ every request for it; its eviction later sends it no second time. Default: write
 Fetch or recompute (per request, at arrival): fetch the n missing blocks iff the predicted
 fetch time, latency + n x block bytes / bandwidth (fitted over recent fetches, end to end),
 is below the time this engine would take to compute them, n x block tokens / its prefill
-speed (tokens per second of its recent steps of at least two blocks' worth of tokens). From
+speed (tokens per second of its recent steps of at least two blocks' worth of tokens); it
+fetches at least every PROBE_EVERY_S all the same, to keep measuring the link. From
 the moment it could be admitted it waits for the fetch at most that recompute time (and
 `kv_pool.max_fetch_wait_s`); what has not arrived by then, a block that is torn (wrong size,
 or not the key asked for) and everything after it in the chain are computed. Until both
@@ -46,7 +47,7 @@ import logging
 import math
 import time
 import warnings
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 KEY_BYTES = 48  # a pool key: the model's (16 bytes) + the block's chained digest (32)
 FETCH_TTL_S = 60.0  # a fetch whose request never got admitted (aborted) is dropped then
 THROUGH_KEEP = 1 << 16  # write-through bookkeeping: reuse counts and blocks sent, newest
+PROBE_EVERY_S = 2.0  # the longest the fetch rule goes without a fetch (measuring the link)
 
 
 def model_key(model_dir: str, weights, dtype: torch.dtype, block_size: int,
@@ -85,6 +87,44 @@ def model_key(model_dir: str, weights, dtype: torch.dtype, block_size: int,
     for f in sorted(d.glob("*.safetensors")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.digest()[:16]
+
+
+def _line(samples: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """Least squares of time on bytes: (intercept s, slope s/B); None where it has none."""
+    n = len(samples)
+    mb = sum(b for b, _ in samples) / n
+    mt = sum(t for _, t in samples) / n
+    var = sum((b - mb) ** 2 for b, _ in samples)
+    if var <= 0:
+        return None
+    slope = sum((b - mb) * (t - mt) for b, t in samples) / var
+    return (mt - slope * mb, slope) if slope > 0 else None
+
+
+def fit_link(samples: list[tuple[int, float]]) -> tuple[float, float | None]:
+    """(latency s, bandwidth B/s) of fetches given as (bytes, seconds); bandwidth None:
+    not measured (every fetch then costs the latency). A line through all of them, then
+    again without those more than 3 median deviations above it: a fetch answered behind a
+    burst of puts at a busy store took 50x the others, and a line through it said
+    recompute for every request after it. Without a line (one size seen, or no rise with
+    size), answers of no bytes (every block missed) are latency, and the rest is bandwidth
+    after it: taking the whole time as bandwidth made a latency-only sample a link of a
+    few MB/s."""
+    if not samples:
+        return 0.0, None
+    line = _line(samples)
+    if line is not None:
+        a, k = line
+        dev = sorted(abs(t - a - k * b) for b, t in samples)[len(samples) // 2]
+        kept = [(b, t) for b, t in samples if t - a - k * b <= 3 * dev + 1e-4]
+        line = _line(kept) or line
+        return max(0.0, line[0]), 1.0 / line[1]
+    empty = [t for b, t in samples if b == 0]
+    lat = sum(empty) / len(empty) if empty else 0.0
+    sent = [(b, t) for b, t in samples if b > 0]
+    if not sent:
+        return lat, None
+    return lat, sum(b for b, _ in sent) / sum(max(1e-6, t - lat) for _, t in sent)
 
 
 class HostPool:
@@ -172,9 +212,9 @@ class KVTier:
         self.hits = {"host": 0, "pool": 0}
         self.decisions = {"fetch": 0, "recompute": 0}
         self.saved = self.torn = self.fetched_bytes = 0
-        self.samples: deque[tuple[int, float]] = deque(maxlen=32)  # (bytes, seconds) fetches
         self.prefill_tok_s: float | None = None
         self.step_s: float | None = None  # the engine's recent step time (a moving mean)
+        self.last_fetch_at = -math.inf
         self._last_at: float | None = None
         self._last_tokens = 0
 
@@ -316,12 +356,17 @@ class KVTier:
         if not hashes:
             return
         fetch_s, compute_s = self.predict(len(hashes))
-        if fetch_s >= compute_s:
+        now = time.monotonic()
+        # a rule that only recomputes would never see the link get better: a fetch at least
+        # every PROBE_EVERY_S keeps its measurements current (it waits no longer than
+        # computing would take, so a slow link costs that request little)
+        if fetch_s >= compute_s and now - self.last_fetch_at < PROBE_EVERY_S:
             self.decisions["recompute"] += 1
             return
         fetch = self.pool.get([self.key + x for x in hashes])
         if fetch is None:  # no store up
             return
+        self.last_fetch_at = now
         self.decisions["fetch"] += 1
         wait = min(compute_s, self.max_fetch_wait_s)
         expected = fetch.issued + fetch_s
@@ -370,34 +415,18 @@ class KVTier:
         compute = (n_blocks * self.block_size / self.prefill_tok_s if self.prefill_tok_s
                    else math.inf)
         lat, bw = self.fetch_model()
-        fetch = lat + n_blocks * self.block_bytes / bw if bw else 0.0
+        fetch = lat + (n_blocks * self.block_bytes / bw if bw else 0.0)
         return fetch, compute
 
     def fetch_model(self) -> tuple[float, float | None]:
-        """(latency s, bandwidth B/s) fitted to the recent fetches (least squares of time
-        on bytes); one size seen so far: all of it bandwidth."""
-        if not self.samples:
-            return 0.0, None
-        n = len(self.samples)
-        mb = sum(b for b, _ in self.samples) / n
-        mt = sum(t for _, t in self.samples) / n
-        var = sum((b - mb) ** 2 for b, _ in self.samples)
-        if var > 0:
-            slope = sum((b - mb) * (t - mt) for b, t in self.samples) / var
-            if slope > 0:
-                return max(0.0, mt - slope * mb), 1.0 / slope
-        return 0.0, (mb / mt if mt > 0 and mb > 0 else None)
+        """(latency s, bandwidth B/s) of the link to the pool, from the recent fetches."""
+        return fit_link(list(self.pool.samples) if self.pool is not None else [])
 
     def _collect(self, f: SeqFetch) -> None:
         wait = f.wait_s if f.deadline is None else f.deadline - time.monotonic()
         got: dict[bytes, bytes | None] = {}
         for hashes, fetch in f.parts:
-            raw = self.pool.collect(fetch, wait)
-            got.update(zip(hashes, raw, strict=True))
-            done = fetch.ready_at
-            if done is not None and not fetch.late:  # a late one measures only our patience
-                self.samples.append((sum(len(b) for b in raw if b is not None),
-                                     max(1e-6, done - fetch.issued)))
+            got.update(zip(hashes, self.pool.collect(fetch, wait), strict=True))
         f.blobs = {}
         for h in f.hashes:  # in chain order
             blob = got.get(h)
