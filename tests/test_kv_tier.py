@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 import time
 import uuid
@@ -18,9 +19,16 @@ import torch
 
 from cluster.config import AppConfig, EngineConfig, KVPoolConfig, ModelConfig
 from cluster.engine.engine import LLMEngine
-from cluster.engine.kv_tier import fit_link
+from cluster.engine.kv_tier import PROBE_EVERY_S, fit_link
 from cluster.engine.sequence import SamplingParams
-from cluster.kv_pool import NAME_PREFIX, POOL_NAMESPACE, PoolActor, PoolClient, start_pool
+from cluster.kv_pool import (
+    INLINE_ENV,
+    NAME_PREFIX,
+    POOL_NAMESPACE,
+    PoolActor,
+    PoolClient,
+    start_pool,
+)
 from cluster.prefix_hash import block_hash, prompt_digests, salt_digest
 
 BS = 16
@@ -260,6 +268,36 @@ def test_a_fetch_due_within_a_step_is_waited_for_and_a_later_one_lets_the_others
     assert [s.request_id for s in later.scheduler.running] == ["busy"]  # "a" waits
     assert drain(later, ["busy", "a"], first) == [busy_ref[1], ref["A"]]
     assert tier.hits["pool"] == A_BLOCKS  # waited for, within the rule's bound
+
+
+def test_the_rule_fetches_now_and_then_even_when_recomputing_looks_faster(model_dir, ref,
+                                                                        pool):
+    """A link measured slower than computing is asked again at least every PROBE_EVERY_S
+    (else the rule would never see it get faster); between probes the rule recomputes."""
+    filled_pool(model_dir, pool)
+    client = PoolClient(pool)
+    reader = make(model_dir, client, kv_host_tier_bytes=64 * BLOCK_BYTES)
+    tier = reader.blocks.tier
+    client.samples.append((0, 0.5))  # the link measured at 0.5 s a fetch
+    tier.prefill_tok_s = 1e9  # and computing nearly free
+    assert run(reader, [A]) == [ref["A"]]
+    assert tier.decisions == {"fetch": 1, "recompute": 0}  # the probe: none made before
+    tier.prefill_tok_s = 1e9
+    assert run(reader, FILLERS[:1]) == ref["fillers"][:1]
+    # within PROBE_EVERY_S of it (at arrival, and again at admission for what left)
+    assert tier.decisions["fetch"] == 1 and tier.decisions["recompute"] >= 1
+    tier.last_fetch_at -= PROBE_EVERY_S
+    tier.prefill_tok_s = 1e9
+    assert run(reader, FILLERS[1:2]) == ref["fillers"][1:2]
+    assert tier.decisions["fetch"] == 2
+
+
+def test_the_stores_answer_inline(pool):
+    """start_pool's stores return blocks in the call's reply (kv_pool.INLINE_ENV: through
+    the object stores a fetch took twice as long, `python -m cluster.bench.kv_link`)."""
+    for a in pool:
+        env = ray.get(a.__ray_call__.remote(lambda self: dict(os.environ)))
+        assert INLINE_ENV.items() <= env.items()
 
 
 def test_the_link_fit_ignores_a_stalled_fetch_and_reads_empty_answers_as_latency():

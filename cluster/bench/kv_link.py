@@ -1,0 +1,98 @@
+"""How fast a pool fetch crosses between two nodes of one machine, with the stores' answers
+inline (`kv_pool.INLINE_ENV`, what `start_pool` sets) and through Ray's object stores (its
+default for answers over 100 KiB).
+
+    python -m cluster.bench.kv_link [--blocks 4 16] [--repeat 40] [--json]
+
+A local two-node cluster (Ray's own test cluster: a head and a `cpu-arch: kunpeng` node);
+on the Kunpeng node one store started by `start_pool` and one started the same way without
+the inline setting, each holding the same blocks (the default model's block size, fp32).
+Each fetch goes through `PoolClient.get` / `collect`, as an engine's does. Per mode and
+size: the fetch's latency (p50, from this process) and the CPU the whole machine spent per
+fetch (every process: the store, both nodes' object stores and raylets, this one), from
+/proc/stat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from cluster.bench.kv_tier_served import machine_cpu_s
+from cluster.bench.progress import stdout_to_stderr
+
+BLOCK_BYTES = 2 * 4 * 16 * 4 * 32 * 4  # the default model: 4 layers, 4 KV heads of 32, fp32
+
+
+def measure(client, keys: list[bytes], repeat: int) -> dict:
+    client.collect(client.get(keys), 5.0)  # warm: the call path and the store's worker
+    times = []
+    cpu0 = machine_cpu_s()[0]
+    for _ in range(repeat):
+        t = time.perf_counter()
+        got = client.collect(client.get(keys), 5.0)
+        times.append(time.perf_counter() - t)
+        if any(b is None for b in got):
+            raise RuntimeError("a block went missing: the measurement is void")
+    cpu = (machine_cpu_s()[0] - cpu0) / repeat
+    return {"latency_ms_p50": round(float(np.median(times)) * 1000, 2),
+            "cpu_ms_per_fetch": round(cpu * 1000, 2)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cluster.bench.kv_link", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--blocks", type=int, nargs="+", default=[4, 16])
+    p.add_argument("--repeat", type=int, default=40)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    with stdout_to_stderr():  # Ray's processes print to stdout: keep it for --json
+        out = run(args)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for mode, rows in out["modes"].items():
+            for n, r in rows.items():
+                print(f"{mode:8} {n:>3} blocks: {r['latency_ms_p50']:7.2f} ms p50, "
+                      f"{r['cpu_ms_per_fetch']:6.2f} ms of CPU a fetch")
+    return 0
+
+
+def run(args) -> dict:
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from cluster.kv_pool import KEY_BYTES, PoolActor, PoolClient, start_pool
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    node = cluster.add_node(num_cpus=1, labels={"cpu-arch": "kunpeng"})
+    try:
+        ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
+        n_max = max(args.blocks)
+        capacity = 4 * n_max * (BLOCK_BYTES + KEY_BYTES)
+        inline = start_pool(capacity, {"cpu-arch": "kunpeng"}, prefix="kv-link-",
+                            detached=False)
+        default = [PoolActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node.node_id, soft=False)).remote(capacity, "kv-link-default")]
+        rng = np.random.default_rng(0)
+        items = [(bytes(16) + rng.bytes(32), rng.bytes(KEY_BYTES + BLOCK_BYTES))
+                 for _ in range(n_max)]
+        ray.get([a.put.remote(items) for a in inline + default])
+        modes = {}
+        for mode, actors in (("inline", inline), ("default", default)):
+            client = PoolClient(actors, timeout_s=5.0)
+            modes[mode] = {n: measure(client, [k for k, _ in items[:n]], args.repeat)
+                           for n in args.blocks}
+        return {"block_bytes": BLOCK_BYTES, "repeat": args.repeat, "modes": modes}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
