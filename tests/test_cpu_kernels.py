@@ -176,9 +176,25 @@ def test_packed_linear_equals_unpacked(bias, layout):
     lin.pack(layout)
     assert lin.weight.numel() == 0 and lin.layout == layout
     torch.testing.assert_close(lin.dense_weight(), ref.weight, rtol=0, atol=0)
-    for rows in (1, 13, 64, 300):
+    for rows in (1, 13, 64, 80, 200, 300):
         x = torch.randn(rows, 96)
         torch.testing.assert_close(lin(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_rows_pad_by_at_most_a_quarter_to_few_counts():
+    """Rows padded for oneDNN cover the rows given, add at most a quarter above 64 rows
+    (a chunk of 80 tokens once paid for 256), and take few distinct counts (oneDNN keeps
+    memory per count)."""
+    from cluster.engine.cpu_linear import padded_rows
+
+    counts = set()
+    for m in range(1, 8193):
+        rows = padded_rows(m)
+        counts.add(rows)
+        assert rows >= m
+        assert rows <= (max(m, 8) + 7) // 8 * 8 if m <= 64 else rows <= 1.25 * m, m
+    assert padded_rows(80) == 80 and padded_rows(65) == 80 and padded_rows(256) == 256
+    assert len(counts) <= 36
 
 
 def test_projections_bench_times_every_path():
