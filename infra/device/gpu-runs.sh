@@ -7,6 +7,7 @@
 #   bash infra/device/gpu-runs.sh streams path profile    # the served path (profile: py-spy)
 #   bash infra/device/gpu-runs.sh idle idle8b surface     # GPU idle at batch 64; mixed load
 #   bash infra/device/gpu-runs.sh deepseek                # its kernels' tests; v2-lite speed
+#   bash infra/device/gpu-runs.sh kvtier                  # the KV tiers' GPU tests; 8B chat
 #
 # Every stage writes its log and --json under $OUT (default ./out) and a line to
 # $OUT/summary.txt; a failing stage does not stop the next one.
@@ -63,6 +64,11 @@ for what in "$@"; do
           --baseline-prompts 0 --check-prompts 0 --json \
           $([ $how = torch ] && echo --no-deepseek-kernels)
       done ;;
+    kvtier)  # host tier and pool on the GPU: bit-exact restores, then the 8B-shape chat
+      stage kvtier-tests $PY -m pytest -m gpu tests/gpu/test_kv_tier_gpu.py -q -p no:cacheprovider
+      stage kvtier-8b $PY -m cluster.bench.kv_tier --device cuda --shape llama3.1-8b \
+        --conversations 32 --turns 4 --system-len 1024 --user-len 256 --output-len 64 \
+        --concurrency 16 --in-flight 32 --batched-tokens 2048 --json ;;
     idle)  # GPU idle between decode steps at batch 64, 0.5B shape, sampled and greedy
       stage idle-05b-t1 $PY -m cluster.bench.engine --num-prompts 256 --temperature 1 \
         --baseline-prompts 0 --check-prompts 0 --host-profile --json

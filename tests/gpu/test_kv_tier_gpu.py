@@ -63,3 +63,48 @@ def test_blocks_come_back_bit_exact_with_the_same_tokens(dtype):
     back = contents(engine, [engine.blocks.hash_to_block[h] for h in hashes])
     assert torch.equal(back, saved)
     assert restored == hit
+
+
+@pytest.fixture(scope="module")
+def pool_actors():
+    """A store actor of the KV pool on this host (a Ray of the test's own)."""
+    import ray
+
+    from cluster.kv_pool import start_pool
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    actors = start_pool(256 << 20, {}, prefix="gpu-test-kv-", detached=False)
+    ray.get([a.stats.remote() for a in actors])
+    yield actors
+    for a in actors:
+        ray.kill(a)
+    ray.shutdown()
+
+
+def test_pool_blocks_reach_another_gpu_engine_bit_exact(pool_actors):
+    """Blocks one GPU engine spilled (device -> pinned host -> the pool's store) come back
+    into another GPU engine's device cache (store -> pinned host -> device) bit for bit,
+    and its greedy tokens equal the writer's from its own cache (the same chunks computed)."""
+    from cluster.kv_pool import PoolClient
+
+    folder = model_folder("tiny", 512)
+    cfg = EngineConfig(device="cuda", dtype="bfloat16", max_model_len=256, num_kv_blocks=24,
+                       block_size=BS, max_num_batched_tokens=64, max_num_seqs=8,
+                       kv_host_tier_bytes=2 << 20)  # a few blocks: spills reach the pool
+    writer_pool = PoolClient(pool_actors)
+    writer = LLMEngine(folder, cfg, weights="synthetic:0", kv_pool=writer_pool)
+    a = tokens(2)
+    hashes = chain(a)
+    writer.generate([a], G)
+    saved = contents(writer, [writer.blocks.hash_to_block[h] for h in hashes])
+    hit = writer.generate([a], G)
+    for i in range(6):  # pushes a's blocks out of the device cache and the small host tier
+        writer.generate([tokens(20 + i)], G)
+    writer.blocks.tier.flush()
+    assert writer_pool.sent()
+    reader = LLMEngine(folder, cfg, weights="synthetic:0", kv_pool=PoolClient(pool_actors))
+    assert reader.generate([a], G) == hit
+    assert reader.blocks.tier.hits["pool"] == len(hashes)
+    torch.cuda.synchronize()
+    back = contents(reader, [reader.blocks.hash_to_block[h] for h in hashes])
+    assert torch.equal(back, saved)
