@@ -19,7 +19,7 @@ import torch
 
 from cluster.config import AppConfig, EngineConfig, KVPoolConfig, ModelConfig
 from cluster.engine.engine import LLMEngine
-from cluster.engine.kv_tier import PROBE_EVERY_S, fit_link
+from cluster.engine.kv_tier import PROBE_EVERY_S, SPEED_STEPS, fit_link
 from cluster.engine.sequence import SamplingParams
 from cluster.kv_pool import (
     INLINE_ENV,
@@ -262,6 +262,9 @@ def test_a_fetch_due_within_a_step_is_waited_for_and_a_later_one_lets_the_others
     first = later.step()
     client.samples.clear()
     client.samples.append((0, 0.6))  # the link measured slow: a fetch is due in 0.6 s
+    # and the engine slower still (computing A would take seconds): the rule fetches
+    tier.spans.extend([(2 * BS, 1.0)] * SPEED_STEPS)
+    tier.prefill_tok_s = 2 * BS / 1.0
     ray.get([a.inject_delay.remote(0.5) for a in pool])  # and lands in 0.5
     later.add_request("a", A, G)
     first += later.step()
@@ -290,6 +293,47 @@ def test_the_rule_fetches_now_and_then_even_when_recomputing_looks_faster(model_
     tier.prefill_tok_s = 1e9
     assert run(reader, FILLERS[1:2]) == ref["fillers"][1:2]
     assert tier.decisions["fetch"] == 2
+
+
+def slowed(engine: LLMEngine, per_token_s: float) -> list[tuple[int, float]]:
+    """Makes every step of engine take per_token_s per token more (inside its launch, as a
+    slow device would); returns the list the tier's step observations go to."""
+    seen: list[tuple[int, float]] = []
+    runner, tier = engine.runner, engine.blocks.tier
+    launch, observe = runner.launch, tier.observe_step
+
+    def slow_launch(batch, prev=None):
+        time.sleep(batch.num_tokens * per_token_s)
+        return launch(batch, prev)
+
+    def record(n: int, seconds: float) -> None:
+        seen.append((n, seconds))
+        observe(n, seconds)
+
+    runner.launch, tier.observe_step = slow_launch, record
+    return seen
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-step", "launched-ahead"])
+def test_the_prefill_speed_is_each_steps_tokens_over_that_steps_time(model_dir, overlap):
+    """Prefill chunks between decode steps: the tier's speed credits each step's tokens with
+    that step's own time, also with steps launched ahead (the GPU's path), where the time
+    between two schedule calls is the step before's: so credited, a decode step's time
+    made the prefill look 100x faster than it was."""
+    engine = make(model_dir, kv_host_tier_bytes=64 * BLOCK_BYTES, overlap_steps=overlap)
+    seen = slowed(engine, 2e-3)  # a 64-token chunk: 128 ms more; a decode step: 2 ms
+    engine.add_request("long", tokens(60, 20), SamplingParams(temperature=0.0, max_tokens=40,
+                                                              ignore_eos=True))
+    engine.step()
+    engine.step()
+    engine.add_request("a", A, G)  # its prefill chunks between the other's decode steps
+    drain(engine, ["long", "a"])
+    chunks = [(n, t) for n, t in seen if n >= 2 * BS]
+    assert len(chunks) >= 2 and len(seen) > len(chunks)  # decode steps were observed too
+    for n, t in chunks:
+        assert n * 2e-3 <= t < n * 2e-3 + 0.1, (n, t)
+    speed = engine.blocks.tier.prefill_tok_s
+    assert 0.3 / 2e-3 < speed <= 1 / 2e-3, speed
 
 
 def test_the_stores_answer_inline(pool):

@@ -47,6 +47,7 @@ class Flight:
     launched: Launched
     at: list[int | None]  # per sequence: the place of its token (None: a prefill chunk)
     written: list[int]  # per sequence: tokens whose KV the cache holds once the step is done
+    launch_s: float = 0.0  # time spent launching it: on the CPU, its whole computation
 
     def tokens(self) -> tuple[list[int | None], list]:
         """Waits for the step; its token per sequence (plain greedy steps: no logprobs)."""
@@ -200,6 +201,7 @@ class LLMEngine:
         self.idle_gaps: deque[float] = self.runner.clock.gaps
         self.step_delay_s = 0.0  # set only to emulate a slower replica in benchmarks
         self.step_s = 0.0
+        self._done_at = 0.0  # when the last step's tokens were read (perf_counter)
         self.pace = StepPace()
         self._next: ScheduledBatch | None = None  # scheduled during the last call
         self._flight: Flight | None = None  # _next, when it was launched too
@@ -323,6 +325,7 @@ class LLMEngine:
         host's work between steps (reading tokens, bookkeeping, scheduling, building inputs)
         overlaps the GPU's."""
         batch, flight = self._next, self._flight
+        ahead = flight is not None  # launched in the last call, right after it was scheduled
         self._next = self._flight = None
         if flight is None:  # a batch scheduled last call but not launched: drop what ended
             batch = batch.live() if batch is not None else None
@@ -331,6 +334,7 @@ class LLMEngine:
                 if not batch.seqs:
                     return []
         t0 = time.perf_counter()
+        launch_s = None  # a CPU step computes while it is launched: its time
         try:
             if flight is None and self._overlaps(batch):
                 flight = self._launch(batch, None)
@@ -339,12 +343,14 @@ class LLMEngine:
                 # sampler is the device one, cheaper than the host's general one
                 now = self._launch(batch, None)
                 (tokens, lps), at, written = now.tokens(), now.at, now.written
+                launch_s = now.launch_s
             elif flight is None:
                 tokens, lps = self.runner.run(batch, self.eos)
                 at, written = self._advance(batch)
             else:
-                self._schedule_next(flight)
+                self._schedule_next(flight)  # on the CPU this computes the next step
                 (tokens, lps), at, written = flight.tokens(), flight.at, flight.written
+                launch_s = flight.launch_s
             self.runner.clock.collect()
         except Exception as err:  # e.g. CUDA out of memory: fail this step's requests only
             dropped = [] if self._next is None else self._next.seqs
@@ -364,6 +370,14 @@ class LLMEngine:
                        for seq in hit.values() if not seq.is_finished]
             self.publish()
             return outputs
+        done = time.perf_counter()
+        if self.blocks.tier is not None:  # the prefill speed its fetch-or-compute rule uses
+            if launch_s is not None and self.device.type != "cuda":
+                took = launch_s
+            else:  # on the GPU from its launch, or the end of the step queued before it
+                took = done - max(batch.at if ahead else t0, self._done_at)
+            self.blocks.tier.observe_step(batch.num_tokens, took)
+        self._done_at = done
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         self.steps += 1
@@ -389,8 +403,9 @@ class LLMEngine:
     def _launch(self, batch: ScheduledBatch, prev: Flight | None) -> Flight:
         """Sends a step to the GPU without waiting, then counts its tokens as computed:
         the scheduler's next call sees the sequences as they will be after it."""
+        t = time.perf_counter()
         launched = self.runner.launch(batch, None if prev is None else prev.launched)
-        return Flight(batch, launched, *self._advance(batch))
+        return Flight(batch, launched, *self._advance(batch), time.perf_counter() - t)
 
     def _schedule_next(self, flight: Flight) -> None:
         """Schedules the step after `flight` and, when greedy, launches it before flight's

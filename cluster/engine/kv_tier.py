@@ -47,7 +47,7 @@ import logging
 import math
 import time
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 KEY_BYTES = 48  # a pool key: the model's (16 bytes) + the block's chained digest (32)
 FETCH_TTL_S = 60.0  # a fetch whose request never got admitted (aborted) is dropped then
 THROUGH_KEEP = 1 << 16  # write-through bookkeeping: reuse counts and blocks sent, newest
+SPEED_STEPS = 16  # the prefill speed is measured over this many recent steps
 PROBE_EVERY_S = 2.0  # the longest the fetch rule goes without a fetch (measuring the link)
 
 
@@ -216,7 +217,9 @@ class KVTier:
         self.step_s: float | None = None  # the engine's recent step time (a moving mean)
         self.last_fetch_at = -math.inf
         self._last_at: float | None = None
-        self._last_tokens = 0
+        # (tokens, seconds) of recent steps that computed prefill: prefill_tok_s is their
+        # tokens over their time (one slow step moves it little, and nothing locks it in)
+        self.spans: deque[tuple[int, float]] = deque(maxlen=SPEED_STEPS)
 
     # ---- tier 1: out of the device cache and back
 
@@ -441,22 +444,13 @@ class KVTier:
     def done_matching(self, seq: Sequence) -> None:
         self.fetches.pop(seq.request_id, None)
 
-    def on_schedule(self, num_tokens: int) -> None:
-        """Once a step (from the scheduler): measures the engine's prefill speed, stamps
-        fetches that arrived, sends the spills."""
+    def on_schedule(self) -> None:
+        """Once a step (from the scheduler): the step time, stale fetches, the spills."""
         now = time.perf_counter()
         if self._last_at is not None and now - self._last_at < 1.0:  # not an idle gap
             dt = now - self._last_at
             self.step_s = dt if self.step_s is None else 0.8 * self.step_s + 0.2 * dt
-        if self._last_at is not None and self._last_tokens >= 2 * self.block_size:
-            dt = now - self._last_at
-            # a gap much longer than such a step is the engine idling between requests
-            expected = self._last_tokens / self.prefill_tok_s if self.prefill_tok_s else 1.0
-            if 0 < dt < 4 * expected:
-                speed = self._last_tokens / dt
-                self.prefill_tok_s = speed if self.prefill_tok_s is None else \
-                    0.8 * self.prefill_tok_s + 0.2 * speed
-        self._last_at, self._last_tokens = now, num_tokens
+        self._last_at = now
         if self.pool is None:
             return
         stale = time.monotonic() - FETCH_TTL_S
@@ -464,6 +458,17 @@ class KVTier:
             if f.parts[0][1].issued < stale:
                 del self.fetches[rid]
         self.flush()
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """A step's tokens and its time on the device, from the engine once they are read
+        (a step launched ahead is timed from where the one before it ended: the interval
+        between two schedule calls there is the previous step's, and credited to this one's
+        tokens it read a decode step's 10 ms as 2,048 prompt tokens': 800 k tokens/s on an
+        H100 at the 8B shape, which then only ever recomputed)."""
+        if num_tokens >= 2 * self.block_size and seconds > 0:
+            self.spans.append((num_tokens, seconds))
+            self.prefill_tok_s = sum(n for n, _ in self.spans) / \
+                sum(t for _, t in self.spans)
 
     def flush(self) -> None:
         """Sends the blocks put in tier 1 since the last call to the pool (not waited for)."""

@@ -20,6 +20,8 @@ from cluster.engine.sequence import SeqStatus, Sequence
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]  # tokens computed this step, per sequence
+    at: float = 0.0  # when it was scheduled (perf_counter): a step launched ahead starts
+    # its host-timed span here or where the step before it ended, whichever is later
 
     @property
     def is_decode(self) -> bool:
@@ -33,7 +35,7 @@ class ScheduledBatch:
         """Without the sequences that ended since it was scheduled."""
         keep = [i for i, seq in enumerate(self.seqs) if not seq.is_finished]
         return ScheduledBatch([self.seqs[i] for i in keep],
-                              [self.num_new_tokens[i] for i in keep])
+                              [self.num_new_tokens[i] for i in keep], self.at)
 
 
 class Scheduler:
@@ -131,9 +133,9 @@ class Scheduler:
                 seqs.append(seq)
                 counts.append(n)
             budget -= n
-        if self.blocks.tier is not None:  # once a step: its speed, fetches, spills
-            self.blocks.tier.on_schedule(len(ones) + sum(counts))
-        return ScheduledBatch(ones + seqs, [1] * len(ones) + counts)
+        if self.blocks.tier is not None:  # once a step: its time, fetches, spills
+            self.blocks.tier.on_schedule()
+        return ScheduledBatch(ones + seqs, [1] * len(ones) + counts, time.perf_counter())
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> tuple[bool, bool]:
         """Grows seq's blocks to hold num_tokens, preempting the newest running sequences

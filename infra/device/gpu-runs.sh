@@ -66,8 +66,9 @@ for what in "$@"; do
       done ;;
     kvtier)  # host tier and pool on the GPU: bit-exact restores, then the 8B-shape chat
       stage kvtier-tests $PY -m pytest -m gpu tests/gpu/test_kv_tier_gpu.py -q -p no:cacheprovider
+      # 160 conversations: the engine's cache (room for its batch of 16) is a tenth of them
       stage kvtier-8b $PY -m cluster.bench.kv_tier --device cuda --shape llama3.1-8b \
-        --conversations 32 --turns 4 --system-len 1024 --user-len 256 --output-len 64 \
+        --conversations 160 --turns 4 --system-len 512 --user-len 128 --output-len 32 \
         --concurrency 16 --in-flight 32 --batched-tokens 2048 --json ;;
     idle)  # GPU idle between decode steps at batch 64, 0.5B shape, sampled and greedy
       stage idle-05b-t1 $PY -m cluster.bench.engine --num-prompts 256 --temperature 1 \

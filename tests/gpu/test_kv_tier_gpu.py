@@ -108,3 +108,46 @@ def test_pool_blocks_reach_another_gpu_engine_bit_exact(pool_actors):
     torch.cuda.synchronize()
     back = contents(reader, [reader.blocks.hash_to_block[h] for h in hashes])
     assert torch.equal(back, saved)
+
+
+def test_the_prefill_speed_credits_each_step_with_its_own_device_time():
+    """Steps launched ahead: the tier's prefill speed divides each step's tokens by that
+    step's time on the device (a spin queued before each step's kernels, 2 ms a token,
+    stands in for a slow device), not by the time between two schedule calls, which is the
+    step before's (once 800 k tokens/s on an H100: the rule then only recomputed)."""
+    folder = model_folder("tiny", 512)
+    cfg = EngineConfig(device="cuda", dtype="bfloat16", max_model_len=256, num_kv_blocks=64,
+                       block_size=BS, max_num_batched_tokens=64, max_num_seqs=8,
+                       kv_host_tier_bytes=2 << 20)
+    engine = LLMEngine(folder, cfg, weights="synthetic:0")
+    assert engine.overlap
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    cycles_per_s = 10_000_000 / (start.elapsed_time(end) / 1000)
+    runner, tier = engine.runner, engine.blocks.tier
+    launch, observe, seen = runner.launch, tier.observe_step, []
+
+    def slow_launch(batch, prev=None):
+        torch.cuda._sleep(int(batch.num_tokens * 2e-3 * cycles_per_s))
+        return launch(batch, prev)
+
+    def record(n, seconds):
+        seen.append((n, seconds))
+        observe(n, seconds)
+
+    runner.launch, tier.observe_step = slow_launch, record
+    engine.add_request("long", tokens(60, 20), SamplingParams(temperature=0.0, max_tokens=40,
+                                                              ignore_eos=True))
+    engine.step()
+    engine.step()
+    engine.add_request("a", tokens(1), G)  # its prefill chunks between the other's decodes
+    while engine.has_work():
+        engine.step()
+    chunks = [(n, t) for n, t in seen if n >= 2 * BS]
+    assert len(chunks) >= 2 and len(seen) > len(chunks)
+    for n, t in chunks:
+        assert 0.9 * n * 2e-3 <= t < n * 2e-3 + 0.05, (n, t)
+    assert 0.3 / 2e-3 < tier.prefill_tok_s <= 1.1 / 2e-3, tier.prefill_tok_s
