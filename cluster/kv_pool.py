@@ -22,6 +22,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from itertools import islice
 
+import numpy as np
 import ray
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,12 @@ class KVPoolStore:
         self.version += 1
         self._gauges()
         return new
+
+    def put_rows(self, rows: np.ndarray) -> int:
+        """Stores blocks sent as the rows of one uint8 array, each its key + its bytes (a
+        GPU engine's spills: one buffer that Ray moves without pickling it, and copies
+        into Python bytes here, in the store's process rather than the engine's)."""
+        return self.put([(bytes(r[:KEY_BYTES]), r.tobytes()) for r in rows])
 
     def get(self, keys: list[bytes]) -> list[bytes | None]:
         """The blocks of these keys (None: not held); each one found becomes most recent."""
@@ -259,9 +266,10 @@ class PoolClient:
         log.warning("KV pool store %d failed (%s): its blocks are misses for %.0f s", i,
                     type(err).__name__, DOWN_FOR_S)
 
-    def put(self, items: list[tuple[bytes, bytes]]) -> None:
-        """Hands blocks to the sender thread (never waits for Ray)."""
-        if not self.actors or not items:
+    def put(self, items: list[tuple[bytes, bytes]] | np.ndarray) -> None:
+        """Hands blocks to the sender thread (never waits for Ray): (key, key + bytes)
+        pairs, or a uint8 array whose rows are key + bytes."""
+        if not self.actors or not len(items):
             return
         with self._cv:
             if len(self._outbox) >= self.MAX_QUEUED:
@@ -304,15 +312,21 @@ class PoolClient:
 
     def _send(self, items: list[tuple[bytes, bytes]]) -> None:
         now = time.monotonic()
+        rows = isinstance(items, np.ndarray)
         by_actor: dict[int, list] = {}
-        for key, blob in items:
-            by_actor.setdefault(self._shard(key), []).append((key, blob))
+        for j, item in enumerate(items):
+            key = bytes(item[:KEY_BYTES]) if rows else item[0]
+            by_actor.setdefault(self._shard(key), []).append(j if rows else item)
         for i, batch in by_actor.items():
             self._reap(i)
             if not self._up(i, now) or len(self.puts[i]) >= self.MAX_PUTS_IN_FLIGHT:
                 self._dropped[1] += len(batch)
                 continue
-            self.puts[i].append(self.actors[i].put.remote(batch))
+            if rows:  # one array per store (numpy: Ray copies it out of band, unpickled)
+                part = items if len(batch) == len(items) else items[batch]
+                self.puts[i].append(self.actors[i].put_rows.remote(part))
+            else:
+                self.puts[i].append(self.actors[i].put.remote(batch))
 
     def _reap(self, i: int) -> None:
         """Takes the answered puts of actor i (an error there: the actor is down)."""

@@ -19,8 +19,9 @@ prompt + output already held (its history, and the system prompt after its first
 the prompt's last token (always computed: its logits give the first output token). Per run:
 prefix_hit_rate (prompt tokens served from any cache or tier / prompt tokens),
 reusable_served (tokens served from a cache or tier / reusable tokens),
-prefill_tokens_computed, TTFT p50/p99, output tok/s, requests_failed (an error, or greedy
-output other than the tiers-off run's), blocks restored per tier, and the fetch rule's
+prefill_tokens_computed, TTFT p50/p99, output tok/s, greedy_differs (greedy output other
+than the tiers-off run's), requests_failed (an error; on the CPU in fp32 also a differing
+output; in bf16 on a GPU not: see Chat), blocks restored per tier, and the fetch rule's
 measurements. The default model shape (`--shape small`: 6 layers, 384 wide, synthetic
 weights) computes slower than Ray returns its blocks; `--shape tiny` (the default
 checkpoint's shape) computes a block faster than a Ray round trip: there the rule recomputes.
@@ -103,8 +104,12 @@ class Chat:
     reusable), and each request's figures, for either driver (one engine, or several
     behind the router: cluster/bench/kv_routing.py)."""
 
-    def __init__(self, system, users, bs: int, seed: int, reference=None):
-        self.users, self.bs, self.reference = users, bs, reference
+    def __init__(self, system, users, bs: int, seed: int, reference=None, exact=True):
+        # exact (fp32): greedy text other than the reference run's is a failure; in bf16 a
+        # prefix computed in other chunks differs in its last bits and near-tied picks of
+        # random weights flip (the restored blocks themselves are bit-exact: the GPU tests),
+        # so there it is counted apart (greedy_differs), and only errors fail
+        self.users, self.bs, self.reference, self.exact = users, bs, reference, exact
         self.rng = random.Random(seed + 1)
         self.history = [list(system) for _ in users]
         self.turn = [0] * len(users)
@@ -115,6 +120,7 @@ class Chat:
         self.outputs: dict[str, list[int]] = {}
         self.ttfts: list[float] = []
         self.prompt_tok = self.cached = self.reusable = self.failed = self.out_tok = 0
+        self.differs = 0
 
     def send(self) -> tuple[str, list[int]]:
         """The next turn of a conversation picked at random among the ready ones."""
@@ -143,7 +149,9 @@ class Chat:
         self.cached += cached_tokens
         self.out_tok += len(out)
         self.outputs[rid] = out
-        if error or (self.reference is not None and self.reference.get(rid) != out):
+        differs = self.reference is not None and self.reference.get(rid) != out
+        self.differs += differs
+        if error or (differs and self.exact):
             self.failed += 1
         self.seen.update(chain(prompt + out[:-1], self.bs))  # the last token's KV: never made
         self.history[c] = prompt + out
@@ -164,6 +172,7 @@ class Chat:
             "output_tok_s": round(self.out_tok / wall, 1),
             "requests": len(self.outputs),
             "requests_failed": self.failed,
+            "greedy_differs": self.differs,
             "wall_s": round(wall, 2)}
 
 
@@ -181,7 +190,7 @@ def run(args, model_dir: str, system, users, host_bytes: int, pool, reference=No
                        kv_host_tier_bytes=host_bytes)
     engine = LLMEngine(model_dir, cfg, weights="synthetic:0", kv_pool=pool)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    chat = Chat(system, users, bs, args.seed, reference)
+    chat = Chat(system, users, bs, args.seed, reference, exact=not gpu)
     t0 = time.perf_counter()
     while chat.ready or chat.active:
         while chat.ready and len(chat.active) < args.in_flight:

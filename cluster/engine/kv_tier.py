@@ -53,6 +53,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from cluster.engine import kv_scales
@@ -471,9 +472,14 @@ class KVTier:
                 sum(t for _, t in self.spans)
 
     def flush(self) -> None:
-        """Sends the blocks put in tier 1 since the last call to the pool (not waited for)."""
-        items, keep = self.direct, []
-        self.direct = []
+        """Sends the blocks put in tier 1 since the last call to the pool (not waited for):
+        as the rows of one array (key + bytes), copied out of the pinned slab by torch
+        (the GIL released; joining Python bytes held it for every block, 2 MiB each at the
+        8B shape), which Ray moves to the store without pickling."""
+        if self.direct:  # pool-only CPU engine: its blocks, already bytes
+            self.pool.put(self.direct)
+            self.direct = []
+        ready, keep = [], []
         for h, slot in self.spills:
             if self.host.slots.get(h) != slot:
                 continue  # left tier 1 before it was sent: it is gone
@@ -481,10 +487,16 @@ class KVTier:
             if ev is not None and not ev.query():
                 keep.append((h, slot))  # its copy out of the device is still running
                 continue
-            items.append((self.key + h, self._blob(self.key + h, self.host.slab[slot])))
+            ready.append((h, slot))
         self.spills = keep
-        if items:
-            self.pool.put(items)
+        if not ready:
+            return
+        rows = np.empty((len(ready), KEY_BYTES + self.block_bytes), dtype=np.uint8)
+        out = torch.from_numpy(rows)
+        for i, (h, slot) in enumerate(ready):
+            rows[i, :KEY_BYTES] = np.frombuffer(self.key + h, dtype=np.uint8)
+            out[i, KEY_BYTES:].copy_(self.host.slab[slot].reshape(-1).view(torch.uint8))
+        self.pool.put(rows)
 
     def _blob(self, key: bytes, t: torch.Tensor) -> bytes:
         """key + the block's bytes: the key lets a fetch tell its block from another."""

@@ -121,6 +121,8 @@ def test_the_prefill_speed_credits_each_step_with_its_own_device_time():
                        kv_host_tier_bytes=2 << 20)
     engine = LLMEngine(folder, cfg, weights="synthetic:0")
     assert engine.overlap
+    torch.cuda._sleep(1000)  # its module loaded before the clock runs
+    torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     torch.cuda._sleep(10_000_000)
