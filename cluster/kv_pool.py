@@ -226,7 +226,12 @@ class PoolClient:
     engine's step, once a step that spills."""
 
     MAX_PUTS_IN_FLIGHT = 16  # per actor: beyond, spills are dropped (later misses)
-    MAX_QUEUED = 64  # batches handed over and not yet sent: beyond, spills are dropped
+    # batches handed over and not yet sent: beyond, spills are dropped (later misses), and
+    # the engine does not copy them out at all (accepting()). Blocks evicted faster than the
+    # link carries them would queue without bound: on an H100 at the 8B shape (2 MiB a
+    # block, evicted at GB/s, Ray's transfer ~0.5 GB/s) 64 queued batches held seconds of
+    # spills, and copying them stalled the engine's loop
+    MAX_QUEUED = 4
 
     def __init__(self, actors: list, timeout_s: float = 1.0,
                  write_through_hits: int | None = None):
@@ -265,6 +270,15 @@ class PoolClient:
             self.down_until[i] = time.monotonic() + DOWN_FOR_S
         log.warning("KV pool store %d failed (%s): its blocks are misses for %.0f s", i,
                     type(err).__name__, DOWN_FOR_S)
+
+    def accepting(self) -> bool:
+        """Whether a batch handed over now would be queued (else it would be dropped)."""
+        return len(self._outbox) < self.MAX_QUEUED
+
+    def drop(self, n: int) -> None:
+        """Counts n spills the engine let go because the link was full (not accepting)."""
+        with self._cv:
+            self._dropped[0] += n
 
     def put(self, items: list[tuple[bytes, bytes]] | np.ndarray) -> None:
         """Hands blocks to the sender thread (never waits for Ray): (key, key + bytes)

@@ -339,6 +339,36 @@ def test_the_prefill_speed_is_each_steps_tokens_over_that_steps_time(model_dir, 
     assert 0.3 / 2e-3 < speed <= 1 / 2e-3, speed
 
 
+def test_spills_the_link_cannot_take_are_dropped_before_they_are_copied(model_dir, ref,
+                                                                         pool):
+    """With MAX_QUEUED batches waiting for a stalled link, the tier copies no more spills out
+    (they are counted dropped, later misses); once the link moves again they flow, and a
+    block that was dropped is computed, correctly."""
+    import threading
+
+    client = PoolClient(pool)
+    engine = make(model_dir, client, kv_host_tier_bytes=64 * BLOCK_BYTES)
+    tier = engine.blocks.tier
+    stall, send = threading.Event(), client._send
+    client._send = lambda items: (stall.wait(30), send(items))[1]
+    copied, put = [], client.put
+    client.put = lambda items: (copied.append(len(items)), put(items))[1]
+    for i in range(client.MAX_QUEUED + 2):  # one batch of spills each, the link stalled
+        run(engine, [tokens(70 + i, 60)])
+        run(engine, [tokens(90 + i, 200)])  # pushes the other out: a spill each time
+        tier.flush()
+    assert not client.accepting() and client.dropped > 0
+    assert len(copied) <= client.MAX_QUEUED + 1  # one in the sender's hands, the rest queued
+    stall.set()
+    settle(client)
+    assert client.accepting()
+    assert run(engine, [A]) == [ref["A"]]  # computed: nothing of it was pooled
+    push_out(engine)
+    tier.flush()
+    settle(client)
+    assert pooled(pool, tier.key, chain(A)) == A_BLOCKS  # and spills reach the pool again
+
+
 def test_the_stores_answer_inline(pool):
     """start_pool's stores return blocks in the call's reply (kv_pool.INLINE_ENV: through
     the object stores a fetch took twice as long, `python -m cluster.bench.kv_link`)."""

@@ -491,6 +491,9 @@ class KVTier:
         self.spills = keep
         if not ready:
             return
+        if not self.pool.accepting():  # the link is behind: no copy for a batch it drops
+            self.pool.drop(len(ready))
+            return
         rows = np.empty((len(ready), KEY_BYTES + self.block_bytes), dtype=np.uint8)
         out = torch.from_numpy(rows)
         for i, (h, slot) in enumerate(ready):
