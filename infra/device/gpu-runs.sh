@@ -69,7 +69,11 @@ for what in "$@"; do
       # 160 conversations: the engine's cache (room for its batch of 16) is a tenth of them
       stage kvtier-8b $PY -m cluster.bench.kv_tier --device cuda --shape llama3.1-8b \
         --conversations 160 --turns 4 --system-len 512 --user-len 128 --output-len 32 \
-        --concurrency 16 --in-flight 32 --batched-tokens 2048 --json ;;
+        --concurrency 16 --in-flight 32 --batched-tokens 2048 --json
+      # long histories (2,048 tokens at the 6th turn), the cache again a tenth of them
+      stage kvtier-8b-long $PY -m cluster.bench.kv_tier --device cuda --shape llama3.1-8b \
+        --conversations 96 --turns 6 --system-len 128 --user-len 256 --output-len 32 \
+        --concurrency 8 --in-flight 16 --batched-tokens 2048 --json ;;
     idle)  # GPU idle between decode steps at batch 64, 0.5B shape, sampled and greedy
       stage idle-05b-t1 $PY -m cluster.bench.engine --num-prompts 256 --temperature 1 \
         --baseline-prompts 0 --check-prompts 0 --host-profile --json
