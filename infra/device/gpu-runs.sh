@@ -74,6 +74,15 @@ for what in "$@"; do
       stage kvtier-8b-long $PY -m cluster.bench.kv_tier --device cuda --shape llama3.1-8b \
         --conversations 96 --turns 6 --system-len 128 --user-len 256 --output-len 32 \
         --concurrency 8 --in-flight 16 --batched-tokens 2048 --json ;;
+    kvprofile)  # the 8B chat with the pool, its engine loop sampled per run (half the size)
+      TANDEM_PROFILE_DIR=$OUT/kvprof stage kvprofile $PY -m cluster.bench.kv_tier \
+        --device cuda --shape llama3.1-8b --conversations 80 --turns 4 --system-len 512 \
+        --user-len 128 --output-len 32 --concurrency 8 --in-flight 16 --batched-tokens 2048 --json
+      for run in host pool; do
+        $PY -c "import json, sys; from pathlib import Path; from cluster.bench.pyspy import summarize
+print(json.dumps(summarize(Path(sys.argv[1]), top=25)))" "$OUT/kvprof/kv-tier-$run.raw" \
+          > "$OUT/kvprof-$run.json" 2>&1
+      done ;;
     idle)  # GPU idle between decode steps at batch 64, 0.5B shape, sampled and greedy
       stage idle-05b-t1 $PY -m cluster.bench.engine --num-prompts 256 --temperature 1 \
         --baseline-prompts 0 --check-prompts 0 --host-profile --json
