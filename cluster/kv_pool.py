@@ -338,7 +338,12 @@ class PoolClient:
                 continue
             if rows:  # one array per store (numpy: Ray copies it out of band, unpickled)
                 part = items if len(batch) == len(items) else items[batch]
-                self.puts[i].append(self.actors[i].put_rows.remote(part))
+                put_rows = getattr(self.actors[i], "put_rows", None)
+                if put_rows is None:  # a store started by an older release (detached)
+                    self.puts[i].append(self.actors[i].put.remote(
+                        [(bytes(r[:KEY_BYTES]), r.tobytes()) for r in part]))
+                else:
+                    self.puts[i].append(put_rows.remote(part))
             else:
                 self.puts[i].append(self.actors[i].put.remote(batch))
 

@@ -123,6 +123,7 @@ def filled_pool(model_dir, actors) -> PoolClient:
     run(writer, [A])
     push_out(writer)
     settle(writer_pool)
+    assert writer_pool.dropped == 0
     keys = [writer.blocks.tier.key + h for h in chain(A)]
     held = [b is not None for a in actors for b in ray.get(a.get.remote(keys))]
     assert sum(held) == A_BLOCKS  # each block on exactly one store
@@ -320,9 +321,10 @@ def slowed(engine: LLMEngine, per_token_s: float) -> list[tuple[int, float]]:
 @pytest.mark.parametrize("overlap", [False, True], ids=["in-step", "launched-ahead"])
 def test_the_prefill_speed_is_each_steps_tokens_over_that_steps_time(model_dir, overlap):
     """Prefill chunks between decode steps: the tier's speed credits each step's tokens with
-    that step's own time, also with steps launched ahead (the GPU's path), where the time
-    between two schedule calls is the step before's: so credited, a decode step's time
-    made the prefill look 100x faster than it was."""
+    that step's own time, with steps read at once and launched ahead (the GPU's order of
+    calls; a CPU launch computes, so its time is the launch's: the GPU's timing from the
+    step before is tested on the GPU, tests/gpu/test_kv_tier_gpu.py). Decode steps do not
+    count as prefill."""
     engine = make(model_dir, kv_host_tier_bytes=64 * BLOCK_BYTES, overlap_steps=overlap)
     seen = slowed(engine, 2e-3)  # a 64-token chunk: 128 ms more; a decode step: 2 ms
     engine.add_request("long", tokens(60, 20), SamplingParams(temperature=0.0, max_tokens=40,
@@ -332,7 +334,7 @@ def test_the_prefill_speed_is_each_steps_tokens_over_that_steps_time(model_dir, 
     engine.add_request("a", A, G)  # its prefill chunks between the other's decode steps
     drain(engine, ["long", "a"])
     chunks = [(n, t) for n, t in seen if n >= 2 * BS]
-    assert len(chunks) >= 2 and len(seen) > len(chunks)  # decode steps were observed too
+    assert len(chunks) >= 2 and min(n for n, _ in seen) > 2  # no pure decode step counted
     for n, t in chunks:
         assert n * 2e-3 <= t < n * 2e-3 + 0.1, (n, t)
     speed = engine.blocks.tier.prefill_tok_s
@@ -342,8 +344,7 @@ def test_the_prefill_speed_is_each_steps_tokens_over_that_steps_time(model_dir, 
 def test_spills_the_link_cannot_take_are_dropped_before_they_are_copied(model_dir, ref,
                                                                          pool):
     """With MAX_QUEUED batches waiting for a stalled link, the tier copies no more spills out
-    (they are counted dropped, later misses); once the link moves again they flow, and a
-    block that was dropped is computed, correctly."""
+    (they are counted dropped, later misses); once the link moves again they flow."""
     import threading
 
     client = PoolClient(pool)
@@ -362,11 +363,30 @@ def test_spills_the_link_cannot_take_are_dropped_before_they_are_copied(model_di
     stall.set()
     settle(client)
     assert client.accepting()
-    assert run(engine, [A]) == [ref["A"]]  # computed: nothing of it was pooled
+    assert run(engine, [A]) == [ref["A"]]
     push_out(engine)
     tier.flush()
     settle(client)
     assert pooled(pool, tier.key, chain(A)) == A_BLOCKS  # and spills reach the pool again
+
+
+def test_rows_reach_a_store_of_an_older_release_through_put(ray_cluster):
+    """Stores are detached and outlive an upgrade: one without put_rows (an older
+    release's) still receives spilled rows, through put."""
+    from cluster.kv_pool import KVPoolStore
+
+    old_cls = ray.remote(num_cpus=0)(type("OldStore", (KVPoolStore,), {"put_rows": None}))
+    store = old_cls.remote(1 << 20)
+    client = PoolClient([store])
+    rows = np.zeros((3, KEY_BYTES + 64), dtype=np.uint8)
+    for i in range(3):
+        rows[i, :KEY_BYTES] = i + 1
+        rows[i, KEY_BYTES:] = 10 + i
+    client.put(rows)
+    assert client.sent() and client.dropped == 0 and client.errors == 0
+    got = ray.get(store.get.remote([bytes([i + 1]) * KEY_BYTES for i in range(3)]))
+    assert got == [bytes(r) for r in rows]
+    ray.kill(store)
 
 
 def test_the_stores_answer_inline(pool):

@@ -149,7 +149,7 @@ class Chat:
         self.cached += cached_tokens
         self.out_tok += len(out)
         self.outputs[rid] = out
-        differs = self.reference is not None and self.reference.get(rid) != out
+        differs = not error and self.reference is not None and self.reference.get(rid) != out
         self.differs += differs
         if error or (differs and self.exact):
             self.failed += 1

@@ -371,11 +371,14 @@ class LLMEngine:
             self.publish()
             return outputs
         done = time.perf_counter()
-        if self.blocks.tier is not None:  # the prefill speed its fetch-or-compute rule uses
+        if self.blocks.tier is not None and not batch.is_decode:  # the prefill speed its
+            # fetch-or-compute rule uses: a CPU step computes while it is launched; on the
+            # GPU one launched ahead ran from the end of the step before it (it was queued
+            # behind it), one launched here from now
             if launch_s is not None and self.device.type != "cuda":
                 took = launch_s
-            else:  # on the GPU from its launch, or the end of the step queued before it
-                took = done - max(batch.at if ahead else t0, self._done_at)
+            else:
+                took = done - (self._done_at if ahead else t0)
             self.blocks.tier.observe_step(batch.num_tokens, took)
         self._done_at = done
         if self.step_delay_s:

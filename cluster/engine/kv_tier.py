@@ -461,11 +461,13 @@ class KVTier:
         self.flush()
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
-        """A step's tokens and its time on the device, from the engine once they are read
-        (a step launched ahead is timed from where the one before it ended: the interval
-        between two schedule calls there is the previous step's, and credited to this one's
-        tokens it read a decode step's 10 ms as 2,048 prompt tokens': 800 k tokens/s on an
-        H100 at the 8B shape, which then only ever recomputed)."""
+        """A step that computed prefill: its tokens and its time in the engine's loop,
+        from the engine once they are read (a step launched ahead is timed from where the
+        one before it ended: the interval between two schedule calls there is the previous
+        step's, and credited to this one's tokens it read a decode step's 10 ms as 2,048
+        prompt tokens': 800 k tokens/s on an H100 at the 8B shape, which then only ever
+        recomputed). Host stalls inside the step (a fetch waited for, spills copied) count:
+        they are the engine's speed as it runs."""
         if num_tokens >= 2 * self.block_size and seconds > 0:
             self.spans.append((num_tokens, seconds))
             self.prefill_tok_s = sum(n for n, _ in self.spans) / \
@@ -493,6 +495,8 @@ class KVTier:
             return
         if not self.pool.accepting():  # the link is behind: no copy for a batch it drops
             self.pool.drop(len(ready))
+            for h, _ in ready:  # a block written through and dropped may be sent again
+                self.through.pop(h, None)
             return
         rows = np.empty((len(ready), KEY_BYTES + self.block_bytes), dtype=np.uint8)
         out = torch.from_numpy(rows)

@@ -20,8 +20,6 @@ from cluster.engine.sequence import SeqStatus, Sequence
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]  # tokens computed this step, per sequence
-    at: float = 0.0  # when it was scheduled (perf_counter): a step launched ahead starts
-    # its host-timed span here or where the step before it ended, whichever is later
 
     @property
     def is_decode(self) -> bool:
@@ -35,7 +33,7 @@ class ScheduledBatch:
         """Without the sequences that ended since it was scheduled."""
         keep = [i for i, seq in enumerate(self.seqs) if not seq.is_finished]
         return ScheduledBatch([self.seqs[i] for i in keep],
-                              [self.num_new_tokens[i] for i in keep], self.at)
+                              [self.num_new_tokens[i] for i in keep])
 
 
 class Scheduler:
@@ -135,7 +133,7 @@ class Scheduler:
             budget -= n
         if self.blocks.tier is not None:  # once a step: its time, fetches, spills
             self.blocks.tier.on_schedule()
-        return ScheduledBatch(ones + seqs, [1] * len(ones) + counts, time.perf_counter())
+        return ScheduledBatch(ones + seqs, [1] * len(ones) + counts)
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> tuple[bool, bool]:
         """Grows seq's blocks to hold num_tokens, preempting the newest running sequences

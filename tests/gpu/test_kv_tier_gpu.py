@@ -101,7 +101,7 @@ def test_pool_blocks_reach_another_gpu_engine_bit_exact(pool_actors):
     for i in range(6):  # pushes a's blocks out of the device cache and the small host tier
         writer.generate([tokens(20 + i)], G)
     writer.blocks.tier.flush()
-    assert writer_pool.sent()
+    assert writer_pool.sent() and writer_pool.dropped == 0
     reader = LLMEngine(folder, cfg, weights="synthetic:0", kv_pool=PoolClient(pool_actors))
     assert reader.generate([a], G) == hit
     assert reader.blocks.tier.hits["pool"] == len(hashes)
@@ -149,7 +149,7 @@ def test_the_prefill_speed_credits_each_step_with_its_own_device_time():
     while engine.has_work():
         engine.step()
     chunks = [(n, t) for n, t in seen if n >= 2 * BS]
-    assert len(chunks) >= 2 and len(seen) > len(chunks)
+    assert len(chunks) >= 2 and min(n for n, _ in seen) > 2  # no pure decode step counted
     for n, t in chunks:
         assert 0.9 * n * 2e-3 <= t < n * 2e-3 + 0.05, (n, t)
     assert 0.3 / 2e-3 < tier.prefill_tok_s <= 1.1 / 2e-3, tier.prefill_tok_s
