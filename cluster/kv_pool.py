@@ -43,6 +43,11 @@ DOWN_FOR_S = 5.0  # an actor that failed a call is skipped this long (misses, no
 INLINE_ENV = {"RAY_max_direct_call_object_size": str(16 << 20)}
 
 
+def row_items(rows: np.ndarray) -> list[tuple[bytes, bytes]]:
+    """(key, key + bytes) per row of a uint8 array whose rows are key + bytes."""
+    return [(bytes(r[:KEY_BYTES]), r.tobytes()) for r in rows]
+
+
 class KVPoolStore:
     """One node's share of the pool (a Ray actor): blocks by key, least recently used out
     first, never more than `capacity_bytes` of block payload."""
@@ -101,7 +106,7 @@ class KVPoolStore:
         """Stores blocks sent as the rows of one uint8 array, each its key + its bytes (a
         GPU engine's spills: one buffer that Ray moves without pickling it, and copies
         into Python bytes here, in the store's process rather than the engine's)."""
-        return self.put([(bytes(r[:KEY_BYTES]), r.tobytes()) for r in rows])
+        return self.put(row_items(rows))
 
     def get(self, keys: list[bytes]) -> list[bytes | None]:
         """The blocks of these keys (None: not held); each one found becomes most recent."""
@@ -340,8 +345,7 @@ class PoolClient:
                 part = items if len(batch) == len(items) else items[batch]
                 put_rows = getattr(self.actors[i], "put_rows", None)
                 if put_rows is None:  # a store started by an older release (detached)
-                    self.puts[i].append(self.actors[i].put.remote(
-                        [(bytes(r[:KEY_BYTES]), r.tobytes()) for r in part]))
+                    self.puts[i].append(self.actors[i].put.remote(row_items(part)))
                 else:
                     self.puts[i].append(put_rows.remote(part))
             else:

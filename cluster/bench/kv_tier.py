@@ -176,25 +176,11 @@ class Chat:
             "wall_s": round(wall, 2)}
 
 
-def profile_run(name: str):
-    """With TANDEM_PROFILE_DIR set: this thread's stacks through the run, sampled into
-    <dir>/kv-tier-<name>.raw (cluster/stack_sampler.py; `cluster.bench.pyspy` reads it)."""
-    import os
-    import threading
-
-    from cluster.stack_sampler import ENV, StackSampler
-
-    if not os.environ.get(ENV):
-        return None
-    d = Path(os.environ[ENV])
-    d.mkdir(parents=True, exist_ok=True)
-    return StackSampler(d / f"kv-tier-{name}.raw", threading.get_ident()).start()
-
-
 def run(args, model_dir: str, system, users, host_bytes: int, pool, reference=None) -> dict:
     from cluster.config import EngineConfig
     from cluster.engine.engine import LLMEngine
     from cluster.engine.sequence import SamplingParams
+    from cluster.stack_sampler import start_from_env
 
     bs = args.block_size
     gpu = args.device == "cuda"
@@ -206,7 +192,10 @@ def run(args, model_dir: str, system, users, host_bytes: int, pool, reference=No
     engine = LLMEngine(model_dir, cfg, weights="synthetic:0", kv_pool=pool)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     chat = Chat(system, users, bs, args.seed, reference, exact=not gpu)
-    sampler = profile_run("pool" if pool is not None else "host" if host_bytes else "off")
+    # with TANDEM_PROFILE_DIR set: the run's engine loop sampled into
+    # <dir>/kv-tier-<run>-<pid>.raw (`cluster.bench.pyspy` reads it)
+    sampler = start_from_env("kv-tier-" + ("pool" if pool is not None else
+                                           "host" if host_bytes else "off"))
     t0 = time.perf_counter()
     while chat.ready or chat.active:
         while chat.ready and len(chat.active) < args.in_flight:

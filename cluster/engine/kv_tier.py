@@ -32,8 +32,8 @@ every request for it; its eviction later sends it no second time. Default: write
 Fetch or recompute (per request, at arrival): fetch the n missing blocks iff the predicted
 fetch time, latency + n x block bytes / bandwidth (fitted over recent fetches, end to end),
 is below the time this engine would take to compute them, n x block tokens / its prefill
-speed (tokens per second of its recent steps of at least two blocks' worth of tokens); it
-fetches at least every PROBE_EVERY_S all the same, to keep measuring the link. From
+speed (tokens per second of its last SPEED_STEPS prefill steps, each timed by the engine);
+it fetches at least every PROBE_EVERY_S all the same, to keep measuring the link. From
 the moment it could be admitted it waits for the fetch at most that recompute time (and
 `kv_pool.max_fetch_wait_s`); what has not arrived by then, a block that is torn (wrong size,
 or not the key asked for) and everything after it in the chain are computed. Until both

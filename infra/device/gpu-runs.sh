@@ -80,7 +80,7 @@ for what in "$@"; do
         --user-len 128 --output-len 32 --concurrency 8 --in-flight 16 --batched-tokens 2048 --json
       for run in host pool; do
         $PY -c "import json, sys; from pathlib import Path; from cluster.bench.pyspy import summarize
-print(json.dumps(summarize(Path(sys.argv[1]), top=25)))" "$OUT/kvprof/kv-tier-$run.raw" \
+print(json.dumps(summarize(Path(sys.argv[1]), top=25)))" "$OUT"/kvprof/kv-tier-$run-*.raw \
           > "$OUT/kvprof-$run.json" 2>&1
       done ;;
     idle)  # GPU idle between decode steps at batch 64, 0.5B shape, sampled and greedy
