@@ -27,6 +27,7 @@ from cluster.kv_pool import (
     KEY_BYTES,
     NAME_PREFIX,
     POOL_NAMESPACE,
+    Blocks,
     PoolActor,
     PoolClient,
     start_pool,
@@ -208,8 +209,8 @@ def test_write_through_puts_a_reused_prefix_in_the_pool_while_its_holder_caches_
     assert set(chain(A)) <= writer.blocks.hash_to_block.keys()  # still cached here
     assert pooled(pool, tier.key, chain(A)) == A_BLOCKS
     sent, put = [], client.put
-    client.put = lambda items: (sent.extend(bytes(it[:KEY_BYTES]) if isinstance(
-        items, np.ndarray) else it[0] for it in items), put(items))[1]
+    client.put = lambda items: (sent.extend(items.keys if isinstance(items, Blocks)
+                                            else (k for k, _ in items)), put(items))[1]
     push_out(writer)  # their eviction later sends them no second time
     tier.flush()
     assert sent and not {tier.key + h for h in chain(A)} & set(sent)
@@ -370,23 +371,56 @@ def test_spills_the_link_cannot_take_are_dropped_before_they_are_copied(model_di
     assert pooled(pool, tier.key, chain(A)) == A_BLOCKS  # and spills reach the pool again
 
 
-def test_rows_reach_a_store_of_an_older_release_through_put(ray_cluster):
-    """Stores are detached and outlive an upgrade: one without put_rows (an older
-    release's) still receives spilled rows, through put."""
+def test_blocks_reach_a_store_of_an_older_release_through_put(ray_cluster):
+    """Stores are detached and outlive an upgrade: one without put_blocks (an older
+    release's) still receives spilled blocks, through put, and the views are released."""
     from cluster.kv_pool import KVPoolStore
 
-    old_cls = ray.remote(num_cpus=0)(type("OldStore", (KVPoolStore,), {"put_rows": None}))
+    old_cls = ray.remote(num_cpus=0)(type("OldStore", (KVPoolStore,), {"put_blocks": None}))
     store = old_cls.remote(1 << 20)
     client = PoolClient([store])
-    rows = np.zeros((3, KEY_BYTES + 64), dtype=np.uint8)
-    for i in range(3):
-        rows[i, :KEY_BYTES] = i + 1
-        rows[i, KEY_BYTES:] = 10 + i
-    client.put(rows)
-    assert client.sent() and client.dropped == 0 and client.errors == 0
-    got = ray.get(store.get.remote([bytes([i + 1]) * KEY_BYTES for i in range(3)]))
-    assert got == [bytes(r) for r in rows]
+    keys = [bytes([i + 1]) * KEY_BYTES for i in range(3)]
+    data = np.arange(3 * 64, dtype=np.uint8).reshape(3, 64)
+    released = []
+    client.put(Blocks(keys, list(data), lambda: released.append(1)))
+    assert client.sent() and client.dropped == 0 and client.errors == 0 and released
+    want = [k + bytes(r) for k, r in zip(keys, data, strict=True)]
+    assert ray.get(store.get.remote(keys)) == want
     ray.kill(store)
+
+
+def test_a_slot_waiting_to_be_sent_is_not_reused_until_ray_has_copied_it(model_dir, ref,
+                                                                          pool):
+    """Spills leave as views of their slots in the host slab (no copy on the engine's
+    thread): while the sender holds them, tier 1 reuses other slots, and what reaches the
+    pool is what those slots held when spilled."""
+    import threading
+
+    client = PoolClient(pool)
+    engine = make(model_dir, client, kv_host_tier_bytes=32 * BLOCK_BYTES)
+    tier = engine.blocks.tier
+    stall, send = threading.Event(), client._send
+    client._send = lambda items: (stall.wait(30), send(items))[1]
+    assert run(engine, [A]) == [ref["A"]]
+    push_out(engine)  # A's blocks and the fillers' go through the 32 slots, the link stalled
+    tier.flush()
+    held = {h: s for h, s in tier.host.slots.items() if s in tier.host.sending}
+    assert held and len(held) < tier.host.capacity
+    before = {h: tier.host.slab[s].clone() for h, s in held.items()}
+    evicted = tier.host.evicted
+    run(engine, [tokens(60 + i) for i in range(4)])  # more spills: they take other slots
+    tier.flush()
+    assert tier.host.evicted > evicted
+    assert all(tier.host.slots.get(h) == s for h, s in held.items())
+    assert all(torch.equal(tier.host.slab[s], before[h]) for h, s in held.items())
+    stall.set()
+    settle(client)
+    assert not tier.host.sending  # every batch released, the dropped ones too
+    keys = [tier.key + h for h in held]
+    got = [b for a in pool for b in ray.get(a.get.remote(keys)) if b is not None]
+    assert len(got) == len(held)
+    want = {tier.key + h: tier.key + h + before[h].numpy().tobytes() for h in held}
+    assert all(want[b[:KEY_BYTES]] == b for b in got)
 
 
 def test_the_stores_answer_inline(pool):
