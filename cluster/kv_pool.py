@@ -125,6 +125,18 @@ class KVPoolStore:
         store's process rather than the engine's)."""
         return self.put(block_items(keys, views))
 
+    def touch(self, keys: list[bytes]) -> list[bool]:
+        """Whether each key is held; those held become most recent (an engine asks this
+        before it sends a block again: about half of the spills in `bench.kv_tier` were
+        blocks sent before, evicted from the engine's host tier and computed again)."""
+        held = [key in self.blocks for key in keys]
+        for key, h in zip(keys, held, strict=True):
+            if h:
+                self.blocks.move_to_end(key)
+        if any(held):
+            self.version += 1
+        return held
+
     def get(self, keys: list[bytes]) -> list[bytes | None]:
         """The blocks of these keys (None: not held); each one found becomes most recent."""
         out: list[bytes | None] = []
@@ -254,6 +266,9 @@ class PoolClient:
     # block, evicted at GB/s, Ray's transfer ~0.5 GB/s) 64 queued batches held seconds of
     # spills, and copying them stalled the engine's loop
     MAX_QUEUED = 4
+    # keys this client sent or fetched lately (newest last): one spilled again is first
+    # asked about (touch: 48 bytes a key) and sent only if its store no longer holds it
+    HELD_KEEP = 1 << 16
 
     def __init__(self, actors: list, timeout_s: float = 1.0,
                  write_through_hits: int | None = None):
@@ -268,6 +283,8 @@ class PoolClient:
         # fetch rule's measurements (appended by Ray's thread, read by the engine's)
         self.samples: deque[tuple[int, float]] = deque(maxlen=32)
         self._dropped = [0, 0]  # (not handed over: outbox full, not sent: actor busy or down)
+        self.held: OrderedDict[bytes, None] = OrderedDict()  # see HELD_KEEP
+        self.resends_skipped = 0  # spills not sent: their store still held them
         self._lock = threading.Lock()  # errors and down_until: both threads fail actors
         self._outbox: list[list[tuple[bytes, bytes]]] = []
         self._cv = threading.Condition()
@@ -353,27 +370,64 @@ class PoolClient:
                            timeout=max(0.0, deadline - time.monotonic()))
         return len(done) == len(refs)
 
+    def _remember(self, keys) -> None:
+        with self._lock:
+            for key in keys:
+                self.held[key] = None
+                self.held.move_to_end(key)
+            while len(self.held) > self.HELD_KEEP:
+                self.held.popitem(last=False)
+
+    def _still_held(self, by_actor: dict[int, list[int]], keys: list[bytes],
+                    now: float) -> set[int]:
+        """Positions of the keys sent or fetched lately that their store still holds (it
+        is asked, and they become its most recent); any failure: none."""
+        with self._lock:
+            asks = {i: [j for j in js if keys[j] in self.held] for i, js in by_actor.items()
+                    if self._up(i, now)}
+        refs = {i: self.actors[i].touch.remote([keys[j] for j in js])
+                for i, js in asks.items() if js and hasattr(self.actors[i], "touch")}
+        held: set[int] = set()
+        for i, ref in refs.items():
+            try:
+                answer = ray.get(ref, timeout=self.timeout_s)
+            except ray.exceptions.GetTimeoutError:  # behind on puts: held, most likely,
+                held.update(asks[i])  # and more bytes would only slow it further
+                continue
+            except Exception as err:  # noqa: BLE001 - a lost store: sent to nobody
+                self._failed(i, err)
+                continue
+            held.update(j for j, h in zip(asks[i], answer, strict=True) if h)
+        return held
+
     def _send(self, items: list[tuple[bytes, bytes]] | Blocks) -> None:
         now = time.monotonic()
         blocks = isinstance(items, Blocks)
+        keys = items.keys if blocks else [k for k, _ in items]
         by_actor: dict[int, list] = {}
-        for j, key in enumerate(items.keys if blocks else (k for k, _ in items)):
-            by_actor.setdefault(self._shard(key), []).append(j if blocks else items[j])
+        for j, key in enumerate(keys):
+            by_actor.setdefault(self._shard(key), []).append(j)
+        held = self._still_held(by_actor, keys, now)
+        self.resends_skipped += len(held)
         for i, batch in by_actor.items():
+            batch = [j for j in batch if j not in held]
+            if not batch:
+                continue
             self._reap(i)
             if not self._up(i, now) or len(self.puts[i]) >= self.MAX_PUTS_IN_FLIGHT:
                 self._dropped[1] += len(batch)
                 continue
+            sent = [keys[j] for j in batch]
             if blocks:  # numpy views: Ray copies them into the object store unpickled
-                keys = [items.keys[j] for j in batch]
                 views = [items.views[j] for j in batch]
                 put_blocks = getattr(self.actors[i], "put_blocks", None)
                 if put_blocks is None:  # a store started by an older release (detached)
-                    self.puts[i].append(self.actors[i].put.remote(block_items(keys, views)))
+                    self.puts[i].append(self.actors[i].put.remote(block_items(sent, views)))
                 else:
-                    self.puts[i].append(put_blocks.remote(keys, views))
+                    self.puts[i].append(put_blocks.remote(sent, views))
             else:
-                self.puts[i].append(self.actors[i].put.remote(batch))
+                self.puts[i].append(self.actors[i].put.remote([items[j] for j in batch]))
+            self._remember(sent)
 
     def _reap(self, i: int) -> None:
         """Takes the answered puts of actor i (an error there: the actor is down)."""
@@ -439,6 +493,7 @@ class PoolClient:
                 continue  # not an answer of ours: misses
             for j, blob in zip(js, blobs, strict=True):
                 out[j] = blob
+        self._remember(k for k, b in zip(fetch.keys, out, strict=True) if b is not None)
         return out
 
 

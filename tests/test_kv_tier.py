@@ -389,6 +389,31 @@ def test_blocks_reach_a_store_of_an_older_release_through_put(ray_cluster):
     ray.kill(store)
 
 
+def test_a_block_sent_again_is_sent_only_if_its_store_lost_it(ray_cluster):
+    """A spill of a key sent (or fetched) lately is first asked about: the store keeps it
+    (and makes it most recent) without its bytes crossing again; one the store no longer
+    holds is sent."""
+    from cluster.kv_pool import KVPoolStore
+
+    store = ray.remote(num_cpus=0)(KVPoolStore).remote(1 << 20)
+    client = PoolClient([store])
+    keys = [bytes([i + 1]) * KEY_BYTES for i in range(4)]
+    data = np.arange(4 * 64, dtype=np.uint8).reshape(4, 64)
+    client.put(Blocks(keys, list(data)))
+    assert client.sent() and ray.get(store.stats.remote())["puts"] == 4
+    ray.get(store.put.remote([(b"\xff" * KEY_BYTES, b"x")]))  # newer than all four
+    client.put(Blocks(keys, list(data)))
+    assert client.sent() and client.resends_skipped == 4
+    assert ray.get(store.stats.remote())["puts"] == 5  # no bytes sent again
+    assert list(ray.get(store.__ray_call__.remote(lambda s: list(s.blocks)))) == \
+        [b"\xff" * KEY_BYTES, *keys]  # and they became the most recent
+    ray.get(store.__ray_call__.remote(lambda s: s.blocks.pop(keys[2])))  # lost there
+    client.put(Blocks(keys, list(data)))
+    assert client.sent() and client.resends_skipped == 7 and client.dropped == 0
+    assert ray.get(store.get.remote([keys[2]])) == [keys[2] + bytes(data[2])]
+    ray.kill(store)
+
+
 def test_a_slot_waiting_to_be_sent_is_not_reused_until_ray_has_copied_it(model_dir, ref,
                                                                           pool):
     """Spills leave as views of their slots in the host slab (no copy on the engine's

@@ -219,7 +219,8 @@ def run(args, model_dir: str, system, users, host_bytes: int, pool, reference=No
     if tier:
         result |= {k: tier[k] for k in ("host_capacity_bytes", "fetch_decisions",
                                          "recompute_decisions", "torn", "pool_errors",
-                                         "spills_dropped", "written_through")}
+                                         "spills_dropped", "resends_skipped",
+                                         "written_through")}
         result["fetch_bw_mb_s"] = round(tier["fetch_bw_bytes_s"] / 1e6, 1)
         result["fetch_latency_ms"] = round(tier["fetch_latency_s"] * 1000, 2)
         result["prefill_tok_s"] = round(tier["prefill_tok_s"], 1)

@@ -527,7 +527,8 @@ class KVTier:
                 "fetch_bw_bytes_s": bw or 0.0, "fetch_latency_s": lat,
                 "prefill_tok_s": self.prefill_tok_s or 0.0,
                 "pool_errors": self.pool.errors if self.pool else 0,
-                "spills_dropped": self.pool.dropped if self.pool else 0}
+                "spills_dropped": self.pool.dropped if self.pool else 0,
+                "resends_skipped": self.pool.resends_skipped if self.pool else 0}
 
 
 def build(runner, cfg, model_dir: str, weights=None, pool: PoolClient | None = None,
