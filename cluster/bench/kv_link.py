@@ -2,11 +2,11 @@
 inline (`kv_pool.INLINE_ENV`, what `start_pool` sets) and through Ray's object stores (its
 default for answers over 100 KiB).
 
-    python -m cluster.bench.kv_link [--blocks 4 16] [--repeat 40] [--json]
+    python -m cluster.bench.kv_link [--blocks 4 16] [--repeat 40] [--block-bytes N] [--json]
 
 A local two-node cluster (Ray's own test cluster: a head and a `cpu-arch: kunpeng` node);
 on the Kunpeng node one store started by `start_pool` and one started the same way without
-the inline setting, each holding the same blocks (the default model's block size, fp32).
+the inline setting, each holding the same blocks (the default model's block size, fp32, or --block-bytes).
 Each fetch goes through `PoolClient.get` / `collect`, as an engine's does. Per mode and
 size: the fetch's latency (p50, from this process) and the CPU the whole machine spent per
 fetch (every process: the store, both nodes' object stores and raylets, this one), from
@@ -48,6 +48,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, nargs="+", default=[4, 16])
     p.add_argument("--repeat", type=int, default=40)
+    p.add_argument("--block-bytes", type=int, default=BLOCK_BYTES,
+                   help="2097152: the Llama-3.1-8B shape's block (bf16, 16 tokens)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     with stdout_to_stderr():  # Ray's processes print to stdout: keep it for --json
@@ -74,13 +76,13 @@ def run(args) -> dict:
     try:
         ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
         n_max = max(args.blocks)
-        capacity = 4 * n_max * (BLOCK_BYTES + KEY_BYTES)
+        capacity = 4 * n_max * (args.block_bytes + KEY_BYTES)
         inline = start_pool(capacity, {"cpu-arch": "kunpeng"}, prefix="kv-link-",
                             detached=False)
         default = [PoolActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             node.node_id, soft=False)).remote(capacity, "kv-link-default")]
         rng = np.random.default_rng(0)
-        items = [(bytes(16) + rng.bytes(32), rng.bytes(KEY_BYTES + BLOCK_BYTES))
+        items = [(bytes(16) + rng.bytes(32), rng.bytes(KEY_BYTES + args.block_bytes))
                  for _ in range(n_max)]
         ray.get([a.put.remote(items) for a in inline + default])
         modes = {}
@@ -88,7 +90,7 @@ def run(args) -> dict:
             client = PoolClient(actors, timeout_s=5.0)
             modes[mode] = {n: measure(client, [k for k, _ in items[:n]], args.repeat)
                            for n in args.blocks}
-        return {"block_bytes": BLOCK_BYTES, "repeat": args.repeat, "modes": modes}
+        return {"block_bytes": args.block_bytes, "repeat": args.repeat, "modes": modes}
     finally:
         ray.shutdown()
         cluster.shutdown()

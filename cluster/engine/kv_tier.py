@@ -53,6 +53,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from cluster.engine import kv_scales
@@ -70,6 +71,7 @@ FETCH_TTL_S = 60.0  # a fetch whose request never got admitted (aborted) is drop
 THROUGH_KEEP = 1 << 16  # write-through bookkeeping: reuse counts and blocks sent, newest
 SPEED_STEPS = 16  # the prefill speed is measured over this many recent steps
 PROBE_EVERY_S = 2.0  # the longest the fetch rule goes without a fetch (measuring the link)
+Blob = np.ndarray | bytes  # a block from the pool: key + bytes (arrays; older stores bytes)
 
 
 def model_key(model_dir: str, weights, dtype: torch.dtype, block_size: int,
@@ -179,7 +181,8 @@ class SeqFetch:
     parts: list[tuple[list[bytes], Fetch]]
     wait_s: float  # from admission on, wait at most this (what computing them would take)
     expected_at: float  # when the fetch rule expects the last part to have arrived
-    blobs: dict[bytes, bytes] | None = None  # once collected: the unbroken prefix that came
+    # once collected: the unbroken prefix that came (key + bytes, uint8 arrays or bytes)
+    blobs: dict[bytes, Blob] | None = None
     deadline: float | None = None  # set when the request could first have been admitted
 
 
@@ -289,7 +292,7 @@ class KVTier:
         if len(self.through) > THROUGH_KEEP:
             self.through.popitem(last=False)
 
-    def find(self, seq: Sequence, h: bytes) -> tuple[int | None, bytes | None] | None:
+    def find(self, seq: Sequence, h: bytes) -> tuple[int | None, Blob | None] | None:
         """Where a tier holds h's block: (host slot, None) or (None, pool blob); None: no."""
         slot = self.host.get(h)
         if slot is not None:
@@ -303,7 +306,7 @@ class KVTier:
         blob = f.blobs.get(h)
         return None if blob is None else (None, blob)
 
-    def load(self, block: int, h: bytes, src: tuple[int | None, bytes | None]) -> None:
+    def load(self, block: int, h: bytes, src: tuple[int | None, Blob | None]) -> None:
         """Copies a tier's block into device block `block`."""
         slot, blob = src
         self.host.protected = None
@@ -439,7 +442,8 @@ class KVTier:
             blob = got.get(h)
             if blob is None:
                 break  # the chain ends here: the rest is computed
-            if len(blob) != KEY_BYTES + self.block_bytes or blob[:KEY_BYTES] != self.key + h:
+            if len(blob) != KEY_BYTES + self.block_bytes or \
+                    bytes(blob[:KEY_BYTES]) != self.key + h:
                 self.torn += 1  # a torn or foreign answer is a miss, as is all after it
                 break
             f.blobs[h] = blob
