@@ -6,7 +6,8 @@ default for answers over 100 KiB).
 
 A local two-node cluster (Ray's own test cluster: a head and a `cpu-arch: kunpeng` node);
 on the Kunpeng node one store started by `start_pool` and one started the same way without
-the inline setting, each holding the same blocks (the default model's block size, fp32, or --block-bytes).
+the inline setting, each holding the same blocks (the default model's block size, fp32,
+or --block-bytes).
 Each fetch goes through `PoolClient.get` / `collect`, as an engine's does. Per mode and
 size: the fetch's latency (p50, from this process) and the CPU the whole machine spent per
 fetch (every process: the store, both nodes' object stores and raylets, this one), from
