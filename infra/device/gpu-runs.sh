@@ -7,7 +7,7 @@
 #   bash infra/device/gpu-runs.sh streams path profile    # the served path (profile: py-spy)
 #   bash infra/device/gpu-runs.sh idle idle8b surface     # GPU idle at batch 64; mixed load
 #   bash infra/device/gpu-runs.sh deepseek                # its kernels' tests; v2-lite speed
-#   bash infra/device/gpu-runs.sh kvtier                  # the KV tiers' GPU tests; 8B chat
+#   bash infra/device/gpu-runs.sh kvtier kvlink           # the KV tiers' GPU tests; 8B chat
 #
 # Every stage writes its log and --json under $OUT (default ./out) and a line to
 # $OUT/summary.txt; a failing stage does not stop the next one.
@@ -74,6 +74,9 @@ for what in "$@"; do
       stage kvtier-8b-long $PY -m cluster.bench.kv_tier --device cuda --shape llama3.1-8b \
         --conversations 96 --turns 6 --system-len 128 --user-len 256 --output-len 32 \
         --concurrency 8 --in-flight 16 --batched-tokens 2048 --json ;;
+    kvlink)  # a pool fetch of the 8B shape's blocks (2 MiB) between two Ray nodes of the host
+      stage kvlink $PY -m cluster.bench.kv_link --blocks 1 8 32 --block-bytes 2097152 \
+        --repeat 20 --json ;;
     kvprofile)  # the 8B chat with the pool, its engine loop sampled per run (half the size)
       TANDEM_PROFILE_DIR=$OUT/kvprof stage kvprofile $PY -m cluster.bench.kv_tier \
         --device cuda --shape llama3.1-8b --conversations 80 --turns 4 --system-len 512 \
