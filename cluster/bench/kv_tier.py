@@ -188,7 +188,7 @@ def run(args, model_dir: str, system, users, host_bytes: int, pool, reference=No
                        block_size=bs, num_kv_blocks=args.kv_blocks, max_model_len=args.max_len,
                        max_num_seqs=args.concurrency, max_num_batched_tokens=args.batched_tokens,
                        torch_threads=None if gpu else args.threads,
-                       kv_host_tier_bytes=host_bytes)
+                       kv_host_tier_bytes=host_bytes, kv_cache_dtype=args.kv_cache_dtype)
     engine = LLMEngine(model_dir, cfg, weights="synthetic:0", kv_pool=pool)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     chat = Chat(system, users, bs, args.seed, reference, exact=not gpu)
@@ -264,6 +264,8 @@ def main(argv=None) -> int:
                    help="kv_pool.write_through_hits of the pool runs (default: write-back)")
     p.add_argument("--served", action="store_true", help="through the served path: HTTP to "
                    "an app on a local multi-node cluster (cluster/bench/kv_tier_served.py)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="fp8 (GPU): half the bytes a block, in the cache, the tiers and the link")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -284,12 +286,15 @@ def main(argv=None) -> int:
     model_dir = model_folder(args.shape, args.max_len)
     system, users = workload(args)
 
+    if args.kv_cache_dtype != "auto" and (args.device != "cuda" or args.served
+                                          or args.replicas > 1):
+        p.error("--kv-cache-dtype fp8 is for the in-process GPU run")
     if (args.shape in GPU_SHAPES) != (args.device == "cuda"):
         p.error(f"--shape {args.shape} and --device {args.device} do not go together")
     a = shape_of(args.shape)
     head_dim = a["hidden_size"] // a["num_attention_heads"]
-    # K and V of every layer, float32 (bf16 on the GPU)
-    dtype_bytes = 2 if args.device == "cuda" else 4
+    # K and V of every layer, float32 (bf16 on the GPU, or fp8)
+    dtype_bytes = 1 if args.kv_cache_dtype == "fp8" else 2 if args.device == "cuda" else 4
     block_bytes = 2 * a["num_hidden_layers"] * bs * a["num_key_value_heads"] * head_dim \
         * dtype_bytes
     host_bytes = int(args.host_share * ws_blocks) * block_bytes
@@ -336,6 +341,7 @@ def main(argv=None) -> int:
 def report(args, runs: dict, ws_blocks: int, host_bytes: int, block_bytes: int, stores: int,
            pool_blocks: int | None) -> int:
     setup = {"shape": args.shape, "device": args.device, "served": args.served,
+             "kv_cache_dtype": args.kv_cache_dtype,
              "conversations": args.conversations, "turns": args.turns,
              "concurrency": args.concurrency, "in_flight": args.in_flight,
              "block_size": args.block_size,

@@ -74,6 +74,10 @@ for what in "$@"; do
       stage kvtier-8b-long $PY -m cluster.bench.kv_tier --device cuda --shape llama3.1-8b \
         --conversations 96 --turns 6 --system-len 128 --user-len 256 --output-len 32 \
         --concurrency 8 --in-flight 16 --batched-tokens 2048 --json ;;
+    kvfp8)  # the 160-chat run with an fp8 KV cache: 1 MiB blocks in every tier and the link
+      stage kvtier-8b-fp8 $PY -m cluster.bench.kv_tier --device cuda --shape llama3.1-8b \
+        --conversations 160 --turns 4 --system-len 512 --user-len 128 --output-len 32 \
+        --concurrency 16 --in-flight 32 --batched-tokens 2048 --kv-cache-dtype fp8 --json ;;
     kvlink)  # a pool fetch of the 8B shape's blocks (2 MiB) between two Ray nodes of the host
       stage kvlink $PY -m cluster.bench.kv_link --blocks 1 8 32 --block-bytes 2097152 \
         --repeat 20 --json ;;
