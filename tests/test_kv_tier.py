@@ -371,12 +371,15 @@ def test_spills_the_link_cannot_take_are_dropped_before_they_are_copied(model_di
     assert pooled(pool, tier.key, chain(A)) == A_BLOCKS  # and spills reach the pool again
 
 
-def test_blocks_reach_a_store_of_an_older_release_through_put(ray_cluster):
-    """Stores are detached and outlive an upgrade: one without put_blocks (an older
-    release's) still receives spilled blocks, through put, and the views are released."""
+def test_blocks_reach_a_store_of_an_older_release_through_put_and_get(ray_cluster):
+    """Stores are detached and outlive an upgrade: one without put_blocks, touch and
+    get_arrays (an older release's) still receives spilled blocks, through put (a block
+    sent again is sent again: it cannot be asked about), and answers fetches through get;
+    the views are released."""
     from cluster.kv_pool import KVPoolStore
 
-    old_cls = ray.remote(num_cpus=0)(type("OldStore", (KVPoolStore,), {"put_blocks": None}))
+    old_cls = ray.remote(num_cpus=0)(type("OldStore", (KVPoolStore,), {
+        "put_blocks": None, "touch": None, "get_arrays": None}))
     store = old_cls.remote(1 << 20)
     client = PoolClient([store])
     keys = [bytes([i + 1]) * KEY_BYTES for i in range(3)]
@@ -386,6 +389,10 @@ def test_blocks_reach_a_store_of_an_older_release_through_put(ray_cluster):
     assert client.sent() and client.dropped == 0 and client.errors == 0 and released
     want = [k + bytes(r) for k, r in zip(keys, data, strict=True)]
     assert ray.get(store.get.remote(keys)) == want
+    client.put(Blocks(keys, list(data), lambda: released.append(2)))
+    assert client.sent() and released == [1, 2] and client.resends_skipped == 0
+    assert client.errors == 0 and client.dropped == 0
+    assert client.collect(client.get(keys), 5.0) == want  # bytes, from get
     ray.kill(store)
 
 

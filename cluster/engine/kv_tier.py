@@ -473,7 +473,7 @@ class KVTier:
         one before it ended: the interval between two schedule calls there is the previous
         step's, and credited to this one's tokens it read a decode step's 10 ms as 2,048
         prompt tokens': 800 k tokens/s on an H100 at the 8B shape, which then only ever
-        recomputed). Host stalls inside the step (a fetch waited for, spills copied) count:
+        recomputed). Host stalls inside the step (a fetch waited for, say) count:
         they are the engine's speed as it runs."""
         if num_tokens >= 2 * self.block_size and seconds > 0:
             self.spans.append((num_tokens, seconds))
