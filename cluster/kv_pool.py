@@ -3,9 +3,11 @@
 One store actor per CPU node (label `cpu-arch: kunpeng` by default) holds blocks in a bounded
 LRU, keyed by the model's key + the block's chained SHA-256 (cluster/prefix_hash.py: the
 tenant's salt is the chain's start, so tenants never share a key). Engines spill blocks there
-from their host tier (cluster/engine/kv_tier.py) and fetch them on a miss; the transport is
-Ray's object transfer. A key lives on one actor (its first bytes pick it), so the blocks of
-one prompt are striped over all the actors and one fetch asks them all at once.
+from their host tier (cluster/engine/kv_tier.py) and fetch them on a miss. Spills go by Ray's
+object transfer; fetches by Mooncake's transfer engine where both ends load it (reading the
+store's memory: cluster/kv_transfer.py), else by Ray too. A key lives on one actor (its first
+bytes pick it), so the blocks of one prompt are striped over all the actors and one fetch
+asks them all at once.
 
 Nothing here can fail a request: an actor that is gone, slow or answers a torn block is a
 miss, and the engine computes the block instead. No torch here: the store runs on CPU nodes.
@@ -16,15 +18,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import count, islice
 
 import numpy as np
 import ray
+
+from cluster import kv_transfer
+from cluster.kv_transfer import SlotArena, Transfer
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +75,39 @@ class Blocks:
 
 class KVPoolStore:
     """One node's share of the pool (a Ray actor): blocks by key, least recently used out
-    first, never more than `capacity_bytes` of block payload."""
+    first, never more than `capacity_bytes` of block payload.
 
-    def __init__(self, capacity_bytes: int, name: str = ""):
+    Blocks live in slots of one arena (cluster/kv_transfer.py), sized by the first block
+    put (every block of a model has one size; one of another size is kept on its own).
+    With the transfer engine (`transport="auto"` where it loads) the arena is registered
+    with it and engines read blocks straight out of it: `locate` holds their slots for a
+    lease (a slot held is never reused, even once its block is evicted), `release` ends it.
+    """
+
+    LEASE_S = 10.0  # a lease never released (its engine gone) ends this long after it began
+
+    def __init__(self, capacity_bytes: int, name: str = "", transport: str = "ray"):
         self.capacity = capacity_bytes
-        self.blocks: OrderedDict[bytes, bytes] = OrderedDict()
-        self.bytes = 0
+        # each block: its slot in the arena, or its own array (a size the arena is not for)
+        self.blocks: OrderedDict[bytes, int | np.ndarray] = OrderedDict()
+        self.arena: SlotArena | None = None
+        self.bytes = 0  # held blocks + evicted ones whose slot a lease still holds
         self.hits = self.misses = self.puts = self.evicted = self.refused = 0
         self.fault: tuple[str, int] | None = None
         self.name = name
+        self.transfer: Transfer | None = None
+        self.probe = np.zeros(64, np.uint8)  # what engines read first (transfer_info)
+        if transport == "auto":
+            self.transfer, why = kv_transfer.start(ray.util.get_node_ip_address())
+            if self.transfer is None:
+                log.warning("KV pool store %s: fetches go by Ray: %s", name, why)
+            elif not self.transfer.register(self.probe):
+                log.warning("KV pool store %s: fetches go by Ray: no memory registered", name)
+                self.transfer = None
+        self.pinned: dict[int, int] = {}  # slot -> leases holding it
+        self.leases: dict[int, tuple[float, list[int]]] = {}  # id -> (deadline, slots)
+        self.unlinked: set[int] = set()  # slots of evicted blocks a lease still holds
+        self._lease_ids = count(1)
         # bumped whenever what a summary shows may change (a block in or out, an LRU move):
         # a router whose summary is of this version is answered None, not the same bytes.
         # Starts at the clock, so a restarted store never repeats a version a router holds
@@ -98,34 +128,78 @@ class KVPoolStore:
         except Exception:  # noqa: BLE001 - outside a Ray worker: no metrics, same store
             self._metrics = None
 
-    def put(self, items: list[tuple[bytes, bytes]]) -> int:
-        """Stores blocks; returns how many are new. A block larger than the whole bound is
-        refused; others push out the least recently used until they fit."""
-        new = 0
-        for key, blob in items:
-            if key in self.blocks:
-                self.blocks.move_to_end(key)
-                continue
-            if len(blob) > self.capacity:
-                self.refused += 1
-                continue
-            while self.bytes + len(blob) > self.capacity:
-                _, old = self.blocks.popitem(last=False)
-                self.bytes -= len(old)
-                self.evicted += 1
-            self.blocks[key] = blob
-            self.bytes += len(blob)
-            new += 1
+    # ---- storage
+    def _size(self, entry: int | np.ndarray) -> int:
+        return self.arena.slot_bytes if isinstance(entry, int) else len(entry)
+
+    def _view(self, entry: int | np.ndarray) -> np.ndarray:
+        return self.arena.view(entry) if isinstance(entry, int) else entry
+
+    def _free(self, entry: int | np.ndarray) -> None:
+        self.bytes -= self._size(entry)
+        if isinstance(entry, int):
+            self.arena.free.append(entry)
+
+    def _make_room(self, size: int) -> bool:
+        self._expire()
+        while self.bytes + size > self.capacity:
+            if not self.blocks:
+                return False  # the rest is held by leases
+            _, entry = self.blocks.popitem(last=False)
+            self.evicted += 1
+            if isinstance(entry, int) and self.pinned.get(entry):
+                self.unlinked.add(entry)  # still counted: freed when its lease ends
+            else:
+                self._free(entry)
+        return True
+
+    def _store(self, key: bytes, size: int, fill: Callable[[np.ndarray], None]) -> bool:
+        if key in self.blocks:
+            self.blocks.move_to_end(key)
+            return False
+        if size > self.capacity or not self._make_room(size):
+            self.refused += 1
+            return False
+        if self.arena is None:
+            self.arena = SlotArena(size, self.capacity // size, self.transfer)
+        slot = self.arena.alloc() if size == self.arena.slot_bytes else None
+        if slot is None:
+            entry: int | np.ndarray = np.empty(size, np.uint8)
+        else:  # room for its bytes is room for a slot: every slot counts in self.bytes
+            entry = slot
+        fill(self._view(entry))
+        self.blocks[key] = entry
+        self.bytes += size
+        return True
+
+    def _stored(self, new: int) -> int:
         self.puts += new
         self.version += 1
         self._gauges()
         return new
 
+    def put(self, items: list[tuple[bytes, bytes]]) -> int:
+        """Stores blocks given as (key, key + bytes); returns how many are new. A block
+        larger than the whole bound is refused; others push out the least recently used
+        until they fit."""
+        def fill(blob):
+            def write(v):
+                v[:] = np.frombuffer(blob, np.uint8)
+            return write
+
+        return self._stored(sum(self._store(key, len(blob), fill(blob)) for key, blob in items))
+
     def put_blocks(self, keys: list[bytes], views: list[np.ndarray]) -> int:
         """Stores blocks sent as keys and arrays of their bytes (an engine's spills: Ray
-        moves the arrays without pickling them, and they become Python bytes here, in the
-        store's process rather than the engine's)."""
-        return self.put(block_items(keys, views))
+        moves the arrays without pickling them; they are copied once, into their slots)."""
+        def fill(key, data):
+            def write(v):
+                v[:KEY_BYTES] = np.frombuffer(key, np.uint8)
+                v[KEY_BYTES:] = np.frombuffer(data, np.uint8)
+            return write
+
+        return self._stored(sum(self._store(k, KEY_BYTES + memoryview(d).nbytes, fill(k, d))
+                                for k, d in zip(keys, views, strict=True)))
 
     def touch(self, keys: list[bytes]) -> list[bool]:
         """Whether each key is held; those held become most recent (an engine asks this
@@ -139,15 +213,15 @@ class KVPoolStore:
             self.version += 1
         return held
 
-    def get(self, keys: list[bytes]) -> list[bytes | None]:
-        """The blocks of these keys (None: not held); each one found becomes most recent."""
-        out: list[bytes | None] = []
-        for key in keys:
-            blob = self.blocks.get(key)
-            if blob is not None:
+    # ---- fetches
+    def _lookup(self, keys: list[bytes]) -> list[int | np.ndarray | None]:
+        """The entries of these keys (None: not held), each found made most recent, counted
+        as hits and misses; a fault injected by a test applies here."""
+        out = [self.blocks.get(key) for key in keys]
+        for key, e in zip(keys, out, strict=True):
+            if e is not None:
                 self.blocks.move_to_end(key)
-            out.append(blob)
-        found = sum(b is not None for b in out)
+        found = sum(e is not None for e in out)
         if found:
             self.version += 1  # found ones moved to the newest end
         self.hits += found
@@ -158,28 +232,89 @@ class KVPoolStore:
                 self._metrics[2].inc(found, tags)
             if len(out) - found:
                 self._metrics[3].inc(len(out) - found, tags)
-        if self.fault is not None:  # tests: a slow answer, or a transfer torn after n blocks
-            kind, n = self.fault
+        if self.fault is not None and self.fault[0] == "slow":
+            time.sleep(self.fault[1])
             self.fault = None
-            if kind == "slow":
-                time.sleep(n)
-            else:
-                out = [b if i < n or b is None else b[: len(b) // 2]
-                       for i, b in enumerate(out)]
         return out
 
+    def _torn_after(self) -> int | None:
+        """Tests: the position from which this answer's blocks come cut in half."""
+        if self.fault is None or self.fault[0] != "torn":
+            return None
+        n, self.fault = self.fault[1], None
+        return n
+
+    def get(self, keys: list[bytes]) -> list[bytes | None]:
+        """The blocks of these keys as bytes (None: not held), each found made most recent
+        (stores of older releases answered this; engines call get_arrays or locate)."""
+        return [None if b is None else bytes(b) for b in self._views(keys)]
+
     def get_arrays(self, keys: list[bytes]) -> list[np.ndarray | None]:
-        """get's answer as uint8 arrays over the held bytes (what engines call): Ray moves
-        arrays out of band (no pickling, its copies multi-threaded, the engine reading
-        them where they landed), bytes in band. `python -m cluster.bench.kv_link --blocks
-        8 32 --block-bytes 2097152`: 32 blocks of 2 MiB across two nodes of this machine
-        274-303 -> 149-195 ms."""
-        return [None if b is None else np.frombuffer(b, np.uint8) for b in self.get(keys)]
+        """get's answer as uint8 arrays over the held bytes: Ray moves arrays out of band
+        (no pickling, its copies multi-threaded, the engine reading them where they landed),
+        bytes in band. `python -m cluster.bench.kv_link --blocks 8 32 --block-bytes
+        2097152`: 32 blocks of 2 MiB across two nodes of this machine 274-303 -> 149-195 ms.
+        Ray copies the answer before this actor runs its next call, so a slot reused by a
+        later put never shows through."""
+        return self._views(keys)
+
+    def _views(self, keys: list[bytes]) -> list[np.ndarray | None]:
+        out = [None if e is None else self._view(e) for e in self._lookup(keys)]
+        torn = self._torn_after()
+        if torn is not None:
+            out = [b if i < torn or b is None else b[: len(b) // 2] for i, b in enumerate(out)]
+        return out
+
+    def locate(self, keys: list[bytes]) -> tuple[str, int, list[tuple[int, int] | None]] | None:
+        """For a read by the transfer engine: (this store's session, a lease, the address
+        and length of each key's block or None), the blocks' slots held until
+        release(lease) or LEASE_S. None: no transfer engine here (ask get_arrays)."""
+        if self.transfer is None:
+            return None
+        self._expire()
+        entries = self._lookup(keys)
+        torn = self._torn_after()
+        slots = [e for e in entries if isinstance(e, int)]
+        out = [(self.arena.addr(e), self.arena.slot_bytes // (2 if torn is not None
+                                                               and i >= torn else 1))
+               if isinstance(e, int) else None for i, e in enumerate(entries)]
+        lease = next(self._lease_ids)
+        if slots:
+            for s in slots:
+                self.pinned[s] = self.pinned.get(s, 0) + 1
+            self.leases[lease] = (time.monotonic() + self.LEASE_S, slots)
+        return self.transfer.session, lease, out
+
+    def transfer_info(self) -> tuple[str, int] | None:
+        """(session, address of 64 registered bytes) for a first read: an engine connects
+        to this store when it starts (a first read took ~60 ms, the next ones ~2), not on
+        a request's fetch. None: no transfer engine here."""
+        return None if self.transfer is None else (self.transfer.session,
+                                                    self.probe.ctypes.data)
+
+    def release(self, lease: int) -> None:
+        """Ends a lease: its slots may be reused (freed, if their blocks left meanwhile)."""
+        _, slots = self.leases.pop(lease, (0.0, []))
+        for s in slots:
+            left = self.pinned[s] - 1
+            if left:
+                self.pinned[s] = left
+                continue
+            del self.pinned[s]
+            if s in self.unlinked:
+                self.unlinked.discard(s)
+                self._free(s)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for lease in [k for k, (deadline, _) in self.leases.items() if deadline < now]:
+            self.release(lease)
 
     def stats(self) -> dict:
         return {"bytes": self.bytes, "blocks": len(self.blocks), "capacity": self.capacity,
                 "hits": self.hits, "misses": self.misses, "puts": self.puts,
-                "evicted": self.evicted, "refused": self.refused}
+                "evicted": self.evicted, "refused": self.refused, "leases": len(self.leases),
+                "transport": "mooncake" if self.transfer is not None else "ray"}
 
     def summary(self, since: int = -1, limit: int = 16384) -> tuple[int, dict] | None:
         """What the cluster index (cluster/kv_index.py) reads: the newest `limit` blocks'
@@ -221,9 +356,10 @@ def _matches(labels: dict, selector: dict[str, str]) -> bool:
 
 
 def start_pool(capacity_bytes: int, label_selector: dict[str, str], prefix: str = NAME_PREFIX,
-               detached: bool = True) -> list:
+               detached: bool = True, transport: str = "auto") -> list:
     """One store actor per live node carrying `label_selector`'s labels, named
-    prefix + the node's id (an existing one is reused); their handles, in node order."""
+    prefix + the node's id (an existing one is reused, as it was started); their handles,
+    in node order. transport: "auto" (the transfer engine where it loads) or "ray"."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = sorted((n for n in ray.nodes() if n["Alive"]
@@ -238,7 +374,7 @@ def start_pool(capacity_bytes: int, label_selector: dict[str, str], prefix: str 
                                                                        soft=False))
         if detached:  # the pool outlives the replica that started it
             opts["lifetime"] = "detached"
-        actors.append(PoolActor.options(**opts).remote(capacity_bytes, name))
+        actors.append(PoolActor.options(**opts).remote(capacity_bytes, name, transport))
     if not actors:
         log.warning("no live node carries %s: the KV pool has no store", label_selector)
     return actors
@@ -280,10 +416,32 @@ class PoolClient:
     # asked about (touch: 48 bytes a key) and sent only if its store no longer holds it
     HELD_KEEP = 1 << 16
 
+    RETRY_S = 60.0  # a store found without a transfer engine is tried again after this
+    # a call for fewer bytes goes by Ray (its answer inline: one round trip, where the
+    # transfer engine takes two). `python -m cluster.bench.kv_link`, p50, inline by Ray and
+    # by the transfer engine: 4 blocks of 64 KiB 1.6 and 1.7 ms, 16 (1 MiB) 3.6 and 2.5, 32
+    # 6.3 and 3.3; one block of 2 MiB 5.6 and 3.3, 32 of them 66 and 30
+    TRANSFER_MIN_BYTES = 512 << 10
+
     def __init__(self, actors: list, timeout_s: float = 1.0,
-                 write_through_hits: int | None = None):
-        """write_through_hits: kv_pool.write_through_hits (the engine's tiers read it)."""
+                 write_through_hits: int | None = None, transport: str = "auto"):
+        """write_through_hits: kv_pool.write_through_hits (the engine's tiers read it);
+        transport: "auto" (fetches by the transfer engine from stores that have one) or
+        "ray"."""
         self.actors = list(actors)
+        self.transfer: Transfer | None = None
+        if transport == "auto" and self.actors:
+            self.transfer, why = kv_transfer.start(ray.util.get_node_ip_address())
+            if self.transfer is None:
+                log.warning("KV pool: fetches go by Ray: %s", why)
+        # stores whose transfer engine this one has read from (the others: fetches by Ray)
+        self.connected = [False] * len(self.actors)
+        self._connects: dict[int, Future] = {}  # connections being made, by store
+        self._retry_at = [0.0] * len(self.actors)
+        self._readers: ThreadPoolExecutor | None = None  # transfer-engine reads
+        self._landing = kv_transfer.Landing()
+        self.block_bytes = 0  # key + bytes of a block, as the last fetch found (0: unknown)
+        self.transfer_blocks = 0  # blocks fetched by the transfer engine (the rest: Ray)
         self.timeout_s = timeout_s
         self.write_through_hits = write_through_hits
         self.down_until = [0.0] * len(self.actors)
@@ -300,6 +458,8 @@ class PoolClient:
         self._cv = threading.Condition()
         self._sending = False  # the sender thread holds a batch
         self._sender: threading.Thread | None = None
+        for i in range(len(self.actors)):  # in the background: fetches go by Ray until then
+            self._connect(i, time.monotonic())
 
     def _shard(self, key: bytes) -> int:
         # the digest's bytes after the model key: uniform, and the same on every engine
@@ -464,24 +624,112 @@ class PoolClient:
             return None
         fetch = Fetch(keys, [])
         for i, js in pos.items():
-            a = self.actors[i]
-            get = a.get_arrays if hasattr(a, "get_arrays") else a.get  # older stores: bytes
-            fut = get.remote([keys[j] for j in js]).future()
+            a, asked = self.actors[i], [keys[j] for j in js]
+            if not self.connected[i]:
+                self._connect(i, now)
+            # (the block size not known yet: a small fetch, most likely; Ray's way)
+            if self.connected[i] and \
+                    len(asked) * self.block_bytes >= max(1, self.TRANSFER_MIN_BYTES):
+                fut: Future = Future()
+                a.locate.remote(asked).future().add_done_callback(
+                    lambda located, i=i, asked=asked, out=fut: self._reader().submit(
+                        self._read, i, asked, located, out))
+            else:
+                get = a.get_arrays if hasattr(a, "get_arrays") else a.get  # older: bytes
+                fut = get.remote(asked).future()
             fetch.calls.append((i, js, fut))
-        for _, _, fut in fetch.calls:  # once every call is in the list the callbacks read
-            fut.add_done_callback(lambda _, f=fetch: self._answered(f))
+        # once every call is in the list the callbacks read; by a weak reference, as the
+        # fetch holds its futures: a cycle would keep its blocks (and their landing buffer,
+        # kv_transfer.Landing) alive until the garbage collector ran
+        ref = weakref.ref(fetch)
+        for _, _, fut in fetch.calls:
+            fut.add_done_callback(lambda _, f=ref: f() is not None and self._answered(f()))
         return fetch
+
+    def _connect(self, i: int, now: float) -> None:
+        """Starts connecting to store i's transfer engine (a first read, in a reader thread:
+        ~60 ms, the reads after it ~2), unless there is none here, it is under way, or it
+        failed less than RETRY_S ago (an older store, one without a transfer engine, a
+        lost one)."""
+        under_way = self._connects.get(i)
+        if self.transfer is None or now < self._retry_at[i] or (
+                under_way is not None and not under_way.done()):
+            return
+        self._retry_at[i] = now + self.RETRY_S
+
+        def connect() -> None:
+            try:
+                info = ray.get(self.actors[i].transfer_info.remote(), timeout=30.0)
+                probe = np.zeros(64, np.uint8)
+                self.connected[i] = info is not None and self.transfer.read(
+                    info[0], [probe.ctypes.data], [info[1]], [len(probe)])
+            except Exception as err:  # noqa: BLE001 - fetches from it go by Ray meanwhile
+                log.info("KV pool store %d: no transfer engine (%s)", i, type(err).__name__)
+
+        self._connects[i] = self._reader().submit(connect)
+
+    def wait_connected(self, timeout_s: float = 30.0) -> bool:
+        """Waits for the connections under way (tests, benchmarks); whether every store is
+        connected."""
+        for fut in list(self._connects.values()):
+            try:
+                fut.result(timeout=timeout_s)
+            except FutureTimeout:
+                pass
+        return all(self.connected)
+
+    def _reader(self) -> ThreadPoolExecutor:
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(max(2, len(self.actors)),
+                                               thread_name_prefix="kv-pool-reads")
+        return self._readers
+
+    def _read(self, i: int, keys: list[bytes], located: Future, out: Future) -> None:
+        """Reads the blocks store i located straight out of its memory (a reader thread),
+        then ends their lease; out gets them as get_arrays would answer."""
+        try:
+            answer = located.result()
+            if answer is None:  # no transfer engine there (restarted?): Ray's way
+                self.connected[i] = False
+                out.set_result(ray.get(self.actors[i].get_arrays.remote(keys),
+                                       timeout=self.timeout_s))
+                return
+            session, lease, where = answer
+            lens = [n for _, n in filter(None, where)]
+            land = self._landing.take(sum(lens))
+            blobs: list[np.ndarray | None] = []
+            dsts, at = [], 0
+            for loc in where:
+                if loc is None:
+                    blobs.append(None)
+                    continue
+                blobs.append(land[at:at + loc[1]])
+                dsts.append(land.ctypes.data + at)
+                at += loc[1]
+            ok = not lens or self.transfer.read(session, dsts, [a for a, _ in filter(None, where)],
+                                                lens)
+            self.actors[i].release.remote(lease)
+            if not ok:
+                raise ConnectionError(f"the transfer engine's read from {session} failed")
+            self.transfer_blocks += len(lens)
+            out.set_result(blobs)
+        except BaseException as err:  # noqa: BLE001 - collect makes it a miss
+            out.set_exception(err)
 
     def _answered(self, fetch: Fetch) -> None:
         """A call of the fetch answered (Ray's thread); the last one times the whole."""
         fetch.answered.append(time.monotonic())
         if fetch.ready_at is None:
             return
-        size = 0
+        size = found = 0
         for _, _, fut in fetch.calls:
             if fut.exception() is not None:
                 return  # a failed call measures no transfer
-            size += sum(len(b) for b in fut.result() or () if b is not None)
+            blobs = [b for b in fut.result() or () if b is not None]
+            size += sum(map(len, blobs))
+            found += len(blobs)
+        if found:
+            self.block_bytes = size // found
         self.samples.append((size, max(1e-6, fetch.ready_at - fetch.issued)))
 
     def poll(self, fetch: Fetch) -> bool:
@@ -511,7 +759,8 @@ class PoolClient:
 
 
 def connect(address: str | None, capacity_bytes: int, label_selector: dict[str, str],
-            timeout_s: float, write_through_hits: int | None = None) -> PoolClient | None:
+            timeout_s: float, write_through_hits: int | None = None,
+            transport: str = "auto") -> PoolClient | None:
     """The pool client of an engine core (its own process): joins the Ray cluster at
     `address` as a driver and starts or finds the store actors. None where that fails: the
     engine then runs without the pool (its misses are computed), never refusing requests."""
@@ -522,8 +771,8 @@ def connect(address: str | None, capacity_bytes: int, label_selector: dict[str, 
         if not ray.is_initialized():
             ray.init(address=address, namespace=POOL_NAMESPACE, log_to_driver=False,
                      logging_level=logging.WARNING)
-        actors = start_pool(capacity_bytes, label_selector)
+        actors = start_pool(capacity_bytes, label_selector, transport=transport)
     except Exception:  # noqa: BLE001 - no pool is misses, not a failed replica
         log.exception("KV pool unavailable: the engine runs without it")
         return None
-    return PoolClient(actors, timeout_s, write_through_hits) if actors else None
+    return PoolClient(actors, timeout_s, write_through_hits, transport) if actors else None

@@ -43,7 +43,9 @@ if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
 fi
 if ! "$venv/bin/python" -m pip show -q tandem 2>/dev/null \
         || { [ -f "$stamp" ] && ! cmp -s "$src/pyproject.toml" "$stamp"; }; then
-    "${pip[@]}" -e "$src[engine]"  # the engine extra: torch is there already
+    # the engine extra (torch is there already); transfer: the KV pool's fetches by Mooncake's
+    # transfer engine (it needs libibverbs1 from the OS: without it they go by Ray)
+    "${pip[@]}" -e "$src[engine,transfer]"
     cp "$src/pyproject.toml" "$stamp"
 fi
 

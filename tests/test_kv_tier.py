@@ -18,6 +18,7 @@ import pytest
 import ray
 import torch
 
+from cluster import kv_transfer
 from cluster.config import AppConfig, EngineConfig, KVPoolConfig, ModelConfig
 from cluster.engine.engine import LLMEngine
 from cluster.engine.kv_tier import PROBE_EVERY_S, SPEED_STEPS, fit_link
@@ -33,6 +34,7 @@ from cluster.kv_pool import (
     start_pool,
 )
 from cluster.prefix_hash import block_hash, prompt_digests, salt_digest
+from tests.skips import skip_or_fail
 
 BS = 16
 BLOCK_BYTES = 2 * 4 * BS * 4 * 32 * 4  # the default model: 4 layers, 4 KV heads of 32, fp32
@@ -162,9 +164,32 @@ def test_host_tier_carries_fp8_blocks(model_dir):
     assert run(engine, [A]) == first and tier.hits["host"] == A_BLOCKS
 
 
-def test_pool_restores_blocks_another_engine_spilled(model_dir, ref, pool):
+def client_of(pool, transport: str) -> PoolClient:
+    """A pool client fetching by Ray, or by the transfer engine (every fetch, the small
+    ones too: cluster/kv_transfer.py)."""
+    client = PoolClient(pool, transport="ray" if transport == "ray" else "auto")
+    if transport == "transfer":
+        need_transfer_engine(client)
+        client.TRANSFER_MIN_BYTES = 0
+        client.block_bytes = 48 + BLOCK_BYTES
+        assert client.wait_connected()  # every store's transfer engine read from once
+    return client
+
+
+def need_transfer_engine(client: PoolClient) -> None:
+    if client.transfer is None:
+        why = kv_transfer.start("127.0.0.1")[1]
+        skip_or_fail(f"{why}: `pip install -e .[transfer]`, libibverbs1 (.ci/run)")
+
+
+TRANSPORTS = pytest.mark.parametrize("transport", ["ray", "transfer"])
+
+
+@TRANSPORTS
+def test_pool_restores_blocks_another_engine_spilled(model_dir, ref, pool, transport):
     filled_pool(model_dir, pool)
-    reader = make(model_dir, PoolClient(pool))  # no host tier: straight from the pool
+    client = client_of(pool, transport)
+    reader = make(model_dir, client)  # no host tier: straight from the pool
     rid = f"r{next(_ids)}"
     reader.add_request(rid, A, G)
     while reader.has_work():
@@ -173,6 +198,7 @@ def test_pool_restores_blocks_another_engine_spilled(model_dir, ref, pool):
                 assert o.num_cached_tokens == A_BLOCKS * BS  # no prompt block computed
     tier = reader.blocks.tier
     assert tier.hits["pool"] == A_BLOCKS and tier.decisions["fetch"] == 1
+    assert client.transfer_blocks == (A_BLOCKS if transport == "transfer" else 0)
     assert run(reader, FILLERS[:1]) == ref["fillers"][:1]  # never pooled: computed
 
 
@@ -232,13 +258,17 @@ def test_write_through_on_publish_sends_every_full_block(model_dir, ref, pool):
     assert pooled(pool, tier.key, chain(A)) == A_BLOCKS
 
 
-def test_a_fetch_torn_midway_restores_what_came_and_computes_the_rest(model_dir, ref, pool):
+@TRANSPORTS
+def test_a_fetch_torn_midway_restores_what_came_and_computes_the_rest(model_dir, ref, pool,
+                                                                       transport):
     filled_pool(model_dir, pool)
+    client = client_of(pool, transport)
     ray.get([a.inject_fault.remote(1) for a in pool])  # each store: its 2nd block on, torn
-    reader = make(model_dir, PoolClient(pool), kv_host_tier_bytes=64 * BLOCK_BYTES)
+    reader = make(model_dir, client, kv_host_tier_bytes=64 * BLOCK_BYTES)
     assert run(reader, [A]) == [ref["A"]]
     tier = reader.blocks.tier
     assert tier.torn == 1 and 1 <= tier.hits["pool"] < A_BLOCKS
+    assert (client.transfer_blocks > 0) == (transport == "transfer")
 
 
 def test_a_fetch_due_within_a_step_is_waited_for_and_a_later_one_lets_the_others_step(
@@ -372,14 +402,15 @@ def test_spills_the_link_cannot_take_are_dropped_before_they_are_copied(model_di
 
 
 def test_blocks_reach_a_store_of_an_older_release_through_put_and_get(ray_cluster):
-    """Stores are detached and outlive an upgrade: one without put_blocks, touch and
-    get_arrays (an older release's) still receives spilled blocks, through put (a block
-    sent again is sent again: it cannot be asked about), and answers fetches through get;
-    the views are released."""
+    """Stores are detached and outlive an upgrade: one without put_blocks, touch,
+    get_arrays and the transfer engine's calls (an older release's) still receives spilled
+    blocks, through put (a block sent again is sent again: it cannot be asked about), and
+    answers fetches through get; the views are released."""
     from cluster.kv_pool import KVPoolStore
 
     old_cls = ray.remote(num_cpus=0)(type("OldStore", (KVPoolStore,), {
-        "put_blocks": None, "touch": None, "get_arrays": None}))
+        "put_blocks": None, "touch": None, "get_arrays": None, "transfer_info": None,
+        "locate": None, "release": None}))
     store = old_cls.remote(1 << 20)
     client = PoolClient([store])
     keys = [bytes([i + 1]) * KEY_BYTES for i in range(3)]
@@ -392,7 +423,44 @@ def test_blocks_reach_a_store_of_an_older_release_through_put_and_get(ray_cluste
     client.put(Blocks(keys, list(data), lambda: released.append(2)))
     assert client.sent() and released == [1, 2] and client.resends_skipped == 0
     assert client.errors == 0 and client.dropped == 0
+    assert not client.wait_connected() and client.errors == 0  # no transfer engine there
+    client.TRANSFER_MIN_BYTES = 0  # and fetches of any size ask get
     assert client.collect(client.get(keys), 5.0) == want  # bytes, from get
+    ray.kill(store)
+
+
+def test_a_slot_being_read_is_not_reused_until_its_lease_ends(ray_cluster):
+    """The transfer engine reads a store's memory where `locate` said: that slot keeps its
+    block's bytes while the lease lasts, even once the block is evicted (its bytes still
+    count against the bound), and is reused only after release."""
+    from cluster.kv_pool import KVPoolStore
+
+    size = 4096
+    store = ray.remote(num_cpus=0)(KVPoolStore).remote(2 * size, "lease", "auto")
+    client = PoolClient([store])
+    need_transfer_engine(client)
+    assert client.wait_connected()
+    blocks = {c: bytes([c]) * KEY_BYTES + bytes([c]) * (size - KEY_BYTES) for c in b"ABCDE"}
+    keys = {c: b[:KEY_BYTES] for c, b in blocks.items()}
+    ray.get(store.put.remote([(keys[c], blocks[c]) for c in b"AB"]))
+    session, lease, [(addr, n)] = ray.get(store.locate.remote([keys[ord("A")]]))
+    assert n == size
+
+    def read() -> bytes:
+        land = np.zeros(size, np.uint8)
+        assert client.transfer.read(session, [land.ctypes.data], [addr], [size])
+        return land.tobytes()
+
+    for c in b"CD":  # C pushes B out; D pushes A out (held: not reused) and then C
+        ray.get(store.put.remote([(keys[c], blocks[c])]))
+    stats = ray.get(store.stats.remote())
+    assert stats["blocks"] == 1 and stats["bytes"] == 2 * size and stats["leases"] == 1
+    assert read() == blocks[ord("A")]  # evicted, and still whole where the read looks
+    store.release.remote(lease)
+    ray.get(store.put.remote([(keys[ord("E")], blocks[ord("E")])]))
+    assert ray.get(store.stats.remote())["bytes"] == 2 * size
+    assert read() == blocks[ord("E")]  # the slot, free once released, went to E
+    assert ray.get(store.locate.remote([keys[ord("A")]]))[2] == [None]
     ray.kill(store)
 
 
@@ -503,9 +571,10 @@ def test_a_fetch_collected_late_still_measures_the_link(model_dir, pool):
     assert size == A_BLOCKS * (48 + BLOCK_BYTES) and seconds >= 0.3
 
 
-def test_a_pool_store_killed_mid_run_loses_no_request(model_dir, ref, pool):
+@TRANSPORTS
+def test_a_pool_store_killed_mid_run_loses_no_request(model_dir, ref, pool, transport):
     filled_pool(model_dir, pool)
-    reader_pool = PoolClient(pool)
+    reader_pool = client_of(pool, transport)
     reader = make(model_dir, reader_pool, kv_host_tier_bytes=64 * BLOCK_BYTES)
     reader.add_request("a", A, G)
     first = reader.step()  # A admitted with what the pool sent

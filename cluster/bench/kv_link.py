@@ -1,6 +1,7 @@
-"""How fast a pool fetch crosses between two nodes of one machine, with the stores' answers
-inline (`kv_pool.INLINE_ENV`, what `start_pool` sets) and through Ray's object stores (its
-default for answers over 100 KiB).
+"""How fast a pool fetch crosses between two nodes of one machine: read by Mooncake's
+transfer engine out of the store's memory (cluster/kv_transfer.py, TCP; `kv_pool.transport:
+auto`), and by Ray, with the stores' answers inline (`kv_pool.INLINE_ENV`, what `start_pool`
+sets; `transport: ray`) and through Ray's object stores (its default over 100 KiB).
 
     python -m cluster.bench.kv_link [--blocks 4 16] [--repeat 40] [--block-bytes N] [--json]
 
@@ -81,14 +82,19 @@ def run(args) -> dict:
         inline = start_pool(capacity, {"cpu-arch": "kunpeng"}, prefix="kv-link-",
                             detached=False)
         default = [PoolActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            node.node_id, soft=False)).remote(capacity, "kv-link-default")]
+            node.node_id, soft=False)).remote(capacity, "kv-link-default", "ray")]
         rng = np.random.default_rng(0)
         items = [(bytes(16) + rng.bytes(32), rng.bytes(KEY_BYTES + args.block_bytes))
                  for _ in range(n_max)]
         ray.get([a.put.remote(items) for a in inline + default])
         modes = {}
-        for mode, actors in (("inline", inline), ("default", default)):
-            client = PoolClient(actors, timeout_s=5.0)
+        for mode, actors, transport in (("transfer", inline, "auto"), ("inline", inline, "ray"),
+                                        ("default", default, "ray")):
+            client = PoolClient(actors, timeout_s=5.0, transport=transport)
+            if mode == "transfer":  # every fetch by it, the small ones too
+                if client.transfer is None or not client.wait_connected():
+                    raise RuntimeError("the transfer engine did not start (see the log)")
+                client.TRANSFER_MIN_BYTES = 0
             modes[mode] = {n: measure(client, [k for k, _ in items[:n]], args.repeat)
                            for n in args.blocks}
         return {"block_bytes": args.block_bytes, "repeat": args.repeat, "modes": modes}

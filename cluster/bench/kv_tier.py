@@ -220,7 +220,7 @@ def run(args, model_dir: str, system, users, host_bytes: int, pool, reference=No
         result |= {k: tier[k] for k in ("host_capacity_bytes", "fetch_decisions",
                                          "recompute_decisions", "torn", "pool_errors",
                                          "spills_dropped", "resends_skipped",
-                                         "written_through")}
+                                         "written_through", "transfer_blocks")}
         result["fetch_bw_mb_s"] = round(tier["fetch_bw_bytes_s"] / 1e6, 1)
         result["fetch_latency_ms"] = round(tier["fetch_latency_s"] * 1000, 2)
         result["prefill_tok_s"] = round(tier["prefill_tok_s"], 1)
@@ -266,6 +266,9 @@ def main(argv=None) -> int:
                    "an app on a local multi-node cluster (cluster/bench/kv_tier_served.py)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                    help="fp8 (GPU): half the bytes a block, in the cache, the tiers and the link")
+    p.add_argument("--transport", choices=["auto", "ray"], default="auto",
+                   help="kv_pool.transport: fetches by Mooncake's transfer engine where it "
+                   "loads (auto), or by Ray")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -315,7 +318,7 @@ def main(argv=None) -> int:
         return routed_main(args, model_dir, system, users, host_bytes, ws_blocks,
                            block_bytes)
     actors = [] if args.no_pool else start_pool(pool_bytes, {}, prefix="kv-tier-bench-",
-                                                detached=False)
+                                                detached=False, transport=args.transport)
     ray.get([a.stats.remote() for a in actors])  # started before the clock runs
     runs, pool_stats = {}, []
     try:
@@ -324,9 +327,11 @@ def main(argv=None) -> int:
         ref = off["_outputs"]
         runs["host_tier"] = run(args, model_dir, system, users, host_bytes, None, ref)
         if actors:
-            runs["host_and_pool"] = run(args, model_dir, system, users, host_bytes,
-                                        PoolClient(actors, write_through_hits=
-                                                   args.write_through_hits), ref)
+            client = PoolClient(actors, write_through_hits=args.write_through_hits,
+                                transport=args.transport)
+            client.wait_connected()  # before the clock runs
+            runs["host_and_pool"] = run(args, model_dir, system, users, host_bytes, client,
+                                        ref)
             pool_stats = ray.get([a.stats.remote() for a in actors])
     finally:
         for a in actors:
@@ -348,7 +353,7 @@ def report(args, runs: dict, ws_blocks: int, host_bytes: int, block_bytes: int, 
              "working_set_blocks": ws_blocks, "engine_kv_blocks": args.kv_blocks,
              "host_tier_blocks": host_bytes // block_bytes, "block_bytes": block_bytes,
              "pool_stores": stores, "pool_blocks_held": pool_blocks,
-             "write_through_hits": args.write_through_hits}
+             "write_through_hits": args.write_through_hits, "transport": args.transport}
     off, pooled = runs["tiers_off"], runs.get("host_and_pool", runs["host_tier"])
     summary = {
         "prefill_computed_ratio": round(pooled["prefill_tokens_computed"] /

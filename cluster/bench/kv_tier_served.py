@@ -54,7 +54,8 @@ def app_config(args, model_dir: str, host_bytes: int, pool_bytes: int | None) ->
            "router": {"stats_period_s": 0.5}}
     if pool_bytes is not None:
         cfg["kv_pool"] = {"capacity_bytes": pool_bytes,
-                          "write_through_hits": args.write_through_hits}
+                          "write_through_hits": args.write_through_hits,
+                          "transport": args.transport}
     return cfg
 
 

@@ -361,7 +361,7 @@ def main() -> None:
         os.dup2(2, 1)
         pool = connect(spec.get("ray_address"), pool_cfg["capacity_bytes"],
                        pool_cfg["label_selector"], pool_cfg["max_fetch_wait_s"],
-                       pool_cfg.get("write_through_hits"))
+                       pool_cfg.get("write_through_hits"), pool_cfg.get("transport", "auto"))
         os.dup2(ready, 1)
         os.close(ready)
     engine = LLMEngine(spec["model_dir"], EngineConfig.model_validate(spec["engine"]),

@@ -532,7 +532,8 @@ class KVTier:
                 "prefill_tok_s": self.prefill_tok_s or 0.0,
                 "pool_errors": self.pool.errors if self.pool else 0,
                 "spills_dropped": self.pool.dropped if self.pool else 0,
-                "resends_skipped": self.pool.resends_skipped if self.pool else 0}
+                "resends_skipped": self.pool.resends_skipped if self.pool else 0,
+                "transfer_blocks": self.pool.transfer_blocks if self.pool else 0}
 
 
 def build(runner, cfg, model_dir: str, weights=None, pool: PoolClient | None = None,

@@ -8,6 +8,8 @@
 #   bash infra/device/gpu-runs.sh idle idle8b surface     # GPU idle at batch 64; mixed load
 #   bash infra/device/gpu-runs.sh deepseek                # its kernels' tests; v2-lite speed
 #   bash infra/device/gpu-runs.sh kvtier kvlink           # the KV tiers' GPU tests; 8B chat
+#   bash infra/device/gpu-runs.sh kvray kvfp8             # the 8B chat fetching by Ray; fp8 KV
+# (the pool fetches by the transfer engine where the bundle has it: add-transfer-engine.sh)
 #
 # Every stage writes its log and --json under $OUT (default ./out) and a line to
 # $OUT/summary.txt; a failing stage does not stop the next one.
@@ -19,6 +21,11 @@ if [ ! -d /tmp/site/ray ]; then
   mkdir -p /tmp/site/ray/dashboard/client/build/static
 fi
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+# the transfer engine's system libraries, where the bundle has them (add-transfer-engine.sh):
+# after the image's own
+if [ -d /tmp/site/mooncake_sys ]; then
+  export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/tmp/site/mooncake_sys
+fi
 PY=python3
 commit=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 echo "commit $commit $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
@@ -74,6 +81,10 @@ for what in "$@"; do
       stage kvtier-8b-long $PY -m cluster.bench.kv_tier --device cuda --shape llama3.1-8b \
         --conversations 96 --turns 6 --system-len 128 --user-len 256 --output-len 32 \
         --concurrency 8 --in-flight 16 --batched-tokens 2048 --json ;;
+    kvray)  # the 160-chat run with the pool's fetches by Ray, not the transfer engine
+      stage kvtier-8b-ray $PY -m cluster.bench.kv_tier --device cuda --shape llama3.1-8b \
+        --conversations 160 --turns 4 --system-len 512 --user-len 128 --output-len 32 \
+        --concurrency 16 --in-flight 32 --batched-tokens 2048 --transport ray --json ;;
     kvfp8)  # the 160-chat run with an fp8 KV cache: 1 MiB blocks in every tier and the link
       stage kvtier-8b-fp8 $PY -m cluster.bench.kv_tier --device cuda --shape llama3.1-8b \
         --conversations 160 --turns 4 --system-len 512 --user-len 128 --output-len 32 \
