@@ -440,6 +440,7 @@ class PoolClient:
         self._retry_at = [0.0] * len(self.actors)
         self._readers: ThreadPoolExecutor | None = None  # transfer-engine reads
         self._landing = kv_transfer.Landing()
+        self._poller = kv_transfer.Poller(self.transfer) if self.transfer else None
         self.block_bytes = 0  # key + bytes of a block, as the last fetch found (0: unknown)
         self.transfer_blocks = 0  # blocks fetched by the transfer engine (the rest: Ray)
         self.timeout_s = timeout_s
@@ -685,8 +686,9 @@ class PoolClient:
         return self._readers
 
     def _read(self, i: int, keys: list[bytes], located: Future, out: Future) -> None:
-        """Reads the blocks store i located straight out of its memory (a reader thread),
-        then ends their lease; out gets them as get_arrays would answer."""
+        """Starts reading the blocks store i located straight out of its memory (a reader
+        thread: it only submits; the poller waits); once they landed their lease ends and
+        out gets them as get_arrays would answer."""
         try:
             answer = located.result()
             if answer is None:  # no transfer engine there (restarted?): Ray's way
@@ -695,8 +697,8 @@ class PoolClient:
                                        timeout=self.timeout_s))
                 return
             session, lease, where = answer
-            lens = [n for _, n in filter(None, where)]
-            land = self._landing.take(sum(lens))
+            found = [loc for loc in where if loc is not None]
+            land = self._landing.take(sum(n for _, n in found))
             blobs: list[np.ndarray | None] = []
             dsts, at = [], 0
             for loc in where:
@@ -706,15 +708,22 @@ class PoolClient:
                 blobs.append(land[at:at + loc[1]])
                 dsts.append(land.ctypes.data + at)
                 at += loc[1]
-            ok = not lens or self.transfer.read(session, dsts, [a for a, _ in filter(None, where)],
-                                                lens)
-            self.actors[i].release.remote(lease)
-            if not ok:
-                raise ConnectionError(f"the transfer engine's read from {session} failed")
-            self.transfer_blocks += len(lens)
-            out.set_result(blobs)
+            ids, ok = self.transfer.submit(session, dsts, [a for a, _ in found],
+                                           [n for _, n in found])
         except BaseException as err:  # noqa: BLE001 - collect makes it a miss
             out.set_exception(err)
+            return
+
+        def done(ok: bool) -> None:
+            self.actors[i].release.remote(lease)
+            if not ok:
+                self._landing.discard(land)
+                out.set_exception(ConnectionError(f"a read from {session} failed"))
+                return
+            self.transfer_blocks += len(found)
+            out.set_result(blobs)
+
+        self._poller.add(ids, ok, done)
 
     def _answered(self, fetch: Fetch) -> None:
         """A call of the fetch answered (Ray's thread); the last one times the whole."""
