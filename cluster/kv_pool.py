@@ -21,10 +21,10 @@ import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from itertools import count, islice
+from itertools import islice
 
 import numpy as np
 import ray
@@ -80,34 +80,24 @@ class KVPoolStore:
     Blocks live in slots of one arena (cluster/kv_transfer.py), sized by the first block
     put (every block of a model has one size; one of another size is kept on its own).
     With the transfer engine (`transport="auto"` where it loads) the arena is registered
-    with it and engines read blocks straight out of it: `locate` holds their slots for a
-    lease (a slot held is never reused, even once its block is evicted), `release` ends it.
+    with it, and `push` writes blocks straight into an engine's memory.
     """
-
-    LEASE_S = 10.0  # a lease never released (its engine gone) ends this long after it began
 
     def __init__(self, capacity_bytes: int, name: str = "", transport: str = "ray"):
         self.capacity = capacity_bytes
         # each block: its slot in the arena, or its own array (a size the arena is not for)
         self.blocks: OrderedDict[bytes, int | np.ndarray] = OrderedDict()
         self.arena: SlotArena | None = None
-        self.bytes = 0  # held blocks + evicted ones whose slot a lease still holds
+        self.bytes = 0
         self.hits = self.misses = self.puts = self.evicted = self.refused = 0
         self.fault: tuple[str, int] | None = None
         self.name = name
         self.transfer: Transfer | None = None
-        self.probe = np.zeros(64, np.uint8)  # what engines read first (transfer_info)
+        self._probe: np.ndarray | None = None  # what connect writes from
         if transport == "auto":
             self.transfer, why = kv_transfer.start(ray.util.get_node_ip_address())
             if self.transfer is None:
                 log.warning("KV pool store %s: fetches go by Ray: %s", name, why)
-            elif not self.transfer.register(self.probe):
-                log.warning("KV pool store %s: fetches go by Ray: no memory registered", name)
-                self.transfer = None
-        self.pinned: dict[int, int] = {}  # slot -> leases holding it
-        self.leases: dict[int, tuple[float, list[int]]] = {}  # id -> (deadline, slots)
-        self.unlinked: set[int] = set()  # slots of evicted blocks a lease still holds
-        self._lease_ids = count(1)
         # bumped whenever what a summary shows may change (a block in or out, an LRU move):
         # a router whose summary is of this version is answered None, not the same bytes.
         # Starts at the clock, so a restarted store never repeats a version a router holds
@@ -140,26 +130,20 @@ class KVPoolStore:
         if isinstance(entry, int):
             self.arena.free.append(entry)
 
-    def _make_room(self, size: int) -> bool:
-        self._expire()
+    def _make_room(self, size: int) -> None:
         while self.bytes + size > self.capacity:
-            if not self.blocks:
-                return False  # the rest is held by leases
             _, entry = self.blocks.popitem(last=False)
             self.evicted += 1
-            if isinstance(entry, int) and self.pinned.get(entry):
-                self.unlinked.add(entry)  # still counted: freed when its lease ends
-            else:
-                self._free(entry)
-        return True
+            self._free(entry)
 
     def _store(self, key: bytes, size: int, fill: Callable[[np.ndarray], None]) -> bool:
         if key in self.blocks:
             self.blocks.move_to_end(key)
             return False
-        if size > self.capacity or not self._make_room(size):
+        if size > self.capacity:
             self.refused += 1
             return False
+        self._make_room(size)
         if self.arena is None:
             self.arena = SlotArena(size, self.capacity // size, self.transfer)
         slot = self.arena.alloc() if size == self.arena.slot_bytes else None
@@ -246,7 +230,7 @@ class KVPoolStore:
 
     def get(self, keys: list[bytes]) -> list[bytes | None]:
         """The blocks of these keys as bytes (None: not held), each found made most recent
-        (stores of older releases answered this; engines call get_arrays or locate)."""
+        (stores of older releases answered this; engines call get_arrays or push)."""
         return [None if b is None else bytes(b) for b in self._views(keys)]
 
     def get_arrays(self, keys: list[bytes]) -> list[np.ndarray | None]:
@@ -265,55 +249,50 @@ class KVPoolStore:
             out = [b if i < torn or b is None else b[: len(b) // 2] for i, b in enumerate(out)]
         return out
 
-    def locate(self, keys: list[bytes]) -> tuple[str, int, list[tuple[int, int] | None]] | None:
-        """For a read by the transfer engine: (this store's session, a lease, the address
-        and length of each key's block or None), the blocks' slots held until
-        release(lease) or LEASE_S. None: no transfer engine here (ask get_arrays)."""
+    def connect(self, session: str, addr: int) -> bool:
+        """Writes 64 bytes to `addr` in engine `session`'s registered memory, which connects
+        this store's transfer engine to that one (the first write took ~60 ms, later ones
+        ~2): engines ask this when they start, not on a request's fetch. False: no
+        transfer engine here, or the write failed."""
+        return self.transfer is not None and self.transfer.write(
+            session, [addr], [self.arena_probe().ctypes.data], [64])
+
+    def arena_probe(self) -> np.ndarray:
+        if self._probe is None:
+            self._probe = np.zeros(64, np.uint8)
+            if not self.transfer.register(self._probe):
+                log.warning("KV pool store %s: the probe was not registered", self.name)
+        return self._probe
+
+    def push(self, keys: list[bytes], session: str, addrs: list[int],
+             nbytes: int) -> list[int] | None:
+        """Writes each held key's block (key + bytes, `nbytes` of them) to addrs[j] in engine
+        `session`'s registered memory with the transfer engine, and answers how many bytes
+        went there per key (0: not held here, or of another size). None: no transfer engine
+        here, or a write failed (whatever landed is not to be read). Ray carries only this
+        call and its answer; the call returns once every byte landed, and this actor runs
+        no put meanwhile, so no slot changes under a write."""
         if self.transfer is None:
             return None
-        self._expire()
         entries = self._lookup(keys)
         torn = self._torn_after()
-        slots = [e for e in entries if isinstance(e, int)]
-        out = [(self.arena.addr(e), self.arena.slot_bytes // (2 if torn is not None
-                                                               and i >= torn else 1))
-               if isinstance(e, int) else None for i, e in enumerate(entries)]
-        lease = next(self._lease_ids)
-        if slots:
-            for s in slots:
-                self.pinned[s] = self.pinned.get(s, 0) + 1
-            self.leases[lease] = (time.monotonic() + self.LEASE_S, slots)
-        return self.transfer.session, lease, out
-
-    def transfer_info(self) -> tuple[str, int] | None:
-        """(session, address of 64 registered bytes) for a first read: an engine connects
-        to this store when it starts (a first read took ~60 ms, the next ones ~2), not on
-        a request's fetch. None: no transfer engine here."""
-        return None if self.transfer is None else (self.transfer.session,
-                                                    self.probe.ctypes.data)
-
-    def release(self, lease: int) -> None:
-        """Ends a lease: its slots may be reused (freed, if their blocks left meanwhile)."""
-        _, slots = self.leases.pop(lease, (0.0, []))
-        for s in slots:
-            left = self.pinned[s] - 1
-            if left:
-                self.pinned[s] = left
-                continue
-            del self.pinned[s]
-            if s in self.unlinked:
-                self.unlinked.discard(s)
-                self._free(s)
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for lease in [k for k, (deadline, _) in self.leases.items() if deadline < now]:
-            self.release(lease)
+        sent, dsts, srcs = [], [], []
+        for j, e in enumerate(entries):
+            n = 0
+            if isinstance(e, int) and self.arena.slot_bytes == nbytes:
+                n = nbytes // 2 if torn is not None and j >= torn else nbytes
+                dsts.append(addrs[j])
+                srcs.append(self.arena.addr(e))
+            sent.append(n)
+        lens = [n for n in sent if n]
+        if lens and not self.transfer.write(session, dsts, srcs, lens):
+            return None
+        return sent
 
     def stats(self) -> dict:
         return {"bytes": self.bytes, "blocks": len(self.blocks), "capacity": self.capacity,
                 "hits": self.hits, "misses": self.misses, "puts": self.puts,
-                "evicted": self.evicted, "refused": self.refused, "leases": len(self.leases),
+                "evicted": self.evicted, "refused": self.refused,
                 "transport": "mooncake" if self.transfer is not None else "ray"}
 
     def summary(self, since: int = -1, limit: int = 16384) -> tuple[int, dict] | None:
@@ -436,11 +415,13 @@ class PoolClient:
                 log.warning("KV pool: fetches go by Ray: %s", why)
         # stores whose transfer engine this one has read from (the others: fetches by Ray)
         self.connected = [False] * len(self.actors)
-        self._connects: dict[int, Future] = {}  # connections being made, by store
+        self._connects: dict[int, threading.Thread] = {}  # connections being made
         self._retry_at = [0.0] * len(self.actors)
-        self._readers: ThreadPoolExecutor | None = None  # transfer-engine reads
-        self._landing = kv_transfer.Landing()
-        self._poller = kv_transfer.Poller(self.transfer) if self.transfer else None
+        self._landing = kv_transfer.Landing(self.transfer) if self.transfer else None
+        self._probe = np.zeros(64, np.uint8)  # what stores write to first (connect)
+        if self.transfer is not None and not self.transfer.register(self._probe):
+            log.warning("KV pool: no memory registered with the transfer engine: Ray's way")
+            self.transfer = None
         self.block_bytes = 0  # key + bytes of a block, as the last fetch found (0: unknown)
         self.transfer_blocks = 0  # blocks fetched by the transfer engine (the rest: Ray)
         self.timeout_s = timeout_s
@@ -629,12 +610,15 @@ class PoolClient:
             if not self.connected[i]:
                 self._connect(i, now)
             # (the block size not known yet: a small fetch, most likely; Ray's way)
-            if self.connected[i] and \
-                    len(asked) * self.block_bytes >= max(1, self.TRANSFER_MIN_BYTES):
+            bb = self.block_bytes
+            land = self._landing.take(len(asked) * bb) if self.connected[i] \
+                and len(asked) * bb >= max(1, self.TRANSFER_MIN_BYTES) else None
+            if land is not None:
                 fut: Future = Future()
-                a.locate.remote(asked).future().add_done_callback(
-                    lambda located, i=i, asked=asked, out=fut: self._reader().submit(
-                        self._read, i, asked, located, out))
+                addrs = [land.ctypes.data + j * bb for j in range(len(asked))]
+                a.push.remote(asked, self.transfer.session, addrs, bb).future() \
+                    .add_done_callback(lambda pushed, land=land, bb=bb, out=fut:
+                                       self._landed(pushed, land, bb, out))
             else:
                 get = a.get_arrays if hasattr(a, "get_arrays") else a.get  # older: bytes
                 fut = get.remote(asked).future()
@@ -648,82 +632,48 @@ class PoolClient:
         return fetch
 
     def _connect(self, i: int, now: float) -> None:
-        """Starts connecting to store i's transfer engine (a first read, in a reader thread:
-        ~60 ms, the reads after it ~2), unless there is none here, it is under way, or it
-        failed less than RETRY_S ago (an older store, one without a transfer engine, a
+        """Starts connecting store i's transfer engine to this one (its first write, from a
+        thread: ~60 ms, the writes after it ~2), unless there is none here, it is under way,
+        or it failed less than RETRY_S ago (an older store, one without a transfer engine, a
         lost one)."""
         under_way = self._connects.get(i)
         if self.transfer is None or now < self._retry_at[i] or (
-                under_way is not None and not under_way.done()):
+                under_way is not None and under_way.is_alive()):
             return
         self._retry_at[i] = now + self.RETRY_S
 
         def connect() -> None:
             try:
-                info = ray.get(self.actors[i].transfer_info.remote(), timeout=30.0)
-                probe = np.zeros(64, np.uint8)
-                self.connected[i] = info is not None and self.transfer.read(
-                    info[0], [probe.ctypes.data], [info[1]], [len(probe)])
+                self.connected[i] = bool(ray.get(self.actors[i].connect.remote(
+                    self.transfer.session, self._probe.ctypes.data), timeout=30.0))
             except Exception as err:  # noqa: BLE001 - fetches from it go by Ray meanwhile
                 log.info("KV pool store %d: no transfer engine (%s)", i, type(err).__name__)
 
-        self._connects[i] = self._reader().submit(connect)
+        self._connects[i] = threading.Thread(target=connect, daemon=True,
+                                             name="kv-pool-connect")
+        self._connects[i].start()
 
     def wait_connected(self, timeout_s: float = 30.0) -> bool:
         """Waits for the connections under way (tests, benchmarks); whether every store is
         connected."""
-        for fut in list(self._connects.values()):
-            try:
-                fut.result(timeout=timeout_s)
-            except FutureTimeout:
-                pass
+        for thread in list(self._connects.values()):
+            thread.join(timeout_s)
         return all(self.connected)
 
-    def _reader(self) -> ThreadPoolExecutor:
-        if self._readers is None:
-            self._readers = ThreadPoolExecutor(max(2, len(self.actors)),
-                                               thread_name_prefix="kv-pool-reads")
-        return self._readers
-
-    def _read(self, i: int, keys: list[bytes], located: Future, out: Future) -> None:
-        """Starts reading the blocks store i located straight out of its memory (a reader
-        thread: it only submits; the poller waits); once they landed their lease ends and
-        out gets them as get_arrays would answer."""
+    def _landed(self, pushed: Future, land: np.ndarray, bb: int, out: Future) -> None:
+        """A store's push answered (Ray's thread): out gets the blocks it wrote, as views of
+        the landing buffer (as get_arrays would answer); a failed push is a miss."""
         try:
-            answer = located.result()
-            if answer is None:  # no transfer engine there (restarted?): Ray's way
-                self.connected[i] = False
-                out.set_result(ray.get(self.actors[i].get_arrays.remote(keys),
-                                       timeout=self.timeout_s))
-                return
-            session, lease, where = answer
-            found = [loc for loc in where if loc is not None]
-            land = self._landing.take(sum(n for _, n in found))
-            blobs: list[np.ndarray | None] = []
-            dsts, at = [], 0
-            for loc in where:
-                if loc is None:
-                    blobs.append(None)
-                    continue
-                blobs.append(land[at:at + loc[1]])
-                dsts.append(land.ctypes.data + at)
-                at += loc[1]
-            ids, ok = self.transfer.submit(session, dsts, [a for a, _ in found],
-                                           [n for _, n in found])
+            sizes = pushed.result()
         except BaseException as err:  # noqa: BLE001 - collect makes it a miss
             out.set_exception(err)
             return
-
-        def done(ok: bool) -> None:
-            self.actors[i].release.remote(lease)
-            if not ok:
-                self._landing.discard(land)
-                out.set_exception(ConnectionError(f"a read from {session} failed"))
-                return
-            self.transfer_blocks += len(found)
-            out.set_result(blobs)
-
-        self._poller.add(ids, ok, done)
+        if sizes is None:  # a write failed mid-way (or the store lost its transfer engine)
+            self._landing.discard(land)
+            out.set_exception(ConnectionError("a push of the KV pool failed"))
+            return
+        self.transfer_blocks += sum(1 for n in sizes if n)
+        out.set_result([land[j * bb: j * bb + n] if n else None for j, n in enumerate(sizes)])
 
     def _answered(self, fetch: Fetch) -> None:
         """A call of the fetch answered (Ray's thread); the last one times the whole."""

@@ -2,17 +2,18 @@
 its build without CUDA: the stores run on CPU nodes), over TCP.
 
 A store keeps its blocks in slots of memory registered with its transfer engine
-(`SlotArena`). A fetch asks the store where its blocks are (`locate`: a Ray call of a few
-hundred bytes, which also holds the slots), reads them with the engine's own transfer engine
-straight out of the store's memory, and lets the store reuse the slots (`release`). Ray
-moves only the small messages; its object transfer, the default, carried 32 blocks of 2 MiB
-between two nodes of one machine in 149-195 ms, this in ~40 (`python -m
-cluster.bench.kv_link`).
+(`SlotArena`); an engine fetching blocks hands the store the addresses of a buffer of its
+own, registered with its transfer engine (`Landing`), in a Ray call (`push`), and the store
+writes the blocks there before it answers. Ray carries only the call and its answer, and
+the engine waits on one Ray answer as for Ray's own transfer: no thread of the engine's
+process polls the transfer (under a busy engine every look needed the GIL, and a pull
+design, the engine reading the store's memory, measured half Ray's bandwidth inside the
+engine). `python -m cluster.bench.kv_link`: 32 blocks of 2 MiB between two nodes of one
+machine 62-95 ms by Ray, 30-41 ms this way (2 cores; an H100 host: 33-41 and 24).
 
 Where the package or its system libraries (libibverbs, libnuma) are missing, `start` says
-why and the pool keeps Ray's transfer. RDMA is the transfer engine's other protocol; it is
-not used here: no host of ours has an RDMA NIC to test it on, and its landing buffers would
-have to be registered too.
+why and the pool keeps Ray's transfer. RDMA is the transfer engine's other protocol; not
+used here: no host of ours has an RDMA NIC to test it on.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,8 +30,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PROTOCOL = "tcp"
-POLL_S = 100e-6  # between looks at a read's transfers (a sleep: the GIL and the core go)
-# what batch_transfer_async_read answers when it submitted nothing (0; -1 as unsigned: no
+POLL_S = 100e-6  # between looks at a write's transfers (a sleep: the GIL and the core go)
+# what batch_transfer_async_write answers when it submitted nothing (0; -1 as unsigned: no
 # connection to the peer)
 FAILED_IDS = (0, -1, (1 << 64) - 1)
 CHUNK_BYTES = 64 << 20  # an arena grows by chunks this size (one registration each)
@@ -47,83 +47,34 @@ class Transfer:
     def register(self, array: np.ndarray) -> bool:
         return self.engine.register_memory(array.ctypes.data, array.nbytes) == 0
 
-    def submit(self, session: str, dsts: list[int], srcs: list[int],
-               lens: list[int]) -> tuple[list[int], bool]:
-        """Starts copying lens[i] bytes at srcs[i] in the peer's registered memory to dsts[i]
-        here: (the transfers in flight, whether every part was submitted). One transfer per
-        block: the engine's status call for a transfer reads only its batch's first part."""
-        ids = [self.engine.batch_transfer_async_read(session, [d], [s], [n])
+    def unregister(self, array: np.ndarray) -> None:
+        self.engine.unregister_memory(array.ctypes.data)
+
+    def write(self, session: str, dsts: list[int], srcs: list[int], lens: list[int]) -> bool:
+        """Copies lens[i] bytes at srcs[i] here to dsts[i] in the peer's registered memory;
+        False if any part failed (the peer gone, an address it never registered). Returns
+        when nothing is in flight (a part that timed out aside).
+
+        One transfer per block, polled with sleeps: the transfer engine's own
+        batch_transfer_sync_write spins a core until the last byte lands (its status loop
+        does not sleep); a read of 64 MiB took 580 ms that way with another thread of the
+        process busy, 88 ms polled like this (on 2 cores). Its status call for a transfer
+        reads only the first part of a batch, so each block is a batch of one."""
+        ids = [self.engine.batch_transfer_async_write(session, [s], [d], [n])
                for d, s, n in zip(dsts, srcs, lens, strict=True)]
-        return [i for i in ids if i not in FAILED_IDS], all(i not in FAILED_IDS for i in ids)
-
-    def check(self, ids: list[int]) -> tuple[list[int], bool]:
-        """(those of ids still in flight, whether none of the others failed or timed out)."""
-        left, ok = [], True
-        for i in ids:
-            status = self.engine.transfer_check_status(i)
-            if status == 0:
-                left.append(i)
-            elif status != 1:  # failed (-1), timed out (-2)
-                ok = False
-        return left, ok
-
-    def read(self, session: str, dsts: list[int], srcs: list[int], lens: list[int]) -> bool:
-        """submit, then waits until nothing is in flight; False if any part failed (the peer
-        gone, an address it never registered)."""
-        ids, ok = self.submit(session, dsts, srcs, lens)
-        while ids:
+        ok = all(i not in FAILED_IDS for i in ids)
+        pending = [i for i in ids if i not in FAILED_IDS]
+        while pending:
             time.sleep(POLL_S)
-            ids, ok_now = self.check(ids)
-            ok = ok and ok_now
+            left = []
+            for i in pending:
+                status = self.engine.transfer_check_status(i)
+                if status == 0:
+                    left.append(i)
+                elif status != 1:  # failed (-1), timed out (-2)
+                    ok = False
+            pending = left
         return ok
-
-
-class Poller:
-    """Waits for reads in flight on one thread, with sleeps between looks, and calls each
-    one's `done(ok)` when its last part landed. Not the engine's batch_transfer_sync_read:
-    its status loop spins a core until the last byte lands (no sleep), and on this 2-core
-    host that thread, the engine's and the transfer engine's workers fought for the cores
-    (64 MiB read in 580 ms with another thread busy, 88 ms polled like this). Nor a thread
-    per read: fetches would queue behind each other while the engine waits for them."""
-
-    def __init__(self, transfer: Transfer):
-        self.transfer = transfer
-        self.pending: list[tuple[list[int], bool, Callable[[bool], None]]] = []
-        self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def add(self, ids: list[int], ok: bool, done: Callable[[bool], None]) -> None:
-        with self._cv:
-            self.pending.append((ids, ok, done))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, daemon=True,
-                                                name="kv-pool-reads")
-                self._thread.start()
-            self._cv.notify()
-
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self.pending:
-                    self._cv.wait()
-                reads, self.pending = self.pending, []
-            left, finished = [], []
-            for ids, ok, done in reads:
-                ids, ok_now = self.transfer.check(ids)
-                if ids:
-                    left.append((ids, ok and ok_now, done))
-                else:
-                    finished.append((done, ok and ok_now))
-            if left:
-                with self._cv:
-                    self.pending[:0] = left
-            for done, ok in finished:
-                try:
-                    done(ok)
-                except Exception:  # noqa: BLE001 - one read's bookkeeping, not the loop's
-                    log.exception("KV pool: a finished read's callback failed")
-            if left:
-                time.sleep(POLL_S)
 
 
 def start(host: str) -> tuple[Transfer | None, str]:
@@ -181,36 +132,40 @@ class SlotArena:
 
 
 class Landing:
-    """Where reads land: buffers kept and reused once nothing points into them (a buffer
-    the pool alone holds has a reference count of 2 as sys.getrefcount reads it; the
-    blocks handed out are views of it, which hold it while the engine still reads them).
-    Fresh memory is what made reads slow: 32 blocks of 2 MiB took 183 ms into a new array
-    (the transfer engine's threads faulting its pages in), 31 ms into one written before."""
+    """Where an engine's fetches land: buffers registered with its transfer engine (stores
+    write into them), kept and reused once nothing points into them (a buffer the pool
+    alone holds has a reference count of 3 as the loop below reads it; the blocks handed
+    out are views of it, which hold it while the engine reads them, and a write under way
+    holds it until the store answered). Reused, not fresh: a read of 32 blocks of 2 MiB
+    into a new array took 183 ms (its pages faulted in as they landed), 31 ms into one
+    written before."""
 
-    KEEP_BYTES = 256 << 20  # buffers kept at most (beyond: a fresh array, not kept)
+    KEEP_BYTES = 512 << 20  # at most this many bytes of buffers (then: fetch by Ray)
     MIN_BYTES = 16 << 20
 
-    def __init__(self):
+    def __init__(self, transfer: Transfer):
+        self.transfer = transfer
         self.buffers: list[np.ndarray] = []
         self._lock = threading.Lock()
 
-    def take(self, n: int) -> np.ndarray:
-        """A buffer of at least n bytes, its pages already mapped; the caller's reference
-        marks it taken until the views it hands out are gone."""
+    def take(self, n: int) -> np.ndarray | None:
+        """A free buffer of at least n bytes, its pages mapped and registered, or None
+        (all KEEP_BYTES taken); the caller's reference marks it taken."""
         with self._lock:
             free = [b for b in self.buffers if len(b) >= n and sys.getrefcount(b) == 3]
             if free:  # 3: the list, the comprehension's name, getrefcount's argument
                 return min(free, key=len)
             size = max(n, self.MIN_BYTES)
-            keep = sum(map(len, self.buffers)) + size <= self.KEEP_BYTES
+            if sum(map(len, self.buffers)) + size > self.KEEP_BYTES:
+                return None
             buf = np.zeros(size, np.uint8)
             buf.fill(0)  # calloc's pages are mapped on first write: map them here
-            if keep:
-                self.buffers.append(buf)
+            if not self.transfer.register(buf):
+                return None
+            self.buffers.append(buf)
             return buf
 
     def discard(self, buf: np.ndarray) -> None:
-        """Never reuses buf (a read into it failed or timed out: a late part may still
-        land there)."""
+        """Never reuses buf (a write into it failed: a late part may still land there)."""
         with self._lock:
             self.buffers = [b for b in self.buffers if b is not buf]

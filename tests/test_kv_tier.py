@@ -429,38 +429,38 @@ def test_blocks_reach_a_store_of_an_older_release_through_put_and_get(ray_cluste
     ray.kill(store)
 
 
-def test_a_slot_being_read_is_not_reused_until_its_lease_ends(ray_cluster):
-    """The transfer engine reads a store's memory where `locate` said: that slot keeps its
-    block's bytes while the lease lasts, even once the block is evicted (its bytes still
-    count against the bound), and is reused only after release."""
+def test_a_landing_buffer_is_reused_only_once_its_store_wrote_and_nothing_reads_it(
+        ray_cluster):
+    """Stores write fetched blocks into the engine's registered buffers: a buffer whose
+    blocks the engine still holds, or whose store has not answered yet (a fetch the engine
+    stopped waiting for), is not handed to another fetch; once both are over it is."""
     from cluster.kv_pool import KVPoolStore
 
-    size = 4096
-    store = ray.remote(num_cpus=0)(KVPoolStore).remote(2 * size, "lease", "auto")
-    client = PoolClient([store])
+    store = ray.remote(num_cpus=0)(KVPoolStore).remote(1 << 20, "landing", "auto")
+    client = PoolClient([store], timeout_s=5.0)
     need_transfer_engine(client)
     assert client.wait_connected()
-    blocks = {c: bytes([c]) * KEY_BYTES + bytes([c]) * (size - KEY_BYTES) for c in b"ABCDE"}
-    keys = {c: b[:KEY_BYTES] for c, b in blocks.items()}
-    ray.get(store.put.remote([(keys[c], blocks[c]) for c in b"AB"]))
-    session, lease, [(addr, n)] = ray.get(store.locate.remote([keys[ord("A")]]))
-    assert n == size
+    client.TRANSFER_MIN_BYTES, client.block_bytes = 0, KEY_BYTES + 4096
+    blobs = [bytes([c]) * KEY_BYTES + bytes([c + 1]) * 4096 for c in b"AB"]
+    keys = [b[:KEY_BYTES] for b in blobs]
+    ray.get(store.put.remote(list(zip(keys, blobs, strict=True))))
 
-    def read() -> bytes:
-        land = np.zeros(size, np.uint8)
-        assert client.transfer.read(session, [land.ctypes.data], [addr], [size])
-        return land.tobytes()
-
-    for c in b"CD":  # C pushes B out; D pushes A out (held: not reused) and then C
-        ray.get(store.put.remote([(keys[c], blocks[c])]))
-    stats = ray.get(store.stats.remote())
-    assert stats["blocks"] == 1 and stats["bytes"] == 2 * size and stats["leases"] == 1
-    assert read() == blocks[ord("A")]  # evicted, and still whole where the read looks
-    store.release.remote(lease)
-    ray.get(store.put.remote([(keys[ord("E")], blocks[ord("E")])]))
-    assert ray.get(store.stats.remote())["bytes"] == 2 * size
-    assert read() == blocks[ord("E")]  # the slot, free once released, went to E
-    assert ray.get(store.locate.remote([keys[ord("A")]]))[2] == [None]
+    got = client.collect(client.get(keys), 5.0)
+    assert [bytes(g) for g in got] == blobs and client.transfer_blocks == 2
+    held = id(got[0].base)  # (a reference would keep it taken)
+    ray.get(store.inject_delay.remote(1.0))
+    late = client.get(keys)
+    assert client.collect(late, 0.05) == [None, None]  # given up on: the store still writes
+    late_buffer = id(client._landing.buffers[-1])
+    assert late_buffer != held
+    del got  # the first buffer is free now; the late fetch's is not
+    third = client.collect(client.get(keys), 5.0)
+    assert id(third[0].base) == held and [bytes(g) for g in third] == blobs
+    fourth = client.collect(client.get(keys), 5.0)  # both taken: a third buffer
+    assert id(fourth[0].base) not in (held, late_buffer) and len(client._landing.buffers) == 3
+    time.sleep(1.2)
+    assert [bytes(g) for g in client.collect(late, 5.0)] == blobs  # it landed, whole
+    assert client.transfer_blocks == 8 and client.errors == 0
     ray.kill(store)
 
 
