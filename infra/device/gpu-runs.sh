@@ -7,7 +7,7 @@
 #   bash infra/device/gpu-runs.sh streams path profile    # the served path (profile: py-spy)
 #   bash infra/device/gpu-runs.sh idle idle8b surface     # GPU idle at batch 64; mixed load
 #   bash infra/device/gpu-runs.sh deepseek                # its kernels' tests; v2-lite speed
-#   bash infra/device/gpu-runs.sh kvtier kvlink           # the KV tiers' GPU tests; 8B chat
+#   bash infra/device/gpu-runs.sh kvtier kvlong kvlink    # the KV tiers' GPU tests; 8B chat
 #   bash infra/device/gpu-runs.sh kvray kvfp8             # the 8B chat fetching by Ray; fp8 KV
 # (the pool fetches by the transfer engine where the bundle has it: add-transfer-engine.sh)
 #
@@ -77,7 +77,8 @@ for what in "$@"; do
       stage kvtier-8b $PY -m cluster.bench.kv_tier --device cuda --shape llama3.1-8b \
         --conversations 160 --turns 4 --system-len 512 --user-len 128 --output-len 32 \
         --concurrency 16 --in-flight 32 --batched-tokens 2048 --json
-      # long histories (2,048 tokens at the 6th turn), the cache again a tenth of them
+      ;;
+    kvlong)  # long histories (2,048 tokens at the 6th turn), the cache again a tenth of them
       stage kvtier-8b-long $PY -m cluster.bench.kv_tier --device cuda --shape llama3.1-8b \
         --conversations 96 --turns 6 --system-len 128 --user-len 256 --output-len 32 \
         --concurrency 8 --in-flight 16 --batched-tokens 2048 --json ;;
