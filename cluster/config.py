@@ -164,8 +164,8 @@ class KVPoolConfig(Strict):
                               "store changed); 0: no index (routers see local caches only)")
     transport: Literal["auto", "ray"] = Field(
         "auto", description="how engines fetch blocks: auto, Mooncake's transfer engine "
-        "(TCP) reading the stores' memory where both ends load it, else Ray's object "
-        "transfer; ray: always Ray's (spills go by Ray either way)")
+        "(TCP), the stores writing into the engines' memory, where both ends load it, "
+        "else Ray's object transfer; ray: always Ray's (spills go by Ray either way)")
     write_through_hits: int | None = Field(
         None, ge=0, le=1 << 20, description="null: blocks reach the pool when a device "
         "cache evicts them (write-back); N: a block is also written through to the pool once "

@@ -38,7 +38,7 @@ CHUNK_BYTES = 64 << 20  # an arena grows by chunks this size (one registration e
 
 
 class Transfer:
-    """One process's transfer engine: its session name (what peers read from) and reads."""
+    """One process's transfer engine: its session name (what peers write to) and writes."""
 
     def __init__(self, engine, host: str):
         self.engine = engine

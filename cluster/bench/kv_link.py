@@ -1,7 +1,8 @@
-"""How fast a pool fetch crosses between two nodes of one machine: read by Mooncake's
-transfer engine out of the store's memory (cluster/kv_transfer.py, TCP; `kv_pool.transport:
-auto`), and by Ray, with the stores' answers inline (`kv_pool.INLINE_ENV`, what `start_pool`
-sets; `transport: ray`) and through Ray's object stores (its default over 100 KiB).
+"""How fast a pool fetch crosses between two nodes of one machine: by Mooncake's
+transfer engine, the store writing into the engine's memory (cluster/kv_transfer.py, TCP;
+`kv_pool.transport: auto`), and by Ray, with the stores' answers inline
+(`kv_pool.INLINE_ENV`, what `start_pool` sets; `transport: ray`) and through Ray's object
+stores (its default over 100 KiB).
 
     python -m cluster.bench.kv_link [--blocks 4 16] [--repeat 40] [--block-bytes N] [--json]
 
