@@ -148,7 +148,7 @@ class EngineConfig(Strict):
 
 
 class KVPoolConfig(Strict):
-    """Tier 2 of the KV cache: store actors in the CPU nodes' memory (cluster/kv_pool.py)."""
+    """Tier 2 of the KV cache: store actors in the CPU nodes' memory (cluster/kv_store.py)."""
 
     label_selector: dict[str, str] = Field(default_factory=lambda: {"cpu-arch": "kunpeng"},
                                            description="one store actor on each live node "

@@ -1,6 +1,6 @@
 """The cluster index: which KV blocks the pool's stores hold, as each router sees it.
 
-The stores (cluster/kv_pool.py) are the index's source: the replicas' block events (the
+The stores (cluster/kv_store.py) are the index's source: the replicas' block events (the
 blocks their host tiers spill) land there, and a store's LRU decides what stays, so what
 a store holds is what a fetch would find. Each router (one per frontend's handle, see
 cluster/router.py) refreshes its copy in the background, about once a stats period: one
@@ -26,7 +26,7 @@ from array import array
 
 import ray
 
-from cluster.kv_pool import NAME_PREFIX, POOL_NAMESPACE
+from cluster.kv_store import NAME_PREFIX, POOL_NAMESPACE
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import ray
 from ray.serve._private.common import DeploymentHandleSource
 
 from cluster.kv_index import PoolIndex
-from cluster.kv_pool import POOL_NAMESPACE, PoolActor, PoolClient, start_pool
+from cluster.kv_pool import PoolClient
+from cluster.kv_store import POOL_NAMESPACE, PoolActor, start_pool
 from cluster.prefix_hash import prompt_digests
 from cluster.router import LoadAwareRouter
 from tests.test_hardening_units import DEP, replica

@@ -23,14 +23,13 @@ from cluster.config import AppConfig, EngineConfig, KVPoolConfig, ModelConfig
 from cluster.engine.engine import LLMEngine
 from cluster.engine.kv_tier import PROBE_EVERY_S, SPEED_STEPS, fit_link
 from cluster.engine.sequence import SamplingParams
-from cluster.kv_pool import (
+from cluster.kv_pool import Blocks, PoolClient
+from cluster.kv_store import (
     INLINE_ENV,
     KEY_BYTES,
     NAME_PREFIX,
     POOL_NAMESPACE,
-    Blocks,
     PoolActor,
-    PoolClient,
     start_pool,
 )
 from cluster.prefix_hash import block_hash, prompt_digests, salt_digest
@@ -406,7 +405,7 @@ def test_blocks_reach_a_store_of_an_older_release_through_put_and_get(ray_cluste
     get_arrays and the transfer engine's calls (an older release's) still receives spilled
     blocks, through put (a block sent again is sent again: it cannot be asked about), and
     answers fetches through get; the views are released."""
-    from cluster.kv_pool import KVPoolStore
+    from cluster.kv_store import KVPoolStore
 
     old_cls = ray.remote(num_cpus=0)(type("OldStore", (KVPoolStore,), {
         "put_blocks": None, "touch": None, "get_arrays": None, "transfer_info": None,
@@ -434,7 +433,7 @@ def test_a_landing_buffer_is_reused_only_once_its_store_wrote_and_nothing_reads_
     """Stores write fetched blocks into the engine's registered buffers: a buffer whose
     blocks the engine still holds, or whose store has not answered yet (a fetch the engine
     stopped waiting for), is not handed to another fetch; once both are over it is."""
-    from cluster.kv_pool import KVPoolStore
+    from cluster.kv_store import KVPoolStore
 
     store = ray.remote(num_cpus=0)(KVPoolStore).remote(1 << 20, "landing", "auto")
     client = PoolClient([store], timeout_s=5.0)
@@ -468,7 +467,7 @@ def test_a_block_sent_again_is_sent_only_if_its_store_lost_it(ray_cluster):
     """A spill of a key sent (or fetched) lately is first asked about: the store keeps it
     (and makes it most recent) without its bytes crossing again; one the store no longer
     holds is sent."""
-    from cluster.kv_pool import KVPoolStore
+    from cluster.kv_store import KVPoolStore
 
     store = ray.remote(num_cpus=0)(KVPoolStore).remote(1 << 20)
     client = PoolClient([store])
@@ -524,7 +523,7 @@ def test_a_slot_waiting_to_be_sent_is_not_reused_until_ray_has_copied_it(model_d
 
 
 def test_the_stores_answer_inline(pool):
-    """start_pool's stores return blocks in the call's reply (kv_pool.INLINE_ENV: through
+    """start_pool's stores return blocks in the call's reply (kv_store.INLINE_ENV: through
     the object stores a fetch took twice as long, `python -m cluster.bench.kv_link`)."""
     for a in pool:
         env = ray.get(a.__ray_call__.remote(lambda self: dict(os.environ)))

@@ -1,7 +1,7 @@
 """How fast a pool fetch crosses between two nodes of one machine: by Mooncake's
 transfer engine, the store writing into the engine's memory (cluster/kv_transfer.py, TCP;
 `kv_pool.transport: auto`), and by Ray, with the stores' answers inline
-(`kv_pool.INLINE_ENV`, what `start_pool` sets; `transport: ray`) and through Ray's object
+(`kv_store.INLINE_ENV`, what `start_pool` sets; `transport: ray`) and through Ray's object
 stores (its default over 100 KiB).
 
     python -m cluster.bench.kv_link [--blocks 4 16] [--repeat 40] [--block-bytes N] [--json]
@@ -72,7 +72,8 @@ def run(args) -> dict:
     from ray.cluster_utils import Cluster
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from cluster.kv_pool import KEY_BYTES, PoolActor, PoolClient, start_pool
+    from cluster.kv_pool import PoolClient
+    from cluster.kv_store import KEY_BYTES, PoolActor, start_pool
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     node = cluster.add_node(num_cpus=1, labels={"cpu-arch": "kunpeng"})

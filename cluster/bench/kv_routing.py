@@ -50,7 +50,7 @@ def kill_stores() -> None:
     """The pool's stores of the last run (the cores start them detached, by name)."""
     import ray
 
-    from cluster.kv_pool import NAME_PREFIX, POOL_NAMESPACE
+    from cluster.kv_store import NAME_PREFIX, POOL_NAMESPACE
 
     for a in ray.util.list_named_actors(all_namespaces=True):
         if a["namespace"] == POOL_NAMESPACE and a["name"].startswith(NAME_PREFIX):

@@ -277,7 +277,8 @@ def main(argv=None) -> int:
 
     import ray
 
-    from cluster.kv_pool import PoolClient, start_pool
+    from cluster.kv_pool import PoolClient
+    from cluster.kv_store import start_pool
 
     bs = args.block_size
     final = args.system_len + args.turns * (args.user_len + args.output_len)

@@ -70,7 +70,7 @@ def pool_actors():
     """A store actor of the KV pool on this host (a Ray of the test's own)."""
     import ray
 
-    from cluster.kv_pool import start_pool
+    from cluster.kv_store import start_pool
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     actors = start_pool(256 << 20, {}, prefix="gpu-test-kv-", detached=False)
