@@ -136,9 +136,9 @@ class Landing:
     write into them), kept and reused once nothing points into them (a buffer the pool
     alone holds has a reference count of 3 as the loop below reads it; the blocks handed
     out are views of it, which hold it while the engine reads them, and a write under way
-    holds it until the store answered). Reused, not fresh: a read of 32 blocks of 2 MiB
-    into a new array took 183 ms (its pages faulted in as they landed), 31 ms into one
-    written before."""
+    holds it until the store answered). Reused, not fresh: 32 blocks of 2 MiB took 183 ms
+    to land in a new array (its pages faulted in as they landed), 31 ms in one written
+    before."""
 
     KEEP_BYTES = 512 << 20  # at most this many bytes of buffers (then: fetch by Ray)
     MIN_BYTES = 16 << 20
@@ -166,6 +166,8 @@ class Landing:
             return buf
 
     def discard(self, buf: np.ndarray) -> None:
-        """Never reuses buf (a write into it failed: a late part may still land there)."""
+        """Never reuses buf (a write into it failed: a late part may still land there, or
+        rather be refused: it is no longer registered)."""
         with self._lock:
             self.buffers = [b for b in self.buffers if b is not buf]
+        self.transfer.unregister(buf)
