@@ -89,10 +89,11 @@ class PoolClient:
     HELD_KEEP = 1 << 16
 
     RETRY_S = 60.0  # a store found without a transfer engine is tried again after this
-    # a call for fewer bytes goes by Ray (its answer inline: one round trip, where the
-    # transfer engine takes two). `python -m cluster.bench.kv_link`, p50, inline by Ray and
-    # by the transfer engine: 4 blocks of 64 KiB 1.6 and 1.7 ms, 16 (1 MiB) 3.6 and 2.5, 32
-    # 6.3 and 3.3; one block of 2 MiB 5.6 and 3.3, 32 of them 66 and 30
+    # a call for fewer bytes goes by Ray (its answer inline, in one round trip; a push adds
+    # the transfer engine's own to the write). `python -m cluster.bench.kv_link`, p50, inline by Ray
+    # and by the transfer engine: 4 blocks of 64 KiB 1.4 and 1.8 ms; one block of 2 MiB 7.0
+    # and 3.7, 32 of them 88 and 35 (with the first design, reads: 16 blocks of 64 KiB, 1
+    # MiB, 3.6 and 2.5)
     TRANSFER_MIN_BYTES = 512 << 10
 
     def __init__(self, actors: list, timeout_s: float = 1.0,
@@ -310,8 +311,8 @@ class PoolClient:
                 fut: Future = Future()
                 addrs = [land.ctypes.data + j * bb for j in range(len(asked))]
                 a.push.remote(asked, self.transfer.session, addrs, bb).future() \
-                    .add_done_callback(lambda pushed, land=land, bb=bb, out=fut:
-                                       self._landed(pushed, land, bb, out))
+                    .add_done_callback(lambda pushed, i=i, land=land, bb=bb, out=fut:
+                                       self._landed(i, pushed, land, bb, out))
             else:
                 get = a.get_arrays if hasattr(a, "get_arrays") else a.get  # older: bytes
                 fut = get.remote(asked).future()
@@ -353,7 +354,8 @@ class PoolClient:
             thread.join(timeout_s)
         return all(self.connected)
 
-    def _landed(self, pushed: Future, land: np.ndarray, bb: int, out: Future) -> None:
+    def _landed(self, i: int, pushed: Future, land: np.ndarray, bb: int,
+                out: Future) -> None:
         """A store's push answered (Ray's thread): out gets the blocks it wrote, as views of
         the landing buffer (as get_arrays would answer); a failed push is a miss."""
         try:
@@ -361,8 +363,9 @@ class PoolClient:
         except BaseException as err:  # noqa: BLE001 - collect makes it a miss
             out.set_exception(err)
             return
-        if sizes is None:  # a write failed mid-way (or the store lost its transfer engine)
-            self._landing.discard(land)
+        if sizes is None:  # a write failed mid-way (or the store lost its transfer engine):
+            self._landing.discard(land)  # Ray's way until connected again (after RETRY_S)
+            self.connected[i] = False
             out.set_exception(ConnectionError("a push of the KV pool failed"))
             return
         self.transfer_blocks += sum(1 for n in sizes if n)

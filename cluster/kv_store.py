@@ -226,9 +226,9 @@ class KVPoolStore:
         ~2): engines ask this when they start, not on a request's fetch. False: no
         transfer engine here, or the write failed."""
         return self.transfer is not None and self.transfer.write(
-            session, [addr], [self.arena_probe().ctypes.data], [64])
+            session, [addr], [self._probe_buffer().ctypes.data], [64])
 
-    def arena_probe(self) -> np.ndarray:
+    def _probe_buffer(self) -> np.ndarray:
         if self._probe is None:
             self._probe = np.zeros(64, np.uint8)
             if not self.transfer.register(self._probe):

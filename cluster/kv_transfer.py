@@ -9,7 +9,7 @@ the engine waits on one Ray answer as for Ray's own transfer: no thread of the e
 process polls the transfer (under a busy engine every look needed the GIL, and a pull
 design, the engine reading the store's memory, measured half Ray's bandwidth inside the
 engine). `python -m cluster.bench.kv_link`: 32 blocks of 2 MiB between two nodes of one
-machine 62-95 ms by Ray, 30-41 ms this way (2 cores; an H100 host: 33-41 and 24).
+machine 74-88 ms by Ray, 35 ms this way (2 cores; an H100 host: 34-36 and 24).
 
 Where the package or its system libraries (libibverbs, libnuma) are missing, `start` says
 why and the pool keeps Ray's transfer. RDMA is the transfer engine's other protocol; not
@@ -117,7 +117,7 @@ class SlotArena:
         if self.made == len(self.chunks) * self.per_chunk:
             chunk = np.empty(self.per_chunk * self.slot_bytes, np.uint8)
             if self.transfer is not None and not self.transfer.register(chunk):
-                log.warning("KV pool: a chunk was not registered; its blocks go by Ray")
+                log.warning("KV pool: a chunk of the arena was not registered")
             self.chunks.append(chunk)
         self.made += 1
         return self.made - 1

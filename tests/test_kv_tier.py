@@ -408,8 +408,8 @@ def test_blocks_reach_a_store_of_an_older_release_through_put_and_get(ray_cluste
     from cluster.kv_store import KVPoolStore
 
     old_cls = ray.remote(num_cpus=0)(type("OldStore", (KVPoolStore,), {
-        "put_blocks": None, "touch": None, "get_arrays": None, "transfer_info": None,
-        "locate": None, "release": None}))
+        "put_blocks": None, "touch": None, "get_arrays": None, "connect": None,
+        "push": None}))
     store = old_cls.remote(1 << 20)
     client = PoolClient([store])
     keys = [bytes([i + 1]) * KEY_BYTES for i in range(3)]
@@ -460,6 +460,17 @@ def test_a_landing_buffer_is_reused_only_once_its_store_wrote_and_nothing_reads_
     time.sleep(1.2)
     assert [bytes(g) for g in client.collect(late, 5.0)] == blobs  # it landed, whole
     assert client.transfer_blocks == 8 and client.errors == 0
+
+    # a write the engine's transfer engine refuses (into memory it never registered): the
+    # store answers None, the fetch is a miss, and fetches go by Ray until connected again
+    take, stray = client._landing.take, np.zeros(1 << 20, np.uint8)
+    client._landing.take = lambda n: stray
+    assert client.collect(client.get(keys), 5.0) == [None, None] and client.errors == 1
+    assert client.connected == [False] and client.transfer_blocks == 8
+    client._landing.take = take
+    client.down_until = [0.0]  # (the failure also skipped the store for DOWN_FOR_S)
+    assert [bytes(g) for g in client.collect(client.get(keys), 5.0)] == blobs  # by Ray
+    assert client.transfer_blocks == 8
     ray.kill(store)
 
 
