@@ -108,12 +108,26 @@ class EngineMetrics:
                                  "bandwidth, fitted over recent fetches (B/s)", TAGS)
             self.kv_prefill = g("tandem_kv_tier_prefill_tokens_per_second", "The engine's "
                                 "prefill speed the fetch-or-recompute rule uses", TAGS)
+            self.kv_fetched = c("tandem_kv_pool_fetched_bytes", "Block bytes fetched from "
+                                "the KV pool", TAGS)
+            self.kv_transfer = c("tandem_kv_pool_transfer_engine_blocks", "Blocks of the KV "
+                                 "pool that its stores wrote by the transfer engine (the "
+                                 "rest came by Ray)", TAGS)
+            self.kv_faults = c("tandem_kv_tier_faults", "KV tier trouble read as a miss or "
+                               "a skipped spill: torn answers, failed pool calls, spills "
+                               "the link could not take", (*TAGS, "kind"))
         for name, counter, label in (("host_hits", self.kv_hits, {"tier": "host"}),
                                      ("pool_hits", self.kv_hits, {"tier": "pool"}),
                                      ("fetch_decisions", self.kv_decisions,
                                       {"decision": "fetch"}),
                                      ("recompute_decisions", self.kv_decisions,
-                                      {"decision": "recompute"})):
+                                      {"decision": "recompute"}),
+                                     ("fetched_bytes", self.kv_fetched, {}),
+                                     ("transfer_blocks", self.kv_transfer, {}),
+                                     ("torn", self.kv_faults, {"kind": "torn"}),
+                                     ("pool_errors", self.kv_faults, {"kind": "pool_error"}),
+                                     ("spills_dropped", self.kv_faults,
+                                      {"kind": "spill_dropped"})):
             value, last = s.get(name, 0), self.last.get(name, 0)
             if value > last:
                 counter.inc(value - last, {**t, **label})

@@ -16,6 +16,7 @@ import pytest
 import ray
 import yaml
 
+from cluster.config import KVPoolConfig
 from tests.conftest import free_port
 from tests.skips import skip_or_fail
 
@@ -201,3 +202,84 @@ def test_ttft_after_the_first_wave_leaves_out_the_synchronized_start():
     later, wave_s = after_first_wave(ok, concurrency=2)
     assert wave_s == pytest.approx(1.5) and sorted(later) == [0.1, 0.3]
     assert after_first_wave([], 2) == ([], None)
+
+
+TIER_MODEL = "tandem-tiers"
+KV_BLOCK = 16 * 2 * 4 * 4 * 32 * 4  # a block of the default model: 16 tokens, fp32 K and V
+
+
+def test_kv_tier_series_match_what_the_tiers_served(prometheus, app_url, app_config):
+    """An app whose engine caches 24 blocks, its host tier 12 more, the pool the rest: six
+    150-token prompts, then the same in reverse order (the latest evicted come back from
+    host memory, the first ones from the pool's stores on the Kunpeng nodes). The tiers'
+    series in Prometheus count what the engine restored, within what the client was told
+    was cached, and the dashboard's KV tier panels show them."""
+    import random
+
+    from openai import OpenAI
+    from ray import serve
+
+    from deployments.app import build
+
+    _, cfg = app_config
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.name = TIER_MODEL
+    cfg.model_pool.num_replicas, cfg.model_pool.num_gpus = 1, 0
+    cfg.engine = cfg.engine.model_copy(update=dict(
+        max_model_len=256, num_kv_blocks=24, block_size=16, max_num_batched_tokens=64,
+        kv_host_tier_bytes=12 * KV_BLOCK))
+    cfg.kv_pool = KVPoolConfig(capacity_bytes=16 << 20)
+    serve.run(build(cfg), name="metrics-tiers", route_prefix="/metrics-tiers")
+    try:
+        client = OpenAI(base_url=f"{app_url}/metrics-tiers/v1", api_key="unused",
+                        max_retries=0)
+        prompts = [[random.Random(i).randrange(3, 4000) for _ in range(150)]
+                   for i in range(6)]
+        cached = 0
+        for p in prompts + prompts[::-1]:
+            r = client.completions.create(model=TIER_MODEL, prompt=p, max_tokens=8,
+                                          temperature=0, extra_body={"ignore_eos": True})
+            cached += r.usage.prompt_tokens_details.cached_tokens
+        m = f'model="{TIER_MODEL}"'
+
+        def hits(tier: str) -> float:
+            return query(prometheus, f'sum(ray_tandem_kv_tier_hits_total{{{m},tier="{tier}"}})'
+                         ) or 0.0
+
+        def stores(name: str) -> float:  # exported by the Kunpeng nodes' agents
+            return query(prometheus, f"sum(ray_tandem_kv_pool_{name})") or 0.0
+
+        deadline = time.monotonic() + 90  # Ray's agents export every ~10 s, each on its own
+        while time.monotonic() < deadline and not (
+                hits("host") and hits("pool") and stores("blocks") >= 12
+                and stores("hits_total") >= hits("pool")):
+            time.sleep(2)
+        host, pool = hits("host"), hits("pool")
+        assert host > 0 and pool > 0
+        assert 16 * (host + pool) <= cached  # restored blocks are cached prompt tokens
+        fetched = query(prometheus, f"sum(ray_tandem_kv_pool_fetched_bytes_total{{{m}}})")
+        assert fetched >= pool * KV_BLOCK  # every restored pool block came in a fetch
+        fetches = query(prometheus,
+                        f'sum(ray_tandem_kv_tier_decisions_total{{{m},decision="fetch"}})')
+        assert fetches >= 1
+        assert query(prometheus, f"sum(ray_tandem_kv_host_tier_blocks{{{m}}})") == 12
+        assert query(prometheus, f"sum(ray_tandem_kv_host_tier_bytes{{{m}}})") == 12 * KV_BLOCK
+        assert query(prometheus, f"sum(ray_tandem_kv_pool_fetch_bandwidth_bytes{{{m}}})") > 0
+        assert query(prometheus, f"sum(ray_tandem_kv_tier_prefill_tokens_per_second{{{m}}})") > 0
+        # the stores' own series: they hold what was spilled and served what was restored
+        assert stores("blocks") >= 12 and stores("bytes") >= 12 * KV_BLOCK
+        assert stores("hits_total") >= pool
+        # the dashboard's KV tier panels read these series (no fault happened: that one is
+        # empty)
+        dash = json.loads((INFRA.parent / "grafana" / "tandem.json").read_text())
+        in_row, exprs = False, []
+        for panel in dash["panels"]:
+            if panel["type"] == "row":
+                in_row = panel["title"].startswith("KV tiers")
+            elif in_row and "faults" not in panel["title"]:
+                exprs += [t["expr"] for t in panel["targets"]]
+        assert len(exprs) == 6
+        for expr in exprs:
+            assert query(prometheus, expr) is not None, expr
+    finally:
+        serve.delete("metrics-tiers")
