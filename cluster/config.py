@@ -162,10 +162,12 @@ class KVPoolConfig(Strict):
                               "store the routers' cluster index reads (once per "
                               "`router.stats_period_s`, 8 bytes a block, only when the "
                               "store changed); 0: no index (routers see local caches only)")
-    transport: Literal["auto", "ray"] = Field(
+    transport: Literal["auto", "tcp", "ray"] = Field(
         "auto", description="how engines fetch blocks: auto, Mooncake's transfer engine "
-        "(TCP), the stores writing into the engines' memory, where both ends load it, "
-        "else Ray's object transfer; ray: always Ray's (spills go by Ray either way)")
+        "(the stores writing into the engines' memory; over RDMA where it finds an RDMA "
+        "device, TCP otherwise) where both ends load it, else Ray's object transfer; tcp: "
+        "the same, TCP even where RDMA devices are; ray: always Ray's (spills go by Ray "
+        "either way)")
     write_through_hits: int | None = Field(
         None, ge=0, le=1 << 20, description="null: blocks reach the pool when a device "
         "cache evicts them (write-back); N: a block is also written through to the pool once "

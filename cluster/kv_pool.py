@@ -99,12 +99,13 @@ class PoolClient:
     def __init__(self, actors: list, timeout_s: float = 1.0,
                  write_through_hits: int | None = None, transport: str = "auto"):
         """write_through_hits: kv_pool.write_through_hits (the engine's tiers read it);
-        transport: "auto" (fetches by the transfer engine from stores that have one) or
-        "ray"."""
+        transport: "auto" (fetches by the transfer engine from stores that have one, over
+        RDMA where it finds a device), "tcp" (the same, TCP only) or "ray"."""
         self.actors = list(actors)
         self.transfer: Transfer | None = None
-        if transport == "auto" and self.actors:
-            self.transfer, why = kv_transfer.start(ray.util.get_node_ip_address())
+        if transport in ("auto", "tcp") and self.actors:
+            self.transfer, why = kv_transfer.start(ray.util.get_node_ip_address(),
+                                                   force_tcp=transport == "tcp")
             if self.transfer is None:
                 log.warning("KV pool: fetches go by Ray: %s", why)
         # stores whose transfer engine this one has read from (the others: fetches by Ray)

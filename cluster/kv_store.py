@@ -65,8 +65,9 @@ class KVPoolStore:
         self.name = name
         self.transfer: Transfer | None = None
         self._probe: np.ndarray | None = None  # what connect writes from
-        if transport == "auto":
-            self.transfer, why = kv_transfer.start(ray.util.get_node_ip_address())
+        if transport in ("auto", "tcp"):
+            self.transfer, why = kv_transfer.start(ray.util.get_node_ip_address(),
+                                                   force_tcp=transport == "tcp")
             if self.transfer is None:
                 log.warning("KV pool store %s: fetches go by Ray: %s", name, why)
         # bumped whenever what a summary shows may change (a block in or out, an LRU move):
@@ -264,7 +265,8 @@ class KVPoolStore:
         return {"bytes": self.bytes, "blocks": len(self.blocks), "capacity": self.capacity,
                 "hits": self.hits, "misses": self.misses, "puts": self.puts,
                 "evicted": self.evicted, "refused": self.refused,
-                "transport": "mooncake" if self.transfer is not None else "ray"}
+                "transport": f"mooncake/{self.transfer.protocol}" if self.transfer is not None
+                else "ray"}
 
     def summary(self, since: int = -1, limit: int = 16384) -> tuple[int, dict] | None:
         """What the cluster index (cluster/kv_index.py) reads: the newest `limit` blocks'
@@ -309,7 +311,8 @@ def start_pool(capacity_bytes: int, label_selector: dict[str, str], prefix: str 
                detached: bool = True, transport: str = "auto") -> list:
     """One store actor per live node carrying `label_selector`'s labels, named
     prefix + the node's id (an existing one is reused, as it was started); their handles,
-    in node order. transport: "auto" (the transfer engine where it loads) or "ray"."""
+    in node order. transport: "auto" (the transfer engine where it loads: RDMA where it
+    finds a device, TCP otherwise), "tcp" (the transfer engine over TCP only) or "ray"."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = sorted((n for n in ray.nodes() if n["Alive"]

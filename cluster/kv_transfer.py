@@ -1,5 +1,5 @@
 """The pool's fast path for fetches: Mooncake's transfer engine (`mooncake-transfer-engine`,
-its build without CUDA: the stores run on CPU nodes), over TCP.
+its build without CUDA: the stores run on CPU nodes), over RDMA or TCP.
 
 A store keeps its blocks in slots of memory registered with its transfer engine
 (`SlotArena`); an engine fetching blocks hands the store the addresses of a buffer of its
@@ -12,8 +12,15 @@ engine). `python -m cluster.bench.kv_link`: 32 blocks of 2 MiB between two nodes
 machine 74-88 ms by Ray, 35 ms this way (2 cores; an H100 host: 34-36 and 24).
 
 Where the package or its system libraries (libibverbs, libnuma) are missing, `start` says
-why and the pool keeps Ray's transfer. RDMA is the transfer engine's other protocol; not
-used here: no host of ours has an RDMA NIC to test it on.
+why and the pool keeps Ray's transfer.
+
+RDMA or TCP: the transfer engine decides, not the protocol its Python API is given (that
+picks only its buffer allocator): it looks for RDMA devices at start and installs its RDMA
+transport where it finds one, TCP where it finds none. `kv_pool.transport: tcp` sets its
+MC_FORCE_TCP, TCP even on hosts with RDMA NICs. What each end runs is read from the same
+device list (`protocol`). A pair that does not agree should fail its first write, and a
+failed write leaves fetches from that store to Ray. Measured over TCP only: no host of ours
+has an RDMA NIC.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "tcp"
+RDMA_DEVICES = "/sys/class/infiniband"  # where the transfer engine's discovery looks (ibverbs)
 POLL_S = 100e-6  # between looks at a write's transfers (a sleep: the GIL and the core go)
 # what batch_transfer_async_write answers when it submitted nothing (0; -1 as unsigned: no
 # connection to the peer)
@@ -40,9 +47,10 @@ CHUNK_BYTES = 64 << 20  # an arena grows by chunks this size (one registration e
 class Transfer:
     """One process's transfer engine: its session name (what peers write to) and writes."""
 
-    def __init__(self, engine, host: str):
+    def __init__(self, engine, host: str, protocol: str):
         self.engine = engine
         self.session = f"{host}:{engine.get_rpc_port()}"
+        self.protocol = protocol  # "rdma" or "tcp": what the engine installed, by `protocol`
 
     def register(self, array: np.ndarray) -> bool:
         return self.engine.register_memory(array.ctypes.data, array.nbytes) == 0
@@ -77,20 +85,36 @@ class Transfer:
         return ok
 
 
-def start(host: str) -> tuple[Transfer | None, str]:
+def protocol(force_tcp: bool, devices: str = RDMA_DEVICES) -> str:
+    """What the transfer engine installs on this host: RDMA where it finds an RDMA device,
+    TCP otherwise or when forced."""
+    if force_tcp or "MC_FORCE_TCP" in os.environ:  # set at all: the engine's own test
+        return "tcp"
+    try:
+        return "rdma" if os.listdir(devices) else "tcp"
+    except OSError:
+        return "tcp"
+
+
+def start(host: str, force_tcp: bool = False) -> tuple[Transfer | None, str]:
     """This process's transfer engine, or None and why not. Peers find each other by
-    session name alone (P2P handshake: no metadata server to run)."""
+    session name alone (P2P handshake: no metadata server to run). force_tcp: TCP even
+    where RDMA devices are (for this whole process: one transfer engine each)."""
     # the transfer engine logs through glog: its start-up prints an error it recovers from
     # ("Local segment descriptor not found"); failures reach us as return codes
     os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+    if force_tcp:
+        os.environ["MC_FORCE_TCP"] = "1"
+    proto = protocol(force_tcp)
     try:
         from mooncake.engine import TransferEngine
     except ImportError as err:  # the package, or libibverbs / libnuma, missing
         return None, f"mooncake-transfer-engine does not load ({err})"
     engine = TransferEngine()
-    if engine.initialize(host, "P2PHANDSHAKE", PROTOCOL, "") != 0:
-        return None, f"the transfer engine did not start on {host} ({PROTOCOL})"
-    return Transfer(engine, host), ""
+    # the protocol argument picks only the engine's allocator for its own buffers (unused)
+    if engine.initialize(host, "P2PHANDSHAKE", proto, "") != 0:
+        return None, f"the transfer engine did not start on {host} ({proto})"
+    return Transfer(engine, host, proto), ""
 
 
 @dataclass

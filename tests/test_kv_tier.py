@@ -166,8 +166,8 @@ def test_host_tier_carries_fp8_blocks(model_dir):
 def client_of(pool, transport: str) -> PoolClient:
     """A pool client fetching by Ray, or by the transfer engine (every fetch, the small
     ones too: cluster/kv_transfer.py)."""
-    client = PoolClient(pool, transport="ray" if transport == "ray" else "auto")
-    if transport == "transfer":
+    client = PoolClient(pool, transport={"transfer": "auto"}.get(transport, transport))
+    if transport in ("transfer", "tcp"):
         need_transfer_engine(client)
         client.TRANSFER_MIN_BYTES = 0
         client.block_bytes = 48 + BLOCK_BYTES
@@ -199,6 +199,41 @@ def test_pool_restores_blocks_another_engine_spilled(model_dir, ref, pool, trans
     assert tier.hits["pool"] == A_BLOCKS and tier.decisions["fetch"] == 1
     assert client.transfer_blocks == (A_BLOCKS if transport == "transfer" else 0)
     assert run(reader, FILLERS[:1]) == ref["fillers"][:1]  # never pooled: computed
+
+
+def test_transport_tcp_keeps_the_transfer_engine_on_tcp(model_dir, ref, ray_cluster,
+                                                          monkeypatch):
+    """kv_pool.transport: tcp: stores and engines start their transfer engines forced onto
+    TCP (MC_FORCE_TCP: TCP even on a host with RDMA devices), and fetches go by them."""
+    monkeypatch.setenv("MC_FORCE_TCP", "1")  # this process's; put back after the test
+    actors = start_pool(64 << 20, {"cpu-arch": "kunpeng"},
+                        prefix=f"test-kv-tcp-{uuid.uuid4().hex[:6]}-", detached=False,
+                        transport="tcp")
+    try:
+        client = client_of(actors, "tcp")
+        assert client.transfer.protocol == "tcp"
+        assert [s["transport"] for s in ray.get([a.stats.remote() for a in actors])] \
+            == ["mooncake/tcp"] * 2
+        filled_pool(model_dir, actors)
+        reader = make(model_dir, client)
+        assert run(reader, [A]) == [ref["A"]]
+        assert reader.blocks.tier.hits["pool"] == A_BLOCKS == client.transfer_blocks
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def test_the_transfer_engine_runs_rdma_only_where_it_finds_a_device(tmp_path, monkeypatch):
+    """What `protocol` says the transfer engine installs (its own discovery: ibverbs'
+    device directory): TCP without a device, RDMA with one, TCP when forced either way."""
+    monkeypatch.delenv("MC_FORCE_TCP", raising=False)
+    assert kv_transfer.protocol(False, str(tmp_path / "absent")) == "tcp"
+    assert kv_transfer.protocol(False, str(tmp_path)) == "tcp"  # empty
+    (tmp_path / "mlx5_0").mkdir()
+    assert kv_transfer.protocol(False, str(tmp_path)) == "rdma"
+    assert kv_transfer.protocol(True, str(tmp_path)) == "tcp"
+    monkeypatch.setenv("MC_FORCE_TCP", "")  # the transfer engine tests only that it is set
+    assert kv_transfer.protocol(False, str(tmp_path)) == "tcp"
 
 
 def pooled(actors, key: bytes, hashes: list[bytes]) -> int:

@@ -266,9 +266,9 @@ def main(argv=None) -> int:
                    "an app on a local multi-node cluster (cluster/bench/kv_tier_served.py)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                    help="fp8 (GPU): half the bytes a block, in the cache, the tiers and the link")
-    p.add_argument("--transport", choices=["auto", "ray"], default="auto",
+    p.add_argument("--transport", choices=["auto", "tcp", "ray"], default="auto",
                    help="kv_pool.transport: fetches by Mooncake's transfer engine where it "
-                   "loads (auto), or by Ray")
+                   "loads (auto: RDMA where it finds a device; tcp), or by Ray")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
