@@ -4,12 +4,14 @@ transfer engine, the store writing into the engine's memory (cluster/kv_transfer
 (`kv_store.INLINE_ENV`, what `start_pool` sets; `transport: ray`) and through Ray's object
 stores (its default over 100 KiB).
 
-    python -m cluster.bench.kv_link [--blocks 4 16] [--repeat 40] [--block-bytes N] [--json]
+    python -m cluster.bench.kv_link [--blocks 4 16] [--repeat 40] [--block-bytes N]
+                                    [--stores N] [--json]
 
-A local two-node cluster (Ray's own test cluster: a head and a `cpu-arch: kunpeng` node);
-on the Kunpeng node one store started by `start_pool` and one started the same way without
+A local cluster (Ray's own test cluster: a head and `--stores` `cpu-arch: kunpeng` nodes);
+on each Kunpeng node one store started by `start_pool` and one started the same way without
 the inline setting, each holding the same blocks (the default model's block size, fp32,
-or --block-bytes).
+or --block-bytes). With several stores a fetch is striped over them as an engine's is
+(a block is asked of the store its key's digest picks, all stores at once).
 Each fetch goes through `PoolClient.get` / `collect`, as an engine's does. Per mode and
 size: the fetch's latency (p50, from this process) and the CPU the whole machine spent per
 fetch (every process: the store, both nodes' object stores and raylets, this one), from
@@ -53,6 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=40)
     p.add_argument("--block-bytes", type=int, default=BLOCK_BYTES,
                    help="2097152: the Llama-3.1-8B shape's block (bf16, 16 tokens)")
+    p.add_argument("--stores", type=int, default=1, help="Kunpeng nodes, one store each")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     with stdout_to_stderr():  # Ray's processes print to stdout: keep it for --json
@@ -76,7 +79,8 @@ def run(args) -> dict:
     from cluster.kv_store import KEY_BYTES, PoolActor, start_pool
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    node = cluster.add_node(num_cpus=1, labels={"cpu-arch": "kunpeng"})
+    nodes = [cluster.add_node(num_cpus=1, labels={"cpu-arch": "kunpeng"})
+             for _ in range(args.stores)]
     try:
         ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
         n_max = max(args.blocks)
@@ -84,7 +88,8 @@ def run(args) -> dict:
         inline = start_pool(capacity, {"cpu-arch": "kunpeng"}, prefix="kv-link-",
                             detached=False)
         default = [PoolActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            node.node_id, soft=False)).remote(capacity, "kv-link-default", "ray")]
+            node.node_id, soft=False)).remote(capacity, f"kv-link-default-{i}", "ray")
+            for i, node in enumerate(nodes)]
         rng = np.random.default_rng(0)
         items = [(bytes(16) + rng.bytes(32), rng.bytes(KEY_BYTES + args.block_bytes))
                  for _ in range(n_max)]
@@ -99,7 +104,8 @@ def run(args) -> dict:
                 client.TRANSFER_MIN_BYTES = 0
             modes[mode] = {n: measure(client, [k for k, _ in items[:n]], args.repeat)
                            for n in args.blocks}
-        return {"block_bytes": args.block_bytes, "repeat": args.repeat, "modes": modes}
+        return {"block_bytes": args.block_bytes, "repeat": args.repeat,
+                "stores": args.stores, "modes": modes}
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -92,7 +92,10 @@ for what in "$@"; do
         --concurrency 16 --in-flight 32 --batched-tokens 2048 --kv-cache-dtype fp8 --json ;;
     kvlink)  # a pool fetch of the 8B shape's blocks (2 MiB) between two Ray nodes of the host
       stage kvlink $PY -m cluster.bench.kv_link --blocks 1 8 32 --block-bytes 2097152 \
-        --repeat 20 --json ;;
+        --repeat 20 --json
+      # striped over two stores (two Kunpeng nodes), as an engine's fetch is
+      stage kvlink-2 $PY -m cluster.bench.kv_link --blocks 8 32 64 --block-bytes 2097152 \
+        --repeat 20 --stores 2 --json ;;
     kvprofile)  # the 8B chat with the pool, its engine loop sampled per run (half the size)
       TANDEM_PROFILE_DIR=$OUT/kvprof stage kvprofile $PY -m cluster.bench.kv_tier \
         --device cuda --shape llama3.1-8b --conversations 80 --turns 4 --system-len 512 \
