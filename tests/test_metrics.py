@@ -279,7 +279,10 @@ def test_kv_tier_series_match_what_the_tiers_served(prometheus, app_url, app_con
             elif in_row and "faults" not in panel["title"]:
                 exprs += [t["expr"] for t in panel["targets"]]
         assert len(exprs) == 6
+        deadline = time.monotonic() + 30  # a rate needs two samples of its series
         for expr in exprs:
+            while query(prometheus, expr) is None and time.monotonic() < deadline:
+                time.sleep(1)
             assert query(prometheus, expr) is not None, expr
     finally:
         serve.delete("metrics-tiers")
