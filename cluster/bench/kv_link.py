@@ -78,12 +78,17 @@ def run(args) -> dict:
     from cluster.kv_pool import PoolClient
     from cluster.kv_store import KEY_BYTES, PoolActor, start_pool
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    nodes = [cluster.add_node(num_cpus=1, labels={"cpu-arch": "kunpeng"})
+    n_max = max(args.blocks)
+    # object stores with room for a few of the largest fetches (Ray's test cluster gives
+    # each node 150 MiB: a 128 MiB fetch through them took 1.2 s, spilling)
+    store_bytes = max(150 << 20, 4 * n_max * (args.block_bytes + KEY_BYTES))
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": store_bytes})
+    nodes = [cluster.add_node(num_cpus=1, labels={"cpu-arch": "kunpeng"},
+                              object_store_memory=store_bytes)
              for _ in range(args.stores)]
     try:
         ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
-        n_max = max(args.blocks)
         capacity = 4 * n_max * (args.block_bytes + KEY_BYTES)
         inline = start_pool(capacity, {"cpu-arch": "kunpeng"}, prefix="kv-link-",
                             detached=False)
