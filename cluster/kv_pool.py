@@ -14,6 +14,7 @@ miss, and the engine computes the block instead.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 import weakref
@@ -119,6 +120,7 @@ class PoolClient:
             self.transfer = None
         self.block_bytes = 0  # key + bytes of a block, as the last fetch found (0: unknown)
         self.transfer_blocks = 0  # blocks fetched by the transfer engine (the rest: Ray)
+        self.unsealed = 0  # blocks a store said it wrote whose seal did not land in time
         self.timeout_s = timeout_s
         self.write_through_hits = write_through_hits
         self.down_until = [0.0] * len(self.actors)
@@ -289,6 +291,17 @@ class PoolClient:
                 self._failed(i, err)
 
     def get(self, keys: list[bytes]) -> Fetch | None:
+        """Asks the stores for these keys' blocks (not waited for: `collect`); None when no
+        store is up, or asking failed (a miss: never an error in the engine's loop)."""
+        try:
+            return self._get(keys)
+        except Exception:  # noqa: BLE001 - a lost Ray connection, a buffer not registered
+            log.exception("KV pool: a fetch could not be asked")
+            with self._lock:
+                self.errors += 1
+            return None
+
+    def _get(self, keys: list[bytes]) -> Fetch | None:
         if not self.actors or not keys:
             return None
         now = time.monotonic()
@@ -306,14 +319,16 @@ class PoolClient:
                 self._connect(i, now)
             # (the block size not known yet: a small fetch, most likely; Ray's way)
             bb = self.block_bytes
-            land = self._landing.take(len(asked) * bb) if self.connected[i] \
+            stride = bb + kv_transfer.SEAL_BYTES  # each block followed by the push's seal
+            land = self._landing.take(len(asked) * stride) if self.connected[i] \
                 and len(asked) * bb >= max(1, self.TRANSFER_MIN_BYTES) else None
             if land is not None:
                 fut: Future = Future()
-                addrs = [land.ctypes.data + j * bb for j in range(len(asked))]
-                a.push.remote(asked, self.transfer.session, addrs, bb).future() \
-                    .add_done_callback(lambda pushed, i=i, land=land, bb=bb, out=fut:
-                                       self._landed(i, pushed, land, bb, out))
+                addrs = [land.ctypes.data + j * stride for j in range(len(asked))]
+                seal = secrets.randbits(63)  # not what any earlier push left in the buffer
+                a.push.remote(asked, self.transfer.session, addrs, bb, seal).future() \
+                    .add_done_callback(lambda pushed, i=i, land=land, bb=bb, seal=seal,
+                                       out=fut: self._landed(i, pushed, land, bb, seal, out))
             else:
                 get = a.get_arrays if hasattr(a, "get_arrays") else a.get  # older: bytes
                 fut = get.remote(asked).future()
@@ -355,37 +370,51 @@ class PoolClient:
             thread.join(timeout_s)
         return all(self.connected)
 
-    def _landed(self, i: int, pushed: Future, land: np.ndarray, bb: int,
+    def _landed(self, i: int, pushed: Future, land: np.ndarray, bb: int, seal: int,
                 out: Future) -> None:
         """A store's push answered (Ray's thread): out gets the blocks it wrote, as views of
-        the landing buffer (as get_arrays would answer); a failed push is a miss."""
+        the landing buffer (as get_arrays would answer), each once its seal has landed
+        behind it; a failed push, or a block whose seal did not come, is a miss."""
         try:
             sizes = pushed.result()
         except BaseException as err:  # noqa: BLE001 - collect makes it a miss
-            out.set_exception(err)
-            return
-        if sizes is None:  # a write failed mid-way (or the store lost its transfer engine):
-            self._landing.discard(land)  # Ray's way until connected again (after RETRY_S)
+            sizes, error = None, err
+        else:
+            error = ConnectionError("a push of the KV pool failed")
+        if sizes is None:  # a write failed mid-way, the call failed (its write may still be
+            # under way), or the store lost its transfer engine: the buffer is not reused,
+            # and fetches from that store go by Ray until connected again (after RETRY_S)
+            self._landing.discard(land)
             self.connected[i] = False
-            out.set_exception(ConnectionError("a push of the KV pool failed"))
+            out.set_exception(error)
             return
-        self.transfer_blocks += sum(1 for n in sizes if n)
-        out.set_result([land[j * bb: j * bb + n] if n else None for j, n in enumerate(sizes)])
+        stride = bb + kv_transfer.SEAL_BYTES
+        whole = [j for j, n in enumerate(sizes) if n == bb]  # a torn one has no seal
+        ok = dict(zip(whole, kv_transfer.wait_sealed(land, [j * stride + bb for j in whole],
+                                                     seal), strict=True))
+        if not all(ok.values()):  # its bytes may land later: the buffer is not reused
+            self._landing.discard(land)
+            self.unsealed += sum(1 for v in ok.values() if not v)
+        blocks = [land[j * stride: j * stride + n] if n and ok.get(j, True) else None
+                  for j, n in enumerate(sizes)]
+        self.transfer_blocks += sum(1 for b in blocks if b is not None)
+        out.set_result(blocks)
 
     def _answered(self, fetch: Fetch) -> None:
         """A call of the fetch answered (Ray's thread); the last one times the whole."""
         fetch.answered.append(time.monotonic())
         if fetch.ready_at is None:
             return
-        size = found = 0
+        size = found = longest = 0
         for _, _, fut in fetch.calls:
             if fut.exception() is not None:
                 return  # a failed call measures no transfer
             blobs = [b for b in fut.result() or () if b is not None]
             size += sum(map(len, blobs))
             found += len(blobs)
-        if found:
-            self.block_bytes = size // found
+            longest = max([longest, *map(len, blobs)])
+        if found:  # the longest: a torn block is shorter, and must not set the size
+            self.block_bytes = longest
         self.samples.append((size, max(1e-6, fetch.ready_at - fetch.issued)))
 
     def poll(self, fetch: Fetch) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 import ray
 
 from cluster import kv_transfer
-from cluster.kv_transfer import SlotArena, Transfer
+from cluster.kv_transfer import SEAL_BYTES, SlotArena, Transfer
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class KVPoolStore:
 
     # ---- storage
     def _size(self, entry: int | np.ndarray) -> int:
-        return self.arena.slot_bytes if isinstance(entry, int) else len(entry)
+        return self.arena.stride if isinstance(entry, int) else len(entry)
 
     def _view(self, entry: int | np.ndarray) -> np.ndarray:
         return self.arena.view(entry) if isinstance(entry, int) else entry
@@ -115,17 +115,18 @@ class KVPoolStore:
         if size > self.capacity:
             self.refused += 1
             return False
-        self._make_room(size)
-        if self.arena is None:
-            self.arena = SlotArena(size, self.capacity // size, self.transfer)
-        slot = self.arena.alloc() if size == self.arena.slot_bytes else None
-        if slot is None:
-            entry: int | np.ndarray = np.empty(size, np.uint8)
-        else:  # room for its bytes is room for a slot: every slot counts in self.bytes
-            entry = slot
+        if self.arena is None:  # with a transfer engine each slot has room for a seal
+            tail = SEAL_BYTES if self.transfer is not None else 0
+            self.arena = SlotArena(size, self.capacity // (size + tail), self.transfer, tail)
+        in_arena = size == self.arena.slot_bytes
+        self._make_room(self.arena.stride if in_arena else size)
+        # room for a slot's bytes is room for a slot: every slot in use counts in
+        # self.bytes, so fewer than max_slots are
+        slot = self.arena.alloc() if in_arena else None
+        entry: int | np.ndarray = np.empty(size, np.uint8) if slot is None else slot
         fill(self._view(entry))
         self.blocks[key] = entry
-        self.bytes += size
+        self.bytes += self._size(entry)
         return True
 
     def _stored(self, new: int) -> int:
@@ -236,27 +237,33 @@ class KVPoolStore:
                 log.warning("KV pool store %s: the probe was not registered", self.name)
         return self._probe
 
-    def push(self, keys: list[bytes], session: str, addrs: list[int],
-             nbytes: int) -> list[int] | None:
+    def push(self, keys: list[bytes], session: str, addrs: list[int], nbytes: int,
+             seal: int | None = None) -> list[int] | None:
         """Writes each held key's block (key + bytes, `nbytes` of them) to addrs[j] in engine
         `session`'s registered memory with the transfer engine, and answers how many bytes
-        went there per key (0: not held here, or of another size). None: no transfer engine
+        went there per key (0: not held here, or of another size). With a seal, a whole
+        block is followed by it, in the same transfer: the engine reads a block only once
+        its seal has landed (kv_transfer.SEAL_BYTES says why). None: no transfer engine
         here, or a write failed (whatever landed is not to be read). Ray carries only this
-        call and its answer; the call returns once every byte landed, and this actor runs
-        no put meanwhile, so no slot changes under a write."""
+        call and its answer; this actor runs no put meanwhile, so no slot changes under a
+        write."""
         if self.transfer is None:
             return None
         entries = self._lookup(keys)
         torn = self._torn_after()
-        sent, dsts, srcs = [], [], []
+        sealing = seal is not None and self.arena is not None and self.arena.tail > 0
+        sent, dsts, srcs, lens = [], [], [], []
         for j, e in enumerate(entries):
             n = 0
             if isinstance(e, int) and self.arena.slot_bytes == nbytes:
                 n = nbytes // 2 if torn is not None and j >= torn else nbytes
                 dsts.append(addrs[j])
                 srcs.append(self.arena.addr(e))
+                whole = sealing and n == nbytes
+                if whole:
+                    self.arena.seal(e, seal)
+                lens.append(n + SEAL_BYTES if whole else n)
             sent.append(n)
-        lens = [n for n in sent if n]
         if lens and not self.transfer.write(session, dsts, srcs, lens):
             return None
         return sent

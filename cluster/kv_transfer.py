@@ -4,8 +4,9 @@ its build without CUDA: the stores run on CPU nodes), over RDMA or TCP.
 A store keeps its blocks in slots of memory registered with its transfer engine
 (`SlotArena`); an engine fetching blocks hands the store the addresses of a buffer of its
 own, registered with its transfer engine (`Landing`), in a Ray call (`push`), and the store
-writes the blocks there before it answers. Ray carries only the call and its answer, and
-the engine waits on one Ray answer as for Ray's own transfer: no thread of the engine's
+writes the blocks there, each followed by the push's seal (`SEAL_BYTES`), before it
+answers; the engine reads a block once its seal is there. Ray carries only the call and its
+answer, and the engine waits on one Ray answer as for Ray's own transfer: no thread of the engine's
 process polls the transfer (under a busy engine every look needed the GIL, and a pull
 design, the engine reading the store's memory, measured half Ray's bandwidth inside the
 engine). `python -m cluster.bench.kv_link`: 32 blocks of 2 MiB between two nodes of one
@@ -42,6 +43,13 @@ POLL_S = 100e-6  # between looks at a write's transfers (a sleep: the GIL and th
 # connection to the peer)
 FAILED_IDS = (0, -1, (1 << 64) - 1)
 CHUNK_BYTES = 64 << 20  # an arena grows by chunks this size (one registration each)
+# a push's seal, written after each block in the same transfer. Over TCP the transfer
+# engine counts a write done once its last byte is in the sender's socket buffer; the
+# receiving engine copies it into memory later, on its own thread, and acknowledges
+# nothing, so a store's answer (by Ray, another connection) can come first. A transfer's
+# bytes are copied in order: a block whose seal is there has landed before it.
+SEAL_BYTES = 8
+SEAL_WAIT_S = 0.05  # how long a push's answer waits for its seals (then: misses)
 
 
 class Transfer:
@@ -120,26 +128,33 @@ def start(host: str, force_tcp: bool = False) -> tuple[Transfer | None, str]:
 @dataclass
 class SlotArena:
     """Fixed-size slots in chunks of memory allocated as needed (a store's capacity is
-    virtual until blocks fill it), each chunk registered with the transfer engine if any."""
+    virtual until blocks fill it), each chunk registered with the transfer engine if any.
+    Each slot is followed by `tail` bytes of its own (where a push's seal goes)."""
 
     slot_bytes: int
     max_slots: int
     transfer: Transfer | None = None
+    tail: int = 0
     chunks: list[np.ndarray] = field(default_factory=list)
     free: list[int] = field(default_factory=list)
     made: int = 0  # slots carved from the chunks so far
 
     @property
+    def stride(self) -> int:
+        return self.slot_bytes + self.tail
+
+    @property
     def per_chunk(self) -> int:
-        return max(1, min(self.max_slots, CHUNK_BYTES // self.slot_bytes))
+        return max(1, min(self.max_slots, CHUNK_BYTES // self.stride))
 
     def alloc(self) -> int | None:
         if self.free:
             return self.free.pop()
         if self.made >= self.max_slots:
             return None
-        if self.made == len(self.chunks) * self.per_chunk:
-            chunk = np.empty(self.per_chunk * self.slot_bytes, np.uint8)
+        if self.made == len(self.chunks) * self.per_chunk:  # the last chunk: what is left
+            n = min(self.per_chunk, self.max_slots - self.made)
+            chunk = np.empty(n * self.stride, np.uint8)
             if self.transfer is not None and not self.transfer.register(chunk):
                 log.warning("KV pool: a chunk of the arena was not registered")
             self.chunks.append(chunk)
@@ -148,11 +163,34 @@ class SlotArena:
 
     def view(self, slot: int) -> np.ndarray:
         c, i = divmod(slot, self.per_chunk)
-        return self.chunks[c][i * self.slot_bytes:(i + 1) * self.slot_bytes]
+        return self.chunks[c][i * self.stride:i * self.stride + self.slot_bytes]
 
     def addr(self, slot: int) -> int:
         c, i = divmod(slot, self.per_chunk)
-        return self.chunks[c].ctypes.data + i * self.slot_bytes
+        return self.chunks[c].ctypes.data + i * self.stride
+
+    def seal(self, slot: int, seal: int) -> None:
+        """Writes the seal into the slot's tail (sent with the slot, after its bytes)."""
+        c, i = divmod(slot, self.per_chunk)
+        at = i * self.stride + self.slot_bytes
+        self.chunks[c][at:at + SEAL_BYTES] = np.frombuffer(
+            seal.to_bytes(SEAL_BYTES, "little"), np.uint8)
+
+
+def sealed(buf: np.ndarray, at: int, seal: int) -> bool:
+    return bytes(buf[at:at + SEAL_BYTES]) == seal.to_bytes(SEAL_BYTES, "little")
+
+
+def wait_sealed(buf: np.ndarray, ats: list[int], seal: int,
+                wait_s: float = SEAL_WAIT_S) -> list[bool]:
+    """Whether each block's seal (at ats) landed in buf, waiting up to wait_s for the
+    last ones (they follow the store's answer by microseconds, as a rule)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        ok = [sealed(buf, at, seal) for at in ats]
+        if all(ok) or time.monotonic() >= deadline:
+            return ok
+        time.sleep(POLL_S)
 
 
 class Landing:
@@ -166,10 +204,15 @@ class Landing:
 
     KEEP_BYTES = 512 << 20  # at most this many bytes of buffers (then: fetch by Ray)
     MIN_BYTES = 16 << 20
+    # a buffer a write may still land in is kept this long, never reused, before it is
+    # freed (the transfer engine's own timeout is 30 s; its TCP receiver writes wherever a
+    # transfer says, registered or not)
+    QUARANTINE_S = 120.0
 
     def __init__(self, transfer: Transfer):
         self.transfer = transfer
         self.buffers: list[np.ndarray] = []
+        self.quarantined: list[tuple[float, np.ndarray]] = []
         self._lock = threading.Lock()
 
     def take(self, n: int) -> np.ndarray | None:
@@ -179,8 +222,13 @@ class Landing:
             free = [b for b in self.buffers if len(b) >= n and sys.getrefcount(b) == 3]
             if free:  # 3: the list, the comprehension's name, getrefcount's argument
                 return min(free, key=len)
+            now = time.monotonic()
+            for _, buf in (q for q in self.quarantined if q[0] <= now):
+                self.transfer.unregister(buf)
+            self.quarantined = [q for q in self.quarantined if q[0] > now]
             size = max(n, self.MIN_BYTES)
-            if sum(map(len, self.buffers)) + size > self.KEEP_BYTES:
+            held = sum(map(len, self.buffers)) + sum(len(b) for _, b in self.quarantined)
+            if held + size > self.KEEP_BYTES:
                 return None
             buf = np.zeros(size, np.uint8)
             buf.fill(0)  # calloc's pages are mapped on first write: map them here
@@ -190,8 +238,9 @@ class Landing:
             return buf
 
     def discard(self, buf: np.ndarray) -> None:
-        """Never reuses buf (a write into it failed: a late part may still land there, or
-        rather be refused: it is no longer registered)."""
+        """Never reuses buf (a write into it failed or is not known to have ended: a late
+        part may still land there); kept for QUARANTINE_S, then freed."""
         with self._lock:
-            self.buffers = [b for b in self.buffers if b is not buf]
-        self.transfer.unregister(buf)
+            if any(b is buf for b in self.buffers):
+                self.buffers = [b for b in self.buffers if b is not buf]
+                self.quarantined.append((time.monotonic() + self.QUARANTINE_S, buf))

@@ -356,12 +356,24 @@ def test_the_rule_fetches_now_and_then_even_when_recomputing_looks_faster(model_
     assert tier.decisions == {"fetch": 1, "recompute": 0}  # the probe: none made before
     tier.prefill_tok_s = 1e9
     assert run(reader, FILLERS[:1]) == ref["fillers"][:1]
-    # within PROBE_EVERY_S of it (at arrival, and again at admission for what left)
-    assert tier.decisions["fetch"] == 1 and tier.decisions["recompute"] >= 1
+    # within PROBE_EVERY_S of it: decided once, at arrival (at admission only blocks that
+    # left while it queued are asked about: none here)
+    assert tier.decisions == {"fetch": 1, "recompute": 1}
     tier.last_fetch_at -= PROBE_EVERY_S
     tier.prefill_tok_s = 1e9
     assert run(reader, FILLERS[1:2]) == ref["fillers"][1:2]
     assert tier.decisions["fetch"] == 2
+
+
+def test_a_request_closed_before_admission_lets_go_of_its_fetch(model_dir, pool):
+    """Aborted (or handed to another replica) while it queued: its fetch, and the blocks
+    it holds in a landing buffer, go with it, not a minute later."""
+    filled_pool(model_dir, pool)
+    reader = make(model_dir, client_of(pool, "transfer"))
+    tier = reader.blocks.tier
+    reader.add_request("gone", A, G)
+    assert "gone" in tier.fetches
+    assert reader.abort("gone") and "gone" not in tier.fetches and not reader.has_work()
 
 
 def slowed(engine: LLMEngine, per_token_s: float) -> list[tuple[int, float]]:
@@ -507,6 +519,46 @@ def test_a_landing_buffer_is_reused_only_once_its_store_wrote_and_nothing_reads_
     assert [bytes(g) for g in client.collect(client.get(keys), 5.0)] == blobs  # by Ray
     assert client.transfer_blocks == 8
     ray.kill(store)
+
+
+def test_a_pushed_block_is_read_only_once_its_seal_has_landed(pool):
+    """Over TCP the transfer engine counts a write done once it is in the sender's socket
+    buffer, so a store's answer can come before the block's last bytes landed: a block is
+    handed out only once the push's seal, sent after it in the same transfer, is there
+    (waited for up to SEAL_WAIT_S); one whose seal never comes is a miss, and its buffer is
+    never handed to another fetch."""
+    import threading
+    from concurrent.futures import Future
+
+    client = client_of(pool, "transfer")
+    bb = client.block_bytes
+    stride = bb + kv_transfer.SEAL_BYTES
+    seal = 12345
+
+    def land(seal_after_s: float | None) -> tuple[list, np.ndarray]:
+        buf = client._landing.take(2 * stride)
+        buf[:] = 7
+        answered: Future = Future()
+        answered.set_result([bb, bb])  # the store says both went
+        if seal_after_s is not None:  # the seals land a little after the answer
+            def later():
+                time.sleep(seal_after_s)
+                for j in range(2):
+                    buf[j * stride + bb: (j + 1) * stride] = np.frombuffer(
+                        seal.to_bytes(kv_transfer.SEAL_BYTES, "little"), np.uint8)
+            threading.Thread(target=later).start()
+        out: Future = Future()
+        client._landed(0, answered, buf, bb, seal, out)
+        return out.result(), buf
+
+    blocks, buf = land(0.01)
+    assert [len(b) for b in blocks] == [bb, bb] and client.unsealed == 0
+    assert all(b.base is buf for b in blocks)
+    del blocks, buf
+    blocks, buf = land(None)  # never sealed
+    assert blocks == [None, None] and client.unsealed == 2
+    assert not any(b is buf for b in client._landing.buffers)  # not reused,
+    assert any(b is buf for _, b in client._landing.quarantined)  # and kept a while
 
 
 def test_a_block_sent_again_is_sent_only_if_its_store_lost_it(ray_cluster):

@@ -217,6 +217,7 @@ class KVTier:
         self.spills: list[tuple[bytes, int]] = []  # (hash, host slot) not sent yet
         self.direct: list[tuple[bytes, bytes]] = []  # pool-only (CPU): blocks to send
         self.fetches: dict[str, SeqFetch] = {}
+        self.recomputed: dict[str, int] = {}  # requests not fetched at arrival: how many
         self.hits = {"host": 0, "pool": 0}
         self.decisions = {"fetch": 0, "recompute": 0}
         self.saved = self.torn = self.fetched_bytes = 0
@@ -372,6 +373,9 @@ class KVTier:
         # computing would take, so a slow link costs that request little)
         if fetch_s >= compute_s and now - self.last_fetch_at < PROBE_EVERY_S:
             self.decisions["recompute"] += 1
+            # the first look at admission asks only about blocks that left meanwhile
+            self.recomputed[seq.request_id] = \
+                self.recomputed.get(seq.request_id, 0) + len(hashes)
             return
         fetch = self.pool.get([self.key + x for x in hashes])
         if fetch is None:  # no store up
@@ -400,7 +404,8 @@ class KVTier:
         f = self.fetches.get(seq.request_id)
         if f is None or f.deadline is None:  # the first look at it since it arrived
             missing = self._missing(seq, blocks)
-            self._ask(seq, missing[: max(0, len(missing) - (len(f.hashes) if f else 0))])
+            known = len(f.hashes) if f else self.recomputed.get(seq.request_id, 0)
+            self._ask(seq, missing[: max(0, len(missing) - known)])
             f = self.fetches.get(seq.request_id)
             if f is None:
                 return False
@@ -433,10 +438,11 @@ class KVTier:
         return fit_link(list(self.pool.samples) if self.pool is not None else [])
 
     def _collect(self, f: SeqFetch) -> None:
-        wait = f.wait_s if f.deadline is None else f.deadline - time.monotonic()
+        end = time.monotonic() + f.wait_s if f.deadline is None else f.deadline
         got: dict[bytes, bytes | None] = {}
-        for hashes, fetch in f.parts:
-            got.update(zip(hashes, self.pool.collect(fetch, wait), strict=True))
+        for hashes, fetch in f.parts:  # all parts within the one wait
+            got.update(zip(hashes, self.pool.collect(fetch, end - time.monotonic()),
+                           strict=True))
         f.blobs = {}
         for h in f.hashes:  # in chain order
             blob = got.get(h)
@@ -450,7 +456,10 @@ class KVTier:
             self.fetched_bytes += len(blob)
 
     def done_matching(self, seq: Sequence) -> None:
+        """seq was admitted, or closed before it was (aborted, moved): its fetch and its
+        blocks (views of a landing buffer, which they keep taken) go."""
         self.fetches.pop(seq.request_id, None)
+        self.recomputed.pop(seq.request_id, None)
 
     def on_schedule(self) -> None:
         """Once a step (from the scheduler): the step time, stale fetches, the spills."""

@@ -171,6 +171,8 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         self.blocks.free(seq)
+        if self.blocks.tier is not None:  # closed before admission: its fetch goes now
+            self.blocks.tier.done_matching(seq)
 
     @property
     def num_waiting_tokens(self) -> int:
