@@ -228,6 +228,15 @@ class Landing:
             self.quarantined = [q for q in self.quarantined if q[0] > now]
             size = max(n, self.MIN_BYTES)
             held = sum(map(len, self.buffers)) + sum(len(b) for _, b in self.quarantined)
+            # free buffers too small for this fetch go first (smallest first), so that
+            # small ones kept from earlier fetches never shut a larger one out for good
+            idle = [b for b in self.buffers if sys.getrefcount(b) == 3]  # as above
+            for small in sorted(idle, key=len):
+                if held + size <= self.KEEP_BYTES:
+                    break
+                self.buffers = [b for b in self.buffers if b is not small]
+                self.transfer.unregister(small)
+                held -= len(small)
             if held + size > self.KEEP_BYTES:
                 return None
             buf = np.zeros(size, np.uint8)

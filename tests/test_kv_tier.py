@@ -521,6 +521,25 @@ def test_a_landing_buffer_is_reused_only_once_its_store_wrote_and_nothing_reads_
     ray.kill(store)
 
 
+def test_small_free_landing_buffers_make_room_for_a_larger_fetch():
+    """Buffers kept from small fetches, all free, never keep a larger fetch from the
+    transfer engine: the smallest go until it fits; taken ones stay."""
+    transfer, why = kv_transfer.start("127.0.0.1")
+    if transfer is None:
+        skip_or_fail(f"{why}: `pip install -e .[transfer]`, libibverbs1 (.ci/run)")
+    landing = kv_transfer.Landing(transfer)
+    landing.KEEP_BYTES, landing.MIN_BYTES = 4 << 20, 1 << 20
+    small = [landing.take(1 << 20) for _ in range(3)]
+    assert all(b is not None for b in small) and len(landing.buffers) == 3
+    taken = small[2]
+    del small
+    big = landing.take(2 << 20)  # 3 MiB kept + 2 > 4: the free ones make room
+    assert big is not None and len(big) == 2 << 20
+    assert any(b is taken for b in landing.buffers)  # still taken: kept
+    assert sum(map(len, landing.buffers)) <= landing.KEEP_BYTES
+    assert landing.take(2 << 20) is None  # both taken, no room: Ray's way
+
+
 def test_a_pushed_block_is_read_only_once_its_seal_has_landed(pool):
     """Over TCP the transfer engine counts a write done once it is in the sender's socket
     buffer, so a store's answer can come before the block's last bytes landed: a block is
