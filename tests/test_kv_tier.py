@@ -292,6 +292,17 @@ def test_write_through_on_publish_sends_every_full_block(model_dir, ref, pool):
     assert pooled(pool, tier.key, chain(A)) == A_BLOCKS
 
 
+def test_a_block_not_copied_is_not_counted_as_written_through(model_dir, ref, pool):
+    """A write-through that finds no host slot it may take (each being restored from or
+    sent) copies nothing, and says so: nothing is counted, nothing marked as sent."""
+    client = PoolClient(pool, write_through_hits=0)
+    writer = make(model_dir, client, kv_host_tier_bytes=64 * BLOCK_BYTES)
+    tier = writer.blocks.tier
+    tier.host.free.clear()  # no slot free, and none held that another could give up
+    assert run(writer, [A]) == [ref["A"]]
+    assert tier.written_through == 0 and tier.saved == 0 and not tier.through
+
+
 @TRANSPORTS
 def test_a_fetch_torn_midway_restores_what_came_and_computes_the_rest(model_dir, ref, pool,
                                                                        transport):

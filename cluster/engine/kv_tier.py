@@ -231,21 +231,22 @@ class KVTier:
 
     # ---- tier 1: out of the device cache and back
 
-    def save(self, block: int, h: bytes) -> None:
-        """Keeps the contents of a cached block the device cache is about to reuse."""
+    def save(self, block: int, h: bytes) -> bool:
+        """Keeps the contents of a cached block the device cache is about to reuse; whether
+        it was copied now."""
         if self.host.get(h) is not None:
-            return  # still held from before (it was restored from here)
+            return False  # still held from before (it was restored from here)
         if not self.host.capacity and h in self.through:
-            return  # no slab, and the pool has it: written through while it was cached
+            return False  # no slab, and the pool has it: written through while it was cached
         slot = self.host.take(h)
         if slot is None and self.host.capacity:
-            return  # its only slot is being restored from: this block is not kept
+            return False  # every slot is being restored from or sent: this one is not kept
         self.saved += 1
         if slot is None:  # no host slab (a CPU engine with the pool only): straight out
             if self.pool is not None:
                 blob = torch.stack([t[:, block] for t in self.tensors])
                 self.direct.append((self.key + h, self._blob(self.key + h, blob)))
-            return
+            return True
         dst = self.host.slab[slot]
         if self.cuda:
             main = torch.cuda.current_stream(self.device)
@@ -262,6 +263,7 @@ class KVTier:
                 dst[j].copy_(t[:, block])
         if self.pool is not None:
             self.spills.append((h, slot))
+        return True
 
     # ---- write-through: hot blocks into the pool while the device cache still holds them
 
@@ -287,7 +289,8 @@ class KVTier:
         the device cache keeps it. Its eviction later sends nothing again."""
         if h in self.host:
             return  # tier 1 holds it: it reached the pool when it was put there
-        self.save(block, h)
+        if not self.save(block, h):
+            return  # not copied (no slot free of readers): later reuses may try again
         self.written_through += 1
         self.through[h] = None
         if len(self.through) > THROUGH_KEEP:
