@@ -267,15 +267,21 @@ class PoolClient:
                 self._dropped[1] += len(batch)
                 continue
             sent = [keys[j] for j in batch]
-            if blocks:  # numpy views: Ray copies them into the object store unpickled
-                views = [items.views[j] for j in batch]
-                put_blocks = getattr(self.actors[i], "put_blocks", None)
-                if put_blocks is None:  # a store started by an older release (detached)
-                    self.puts[i].append(self.actors[i].put.remote(block_items(sent, views)))
+            try:
+                if blocks:  # numpy views: Ray copies them into the object store unpickled
+                    views = [items.views[j] for j in batch]
+                    put_blocks = getattr(self.actors[i], "put_blocks", None)
+                    if put_blocks is None:  # a store started by an older release (detached)
+                        ref = self.actors[i].put.remote(block_items(sent, views))
+                    else:
+                        ref = put_blocks.remote(sent, views)
                 else:
-                    self.puts[i].append(put_blocks.remote(sent, views))
-            else:
-                self.puts[i].append(self.actors[i].put.remote([items[j] for j in batch]))
+                    ref = self.actors[i].put.remote([items[j] for j in batch])
+            except Exception as err:  # noqa: BLE001 - this store's share is dropped, only
+                self._failed(i, err)
+                self._dropped[1] += len(batch)
+                continue
+            self.puts[i].append(ref)
             self._remember(sent)
 
     def _reap(self, i: int) -> None:

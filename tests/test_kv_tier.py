@@ -591,6 +591,29 @@ def test_a_pushed_block_is_read_only_once_its_seal_has_landed(pool):
     assert any(b is buf for _, b in client._landing.quarantined)  # and kept a while
 
 
+def test_a_spill_a_store_cannot_be_asked_to_take_drops_only_its_share(pool):
+    """A store whose call cannot even be made (its handle broken) drops its share of a
+    batch of spills and is marked failed; the other store's share is stored, and nothing
+    is counted twice."""
+    from types import SimpleNamespace
+
+    def refuse(*_):
+        raise RuntimeError("no connection to the store")
+
+    broken = SimpleNamespace(put_blocks=SimpleNamespace(remote=refuse))
+    client = PoolClient([pool[0], broken])
+    keys = [bytes(16) + bytes([i]) * 4 + bytes(28) for i in range(8)]  # shards 0, 1, 0, ...
+    on_broken = sum(client._shard(k) == 1 for k in keys)
+    assert 0 < on_broken < len(keys)
+    released = []
+    data = [np.full(64, i, np.uint8) for i in range(8)]
+    client.put(Blocks(keys, data, lambda: released.append(1)))
+    assert client.sent() and released == [1]
+    assert client.dropped == on_broken and client.errors == 1
+    held = ray.get(pool[0].get.remote([k for k in keys if client._shard(k) == 0]))
+    assert all(b is not None for b in held)
+
+
 def test_a_block_sent_again_is_sent_only_if_its_store_lost_it(ray_cluster):
     """A spill of a key sent (or fetched) lately is first asked about: the store keeps it
     (and makes it most recent) without its bytes crossing again; one the store no longer
