@@ -398,9 +398,10 @@ class PoolClient:
         whole = [j for j, n in enumerate(sizes) if n == bb]  # a torn one has no seal
         ok = dict(zip(whole, kv_transfer.wait_sealed(land, [j * stride + bb for j in whole],
                                                      seal), strict=True))
-        if not all(ok.values()):  # its bytes may land later: the buffer is not reused
-            self._landing.discard(land)
-            self.unsealed += sum(1 for v in ok.values() if not v)
+        unsealed = sum(1 for v in ok.values() if not v)
+        if unsealed or len(whole) < sum(1 for n in sizes if n):  # bytes not sealed (a torn
+            self._landing.discard(land)  # block has no seal) may land later: not reused
+            self.unsealed += unsealed
         blocks = [land[j * stride: j * stride + n] if n and ok.get(j, True) else None
                   for j, n in enumerate(sizes)]
         self.transfer_blocks += sum(1 for b in blocks if b is not None)
