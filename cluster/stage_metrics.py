@@ -115,7 +115,8 @@ class EngineMetrics:
                                  "rest came by Ray)", TAGS)
             self.kv_faults = c("tandem_kv_tier_faults", "KV tier trouble read as a miss or "
                                "a skipped spill: torn answers, failed pool calls, spills "
-                               "the link could not take", (*TAGS, "kind"))
+                               "the link could not take, pushed blocks whose seal did not "
+                               "land", (*TAGS, "kind"))
         for name, counter, label in (("host_hits", self.kv_hits, {"tier": "host"}),
                                      ("pool_hits", self.kv_hits, {"tier": "pool"}),
                                      ("fetch_decisions", self.kv_decisions,
@@ -127,7 +128,8 @@ class EngineMetrics:
                                      ("torn", self.kv_faults, {"kind": "torn"}),
                                      ("pool_errors", self.kv_faults, {"kind": "pool_error"}),
                                      ("spills_dropped", self.kv_faults,
-                                      {"kind": "spill_dropped"})):
+                                      {"kind": "spill_dropped"}),
+                                     ("unsealed", self.kv_faults, {"kind": "unsealed"})):
             value, last = s.get(name, 0), self.last.get(name, 0)
             if value > last:
                 counter.inc(value - last, {**t, **label})

@@ -553,7 +553,7 @@ def test_small_free_landing_buffers_make_room_for_a_larger_fetch():
     assert landing.take(2 << 20) is None  # both taken, no room: Ray's way
 
 
-def test_a_pushed_block_is_read_only_once_its_seal_has_landed(pool):
+def test_a_pushed_block_is_read_only_once_its_seal_has_landed(model_dir, pool):
     """Over TCP the transfer engine counts a write done once it is in the sender's socket
     buffer, so a store's answer can come before the block's last bytes landed: a block is
     handed out only once the push's seal, sent after it in the same transfer, is there
@@ -591,6 +591,8 @@ def test_a_pushed_block_is_read_only_once_its_seal_has_landed(pool):
     assert blocks == [None, None] and client.unsealed == 2
     assert not any(b is buf for b in client._landing.buffers)  # not reused,
     assert any(b is buf for _, b in client._landing.quarantined)  # and kept a while
+    # an engine's tier reports them (its faults series, kind "unsealed")
+    assert make(model_dir, client).blocks.tier.stats()["unsealed"] == 2
 
 
 def test_a_spill_a_store_cannot_be_asked_to_take_drops_only_its_share(pool):

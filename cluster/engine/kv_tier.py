@@ -545,7 +545,8 @@ class KVTier:
                 "pool_errors": self.pool.errors if self.pool else 0,
                 "spills_dropped": self.pool.dropped if self.pool else 0,
                 "resends_skipped": self.pool.resends_skipped if self.pool else 0,
-                "transfer_blocks": self.pool.transfer_blocks if self.pool else 0}
+                "transfer_blocks": self.pool.transfer_blocks if self.pool else 0,
+                "unsealed": self.pool.unsealed if self.pool else 0}
 
 
 def build(runner, cfg, model_dir: str, weights=None, pool: PoolClient | None = None,
